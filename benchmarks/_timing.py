@@ -1,0 +1,123 @@
+"""Backend adapters for the benchmarks: compiled forward / train steps.
+
+Benchmarks (unlike `keras_vmoe/`) may import the backend frameworks: what
+they measure is the compiled function a user's `fit` / `predict` would run.
+"""
+
+import statistics
+import time
+
+import keras
+import numpy as np
+
+
+def compiled_forward(layer):
+    """A compiled `x -> layer(x, training=False)` on the current backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: layer(x, training=False))
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        @jax.jit
+        def forward(x):
+            outputs, _ = layer.stateless_call(
+                trainable, non_trainable, x, training=False
+            )
+            return outputs
+
+        return forward
+    if backend == "torch":
+        import torch
+
+        def forward(x):
+            with torch.no_grad():
+                return layer(x, training=False)
+
+        return forward
+    raise ValueError(f"Unsupported backend: {backend}")
+
+
+def compiled_train_step(layer):
+    """A compiled forward + backward: gradients of sum(outputs**2) + losses."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                outputs = layer(x, training=True)
+                loss = tf.reduce_mean(tf.square(tf.cast(outputs, "float32")))
+                loss += sum(layer.losses) if layer.losses else 0.0
+            return tape.gradient(loss, layer.trainable_variables)
+
+        return step
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss_fn(weights, x):
+            outputs, _, losses = layer.stateless_call(
+                weights, non_trainable, x, training=True, return_losses=True
+            )
+            return jnp.mean(jnp.square(outputs.astype("float32"))) + sum(
+                losses
+            )
+
+        grad = jax.jit(jax.grad(loss_fn))
+        return lambda x: grad(trainable, x)
+    if backend == "torch":
+
+        def step(x):
+            layer.zero_grad()
+            outputs = layer(x, training=True)
+            loss = (outputs.float() ** 2).mean()
+            for extra in layer.losses:
+                loss = loss + extra
+            loss.backward()
+
+        return step
+    raise ValueError(f"Unsupported backend: {backend}")
+
+
+def block(value):
+    """Waits for asynchronous results (JAX dispatch)."""
+    leaves = keras.tree.flatten(value) if value is not None else []
+    for leaf in leaves:
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    return value
+
+
+def interleaved_median_times(functions, inputs, rounds=7, warmup=2):
+    """Median seconds per call of each function, measured round-robin.
+
+    Round-robin order keeps the comparison fair when the machine's speed
+    drifts (thermal state, other processes): every ratio compares calls made
+    at the same time.
+    """
+    for function in functions.values():
+        for _ in range(warmup):
+            block(function(inputs))
+    samples = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            block(function(inputs))
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def random_inputs(shape, seed=0):
+    return keras.ops.convert_to_tensor(
+        np.random.default_rng(seed).standard_normal(shape).astype("float32")
+    )

@@ -1,0 +1,117 @@
+"""Name-mapped weight assignment with full-coverage checks.
+
+Every converter reads a source checkpoint into a flat `{name: np.ndarray}`
+dict, then assigns tensors to Keras variables *by name* through a
+`WeightAssigner`, which guarantees that:
+- every requested source key exists (error names the key),
+- every shape matches (error names the key and both shapes),
+- at the end, every source tensor was used and every target variable set.
+
+Checkpoints are read with `safetensors` or `numpy.load(allow_pickle=False)`:
+loading never executes pickled code.
+"""
+
+import os
+
+import numpy as np
+
+
+def load_state_dict(source):
+    """Reads a checkpoint into a `{name: np.ndarray}` dict.
+
+    Args:
+        source: a dict of arrays (returned as a copy of numpy arrays), a
+            `.safetensors` file, or a `.npz` file.
+
+    Raises:
+        ValueError: for an unsupported file type or a missing file.
+    """
+    if isinstance(source, dict):
+        return {key: np.asarray(value) for key, value in source.items()}
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise ValueError(f"Checkpoint file not found. Received: source={path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    raise ValueError(
+        "`source` must be a dict of arrays, a `.safetensors` or a `.npz` file "
+        "(pickled PyTorch checkpoints are refused: loading them can run "
+        f"arbitrary code). Received: source={path!r}"
+    )
+
+
+class WeightAssigner:
+    """Assigns source tensors to Keras variables by name, tracking coverage.
+
+    Args:
+        state_dict: `{name: np.ndarray}` source tensors.
+        targets: the Keras variables that must all be set (usually
+            `model.weights`).
+
+    Example:
+    >>> assigner = WeightAssigner(state_dict, model.weights)
+    >>> assigner.assign(layer.kernel, "fc1.weight", np.transpose)
+    >>> assigner.finish()
+    """
+
+    def __init__(self, state_dict, targets):
+        self.state_dict = state_dict
+        self.unused = set(state_dict)
+        self.targets = {id(variable): variable for variable in targets}
+        self.unset = set(self.targets)
+
+    def take(self, key):
+        """Returns the source tensor `key` and marks it used."""
+        if key not in self.state_dict:
+            raise ValueError(
+                f"Source checkpoint has no tensor {key!r}. Keys that look "
+                f"close: {self._close_keys(key)}"
+            )
+        self.unused.discard(key)
+        return self.state_dict[key]
+
+    def skip(self, key):
+        """Marks `key` as deliberately unused (e.g. a head we replace)."""
+        self.take(key)
+
+    def assign(self, variable, key, transform=None):
+        """Sets `variable` from source `key`, optionally transformed."""
+        value = self.take(key)
+        if transform is not None:
+            value = transform(value)
+        self.set(variable, value, key)
+
+    def set(self, variable, value, key):
+        """Sets `variable` to `value` (derived from source `key`)."""
+        value = np.asarray(value)
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"Shape mismatch for source tensor {key!r} -> variable "
+                f"{variable.path!r}: source gives {tuple(value.shape)}, "
+                f"variable has {tuple(variable.shape)}"
+            )
+        variable.assign(value.astype(variable.dtype))
+        self.unset.discard(id(variable))
+
+    def finish(self):
+        """Raises unless every source tensor was used and every target set."""
+        problems = []
+        if self.unused:
+            problems.append(
+                f"{len(self.unused)} source tensors were not used: "
+                f"{sorted(self.unused)}"
+            )
+        if self.unset:
+            names = sorted(self.targets[i].path for i in self.unset)
+            problems.append(f"{len(names)} variables were not set: {names}")
+        if problems:
+            raise ValueError("Incomplete conversion. " + "; ".join(problems))
+
+    def _close_keys(self, key):
+        stem = key.rsplit(".", 1)[0]
+        return sorted(k for k in self.state_dict if k.startswith(stem))[:8]

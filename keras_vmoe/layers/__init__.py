@@ -1,0 +1,19 @@
+"""Mixture-of-Experts layers: routers, routing, losses and the MoE FFN."""
+
+from keras_vmoe.layers import losses
+from keras_vmoe.layers import routing
+from keras_vmoe.layers.feed_forward import FeedForward
+from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.layers.routers import CosineRouter
+from keras_vmoe.layers.routers import L2Router
+from keras_vmoe.layers.routers import LinearRouter
+
+__all__ = [
+    "CosineRouter",
+    "FeedForward",
+    "L2Router",
+    "LinearRouter",
+    "MoEFeedForward",
+    "losses",
+    "routing",
+]
