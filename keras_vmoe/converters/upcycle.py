@@ -4,6 +4,10 @@ Komatsuzaki et al. (2023), "Sparse Upcycling": every expert (and the shared
 expert) starts as a copy of the dense FFN. With renormalised gates
 (`normalize_gates=True`) and no dropped tokens, the upcycled layer computes
 exactly the dense FFN, for any router.
+
+With a shared expert the output is `E_s(x) + sum_i g_i E_i(x)`; copying the
+FFN into both would double it, so the output projection (fc2 kernel and
+bias) of every copy is halved: `0.5 FFN(x) + 0.5 FFN(x) = FFN(x)`.
 """
 
 import numpy as np
@@ -18,7 +22,7 @@ def upcycle_feed_forward(dense, moe, noise_std=0.0, seed=None):
             width and `hidden_dim` (the target). Its router is left as is.
         noise_std: optional Gaussian noise, relative to each kernel's
             standard deviation, added to each routed expert's copy so
-            experts can diverge (the shared expert gets an exact copy).
+            experts can diverge (the shared expert gets no noise).
         seed: seed of that noise.
 
     Raises:
@@ -37,11 +41,15 @@ def upcycle_feed_forward(dense, moe, noise_std=0.0, seed=None):
             f"{tuple(moe.expert_kernel_1.shape[1:])}"
         )
     rng = np.random.default_rng(seed)
+    # fc2 is linear in its kernel and bias: halving both halves the output.
+    output_scale = 0.5 if moe.shared_ffn is not None else 1.0
+    kernel_2 = np.asarray(dense.fc2.kernel) * output_scale
+    bias_2 = np.asarray(dense.fc2.bias) * output_scale
     sources = (
         (moe.expert_kernel_1, kernel_1),
         (moe.expert_bias_1, np.asarray(dense.fc1.bias)),
-        (moe.expert_kernel_2, np.asarray(dense.fc2.kernel)),
-        (moe.expert_bias_2, np.asarray(dense.fc2.bias)),
+        (moe.expert_kernel_2, kernel_2),
+        (moe.expert_bias_2, bias_2),
     )
     for variable, value in sources:
         stacked = np.repeat(value[None], moe.num_experts, axis=0)
@@ -51,9 +59,8 @@ def upcycle_feed_forward(dense, moe, noise_std=0.0, seed=None):
             )
         variable.assign(stacked.astype(variable.dtype))
     if moe.shared_ffn is not None:
-        for target, source in (
-            (moe.shared_ffn.fc1, dense.fc1),
-            (moe.shared_ffn.fc2, dense.fc2),
-        ):
-            target.kernel.assign(source.kernel)
-            target.bias.assign(source.bias)
+        shared = moe.shared_ffn
+        shared.fc1.kernel.assign(dense.fc1.kernel)
+        shared.fc1.bias.assign(dense.fc1.bias)
+        shared.fc2.kernel.assign(kernel_2.astype(shared.fc2.kernel.dtype))
+        shared.fc2.bias.assign(bias_2.astype(shared.fc2.bias.dtype))
