@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from keras_vmoe.layers.moe import EXPERT_LOAD_NAME
+
 
 def load_state_dict(source):
     """Reads a checkpoint into a `{name: np.ndarray}` dict.
@@ -45,13 +47,20 @@ def load_state_dict(source):
     )
 
 
+def _is_routing_statistic(variable):
+    return not variable.trainable and variable.path.endswith(
+        "/" + EXPERT_LOAD_NAME
+    )
+
+
 class WeightAssigner:
     """Assigns source tensors to Keras variables by name, tracking coverage.
 
     Args:
         state_dict: `{name: np.ndarray}` source tensors.
         targets: the Keras variables that must all be set (usually
-            `model.weights`).
+            `model.weights`). Routing statistics of `MoEFeedForward`
+            (`expert_load`) are not parameters and are left out.
 
     Example:
     >>> assigner = WeightAssigner(state_dict, model.weights)
@@ -62,7 +71,11 @@ class WeightAssigner:
     def __init__(self, state_dict, targets):
         self.state_dict = state_dict
         self.unused = set(state_dict)
-        self.targets = {id(variable): variable for variable in targets}
+        self.targets = {
+            id(variable): variable
+            for variable in targets
+            if not _is_routing_statistic(variable)
+        }
         self.unset = set(self.targets)
 
     def take(self, key):

@@ -28,7 +28,7 @@ from keras_vmoe.layers.routing import route
 
 ROUTING_MODES = ("token", "image")
 IMAGE_ROUTER_INPUTS = ("auto", "cls", "mean")
-LOSS_NAMES = ("load_balance", "importance", "load", "z")
+EXPERT_LOAD_NAME = "expert_load"
 
 
 def _check_capacity_factor(name, value):
@@ -304,6 +304,17 @@ class MoEFeedForward(keras.layers.Layer):
         )
         if self.shared_ffn is not None:
             self.shared_ffn.build(input_shape)
+        # Routing statistic, not a parameter: the fraction of all choices
+        # each expert processed in the last training batch. Task models read
+        # it to log expert load during `fit` (on every backend, including
+        # JAX's stateless training step, like BatchNorm's moving averages).
+        self.expert_load = self.add_weight(
+            name=EXPERT_LOAD_NAME,
+            shape=(e,),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+        )
 
     # === Forward ===
     def _router_logits(self, router_input, training):
@@ -410,7 +421,6 @@ class MoEFeedForward(keras.layers.Layer):
         input_shape = ops.shape(inputs)
         batch, width = input_shape[0], input_shape[-1]
         tokens = ops.reshape(inputs, (batch, -1, width))  # [B, T, d]
-        num_tokens = ops.shape(tokens)[1]
 
         if self.routing == "token":
             items = ops.reshape(tokens, (-1, 1, width))  # [B*T, 1, d]
@@ -441,10 +451,15 @@ class MoEFeedForward(keras.layers.Layer):
             normalize=self.normalize_gates,
             batch_prioritized=self.batch_prioritized_routing,
         )
+        load = None
         if training:
             self._add_aux_losses(
                 logits, routing_logits, probs, plan["expert_index"]
             )
+            load = expert_load(
+                plan["expert_index"], plan["kept"], self.num_experts
+            )
+            self.expert_load.assign(load)
 
         if dropless_images:
             routed = self._dropless_image_experts(items, plan, training)
@@ -455,9 +470,9 @@ class MoEFeedForward(keras.layers.Layer):
             outputs = outputs + self.shared_ffn(inputs, training=training)
         if not self.return_routing:
             return outputs
-        return outputs, self._routing_info(plan, probs, input_shape, num_tokens)
+        return outputs, self._routing_info(plan, probs, input_shape, load)
 
-    def _routing_info(self, plan, probs, input_shape, num_tokens):
+    def _routing_info(self, plan, probs, input_shape, load):
         k, e = self.top_k, self.num_experts
         if self.routing == "token":
             leading = tuple(input_shape[:-1])
@@ -472,7 +487,11 @@ class MoEFeedForward(keras.layers.Layer):
             "gates": shaped(plan["gates"], k),
             "dropped": shaped(ops.logical_not(plan["kept"]), k),
             "router_probs": shaped(probs, e),
-            "expert_load": expert_load(plan["expert_index"], plan["kept"], e),
+            "expert_load": (
+                expert_load(plan["expert_index"], plan["kept"], e)
+                if load is None
+                else load
+            ),
         }
 
     # === Shapes and config ===

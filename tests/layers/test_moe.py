@@ -402,3 +402,14 @@ def test_cls_routing_on_a_feature_map_is_rejected():
     moe = MoEFeedForward(4, 8, routing="image", image_router_input="cls")
     with pytest.raises(ValueError, match="image_router_input='cls'"):
         moe(FEATURE_MAP)
+
+
+def test_expert_load_statistic_tracks_the_last_training_batch():
+    moe = MoEFeedForward(4, 8, top_k=2, return_routing=True)
+    moe(TOKENS)
+    np.testing.assert_array_equal(_np(moe.expert_load), 0.0)  # inference
+    _, info = moe(TOKENS, training=True)
+    load = _np(moe.expert_load)
+    np.testing.assert_allclose(load, _np(info["expert_load"]))
+    assert load.sum() == pytest.approx(1.0 - _np(info["dropped"]).mean())
+    assert all(v is not moe.expert_load for v in moe.trainable_weights)

@@ -1,0 +1,23 @@
+"""MoE-ConvNeXt: hierarchical and isotropic ConvNeXt with MoE blocks."""
+
+from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
+from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
+from keras_vmoe.models.convnext_moe.image_classifier import (
+    ConvNeXtMoEImageClassifier,
+)
+from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
+    ConvNeXtMoEImageClassifierPreprocessor,
+)
+from keras_vmoe.models.convnext_moe.image_converter import (
+    ConvNeXtMoEImageConverter,
+)
+from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
+
+__all__ = [
+    "ConvNeXtBlock",
+    "ConvNeXtMoEBackbone",
+    "ConvNeXtMoEImageClassifier",
+    "ConvNeXtMoEImageClassifierPreprocessor",
+    "ConvNeXtMoEImageConverter",
+    "moe_block_indices",
+]

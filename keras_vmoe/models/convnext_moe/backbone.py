@@ -1,0 +1,372 @@
+"""MoE-ConvNeXt backbone: hierarchical and isotropic ConvNeXt with MoE blocks."""
+
+import keras
+from keras_hub.models import Backbone
+
+from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
+
+MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
+
+
+def _placement_error(placement, reason):
+    return ValueError(
+        f"`moe_placement` {reason}. It must be None, one of "
+        f"{MOE_PLACEMENTS}, or a list of (stage, block) pairs / global "
+        f"block indices. Received: moe_placement={placement!r}"
+    )
+
+
+def moe_block_indices(depths, placement):
+    """The (stage, block) positions of the MoE blocks, sorted.
+
+    Named placements (Sweet-spot §4.3.1, Tab. 3), with 0-based indices:
+    - hierarchical models (several stages):
+      - "every-2": every second block of each stage, j = 1, 3, 5, ...
+        (ConvNeXt-T: 1 + 1 + 4 + 1 = 7 MoE blocks; this reproduces the
+        paper's Tab. 5 size, 97.5M, for E = 8 and mlp_ratio 4);
+      - "stage": the last block of each stage (4 for ConvNeXt);
+      - "last-2": the last block of each of the last two stages;
+      - "last-3": "last-2" plus the middle block of the third stage,
+        j = depth // 2 (block 4 of 9, block 13 of 27).
+    - isotropic models (one stage of L blocks), as V-MoE counts "every
+      second layer" and "the last n even layers" (1-based even = 0-based
+      odd):
+      - "every-2": j = 1, 3, ..., the 0-based odd blocks;
+      - "last-2": the last two of those (L-3 and L-1 when L is even);
+      - "last-3": the last three of those;
+      - "stage": the last block.
+
+    Args:
+        depths: blocks per stage.
+        placement: None (dense), a named placement, or a list whose items
+            are (stage, block) pairs or global block indices (0-based over
+            all blocks in order).
+
+    Returns:
+        A sorted list of unique (stage, block) tuples.
+    """
+    if placement is None:
+        return []
+    num_stages = len(depths)
+    if isinstance(placement, str):
+        if placement not in MOE_PLACEMENTS:
+            raise _placement_error(placement, "is unknown")
+        if placement == "stage":
+            return [(i, depth - 1) for i, depth in enumerate(depths)]
+        if placement == "every-2":
+            return [
+                (i, j)
+                for i, depth in enumerate(depths)
+                for j in range(1, depth, 2)
+            ]
+        count = int(placement[-1])
+        if num_stages == 1:
+            positions = [(0, j) for j in range(1, depths[0], 2)][-count:]
+        else:
+            last = [(i, depths[i] - 1) for i in (num_stages - 2, num_stages - 1)]
+            middle = [(num_stages - 2, depths[num_stages - 2] // 2)]
+            positions = sorted(set(last + middle[: count - 2]))
+        if len(positions) < count:
+            raise _placement_error(
+                placement, f"needs more blocks than depths={tuple(depths)}"
+            )
+        return positions
+    if not isinstance(placement, (list, tuple)):
+        raise _placement_error(placement, "has an unsupported type")
+    positions = []
+    for item in placement:
+        if isinstance(item, int) and not isinstance(item, bool):
+            stage, block = _global_to_stage(depths, item, placement)
+        elif (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and all(isinstance(v, int) for v in item)
+        ):
+            stage, block = item
+            if not (0 <= stage < num_stages and 0 <= block < depths[stage]):
+                raise _placement_error(
+                    placement, f"has a position {tuple(item)} outside depths "
+                    f"{tuple(depths)}"
+                )
+        else:
+            raise _placement_error(placement, f"has an invalid item {item!r}")
+        positions.append((stage, block))
+    return sorted(set(positions))
+
+
+def _global_to_stage(depths, index, placement):
+    if index >= 0:
+        for stage, depth in enumerate(depths):
+            if index < depth:
+                return stage, index
+            index -= depth
+    raise _placement_error(
+        placement, f"has a block index outside 0..{sum(depths) - 1}"
+    )
+
+
+def _check_positive_ints(name, values):
+    if (
+        not isinstance(values, (list, tuple))
+        or not values
+        or not all(isinstance(v, int) and v >= 1 for v in values)
+    ):
+        raise ValueError(
+            f"`{name}` must be a non-empty list of positive integers. "
+            f"Received: {name}={values!r}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class ConvNeXtMoEBackbone(Backbone):
+    """ConvNeXt backbone whose chosen blocks have a Mixture-of-Experts MLP.
+
+    Hierarchical ConvNeXt (Liu et al., 2022): a `patch_size` x `patch_size`
+    patchify stem + LayerNorm, then stages of ConvNeXt blocks separated by
+    downsampling layers (LayerNorm + 2x2 stride-2 convolution). The
+    isotropic ConvNeXt (Liu et al., 2022, §isotropic) is one stage at
+    constant width behind a 16x16 stem without LayerNorm or LayerScale.
+
+    MoE-ConvNeXt (Videau et al., 2024, "Mixture of Experts in Image
+    Classification: What's the Sweet Spot?"): in the blocks named by
+    `moe_placement` the pointwise MLP becomes a `MoEFeedForward` in which
+    every spatial position is a token (top-1 by default), with the
+    paper's extra skip connection around it (see `ConvNeXtBlock`).
+
+    The output is the last feature map, [B, H / stride, W / stride, d]
+    without a final norm (the classifier pools, then normalises).
+
+    Args:
+        depths: blocks per stage, e.g. [3, 3, 9, 3] (ConvNeXt-T) or [18]
+            (isotropic).
+        hidden_dims: width of each stage, same length as `depths`.
+        patch_size: stem kernel size and stride (4, or 16 for isotropic).
+        stem_norm: LayerNorm after the stem convolution.
+        mlp_ratio: hidden width of the dense MLPs, as a multiple of d.
+        layer_scale_init_value: initial LayerScale, or None for none.
+        drop_path_rate: stochastic-depth rate, rising linearly from 0 at
+            the first block to this value at the last.
+        layer_norm_epsilon: epsilon of every LayerNorm.
+        moe_placement: None (dense ConvNeXt), "every-2", "stage",
+            "last-2", "last-3", or an explicit list of (stage, block) pairs
+            or global block indices; see `moe_block_indices`.
+        num_experts: E, experts per MoE block (>= 1).
+        top_k: experts per token.
+        expert_mlp_ratio: hidden width of each expert as a multiple of d;
+            default `mlp_ratio`. The paper's ImageNet-1k hierarchical models
+            use 2.
+        routing: "token" (the paper) or "image".
+        router: "linear" (the paper's 1x1 conv gate), "cosine" or "l2".
+        shared_expert: add an always-on dense expert to each MoE block.
+        capacity_factor: training capacity factor (None = dropless).
+        eval_capacity_factor: inference capacity factor (None = dropless).
+        normalize_gates: renormalise the top-k gates to sum to 1.
+        moe_skip_connection: the Sweet-spot skip connection around the MoE.
+        moe_kwargs: further `MoEFeedForward` arguments (loss weights,
+            noisy gating, `router_dim`, ...), or None.
+        image_shape: input shape (H, W, C); H and W may be None.
+        dtype: dtype policy of the layers.
+
+    Example:
+    >>> backbone = ConvNeXtMoEBackbone(
+    ...     depths=[1, 1, 2, 1],
+    ...     hidden_dims=[8, 16, 24, 32],
+    ...     moe_placement="last-2",
+    ...     num_experts=4,
+    ...     expert_mlp_ratio=2,
+    ...     image_shape=(64, 64, 3),
+    ... )
+    >>> backbone(np.ones((1, 64, 64, 3))).shape
+    (1, 2, 2, 32)
+    """
+
+    def __init__(
+        self,
+        depths,
+        hidden_dims,
+        patch_size=4,
+        stem_norm=True,
+        mlp_ratio=4.0,
+        layer_scale_init_value=1e-6,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        moe_placement=None,
+        num_experts=4,
+        top_k=1,
+        expert_mlp_ratio=None,
+        routing="token",
+        router="linear",
+        shared_expert=False,
+        capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        normalize_gates=False,
+        moe_skip_connection=True,
+        moe_kwargs=None,
+        image_shape=(None, None, 3),
+        dtype=None,
+        **kwargs,
+    ):
+        _check_positive_ints("depths", depths)
+        _check_positive_ints("hidden_dims", hidden_dims)
+        if len(depths) != len(hidden_dims):
+            raise ValueError(
+                "`depths` and `hidden_dims` must have the same length. "
+                f"Received: depths={depths!r}, hidden_dims={hidden_dims!r}"
+            )
+        if (
+            not isinstance(num_experts, int)
+            or isinstance(num_experts, bool)
+            or num_experts < 1
+        ):
+            raise ValueError(
+                "`num_experts` must be an integer >= 1. Received: "
+                f"num_experts={num_experts!r}"
+            )
+        moe_positions = set(moe_block_indices(depths, moe_placement))
+        moe_config = dict(
+            num_experts=num_experts,
+            top_k=top_k,
+            routing=routing,
+            router=router,
+            shared_expert=shared_expert,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            normalize_gates=normalize_gates,
+            **(moe_kwargs or {}),
+        )
+        expert_ratio = expert_mlp_ratio or mlp_ratio
+        total_blocks = sum(depths)
+        data_format = "channels_last"
+
+        # === Layers ===
+        self.stem_conv = keras.layers.Conv2D(
+            hidden_dims[0],
+            kernel_size=patch_size,
+            strides=patch_size,
+            dtype=dtype,
+            name="stem_conv",
+        )
+        self.stem_norm = (
+            keras.layers.LayerNormalization(
+                epsilon=layer_norm_epsilon, dtype=dtype, name="stem_norm"
+            )
+            if stem_norm
+            else None
+        )
+        self.downsample_norms = []
+        self.downsample_convs = []
+        self.stage_blocks = []
+        block_index = 0
+        for stage, (depth, width) in enumerate(zip(depths, hidden_dims)):
+            if stage > 0:
+                self.downsample_norms.append(
+                    keras.layers.LayerNormalization(
+                        epsilon=layer_norm_epsilon,
+                        dtype=dtype,
+                        name=f"stage_{stage}_downsample_norm",
+                    )
+                )
+                self.downsample_convs.append(
+                    keras.layers.Conv2D(
+                        width,
+                        kernel_size=2,
+                        strides=2,
+                        dtype=dtype,
+                        name=f"stage_{stage}_downsample_conv",
+                    )
+                )
+            blocks = []
+            for block in range(depth):
+                is_moe = (stage, block) in moe_positions
+                rate = (
+                    drop_path_rate * block_index / (total_blocks - 1)
+                    if total_blocks > 1
+                    else 0.0
+                )
+                blocks.append(
+                    ConvNeXtBlock(
+                        hidden_dim=width,
+                        mlp_ratio=expert_ratio if is_moe else mlp_ratio,
+                        moe_config=moe_config if is_moe else None,
+                        moe_skip_connection=moe_skip_connection,
+                        layer_scale_init_value=layer_scale_init_value,
+                        drop_path_rate=rate,
+                        layer_norm_epsilon=layer_norm_epsilon,
+                        dtype=dtype,
+                        name=f"stage_{stage}_block_{block}",
+                    )
+                )
+                block_index += 1
+            self.stage_blocks.append(blocks)
+
+        # === Functional Model ===
+        image_input = keras.Input(shape=image_shape, name="images")
+        x = self.stem_conv(image_input)
+        if self.stem_norm is not None:
+            x = self.stem_norm(x)
+        for stage, blocks in enumerate(self.stage_blocks):
+            if stage > 0:
+                x = self.downsample_norms[stage - 1](x)
+                x = self.downsample_convs[stage - 1](x)
+            for block in blocks:
+                x = block(x)
+        super().__init__(inputs=image_input, outputs=x, dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.depths = list(depths)
+        self.hidden_dims = list(hidden_dims)
+        self.patch_size = patch_size
+        self.stem_norm_enabled = stem_norm
+        self.mlp_ratio = mlp_ratio
+        self.layer_scale_init_value = layer_scale_init_value
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.moe_placement = moe_placement
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.expert_mlp_ratio = expert_mlp_ratio
+        self.routing = routing
+        self.router = router
+        self.shared_expert = shared_expert
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.normalize_gates = normalize_gates
+        self.moe_skip_connection = moe_skip_connection
+        self.moe_kwargs = moe_kwargs
+        self.image_shape = tuple(image_shape)
+        self.data_format = data_format
+        self.moe_positions = sorted(moe_positions)
+
+    @property
+    def blocks(self):
+        """All ConvNeXt blocks, in order."""
+        return [block for blocks in self.stage_blocks for block in blocks]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "depths": self.depths,
+                "hidden_dims": self.hidden_dims,
+                "patch_size": self.patch_size,
+                "stem_norm": self.stem_norm_enabled,
+                "mlp_ratio": self.mlp_ratio,
+                "layer_scale_init_value": self.layer_scale_init_value,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "moe_placement": self.moe_placement,
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+                "expert_mlp_ratio": self.expert_mlp_ratio,
+                "routing": self.routing,
+                "router": self.router,
+                "shared_expert": self.shared_expert,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "normalize_gates": self.normalize_gates,
+                "moe_skip_connection": self.moe_skip_connection,
+                "moe_kwargs": self.moe_kwargs,
+                "image_shape": self.image_shape,
+            }
+        )
+        return config

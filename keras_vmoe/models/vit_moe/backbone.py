@@ -1,0 +1,379 @@
+"""`ViTMoEBackbone`: a DINOv2-style ViT whose chosen blocks are MoE."""
+
+import numbers
+import re
+
+import keras
+import keras_hub
+
+from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.models.vit_moe.layers import ViTBlock
+from keras_vmoe.models.vit_moe.layers import ViTEmbedding
+
+_PLACEMENT = re.compile(r"^(last|every)-([1-9][0-9]*)$")
+
+
+def resolve_moe_layers(moe_layers, num_layers):
+    """Indices of the blocks that get an MoE MLP, sorted.
+
+    Args:
+        moe_layers: one of
+            - None or [] : no MoE block (a dense ViT);
+            - "last-L" (e.g. "last-2", "last-3") or an int L: the last L
+              blocks (ViMoE; L = 0 is dense, L = num_layers is all);
+            - "every-n" (e.g. "every-2"): every n-th block counted back from
+              the last one, which is always MoE: blocks i with
+              `(num_layers - 1 - i) % n == 0`. For 12 blocks "every-2" is
+              1, 3, 5, 7, 9, 11 (V-MoE / Sweet-spot "Every-2");
+            - a list or tuple of block indices in [0, num_layers).
+        num_layers: depth of the ViT.
+
+    Returns:
+        A tuple of ints.
+
+    Raises:
+        ValueError: naming `moe_layers` and the value received.
+    """
+    if moe_layers is None:
+        return ()
+    if isinstance(moe_layers, str):
+        match = _PLACEMENT.match(moe_layers)
+        if match is None:
+            raise ValueError(
+                "`moe_layers` must be 'last-L', 'every-n', an int, or a list "
+                f"of block indices. Received: moe_layers={moe_layers!r}"
+            )
+        kind, count = match.group(1), int(match.group(2))
+        if kind == "last":
+            moe_layers = count
+        else:
+            return tuple(
+                i for i in range(num_layers) if (num_layers - 1 - i) % count == 0
+            )
+    if isinstance(moe_layers, numbers.Integral) and not isinstance(
+        moe_layers, bool
+    ):
+        if not 0 <= moe_layers <= num_layers:
+            raise ValueError(
+                f"`moe_layers` asks for the last {moe_layers} blocks but the "
+                f"model has num_layers={num_layers}. Received: "
+                f"moe_layers={moe_layers!r}"
+            )
+        return tuple(range(num_layers - int(moe_layers), num_layers))
+    if not isinstance(moe_layers, (list, tuple)):
+        raise ValueError(
+            "`moe_layers` must be 'last-L', 'every-n', an int, or a list of "
+            f"block indices. Received: moe_layers={moe_layers!r}"
+        )
+    indices = []
+    for index in moe_layers:
+        if (
+            not isinstance(index, numbers.Integral)
+            or isinstance(index, bool)
+            or not 0 <= index < num_layers
+        ):
+            raise ValueError(
+                f"`moe_layers` indices must be ints in [0, {num_layers}). "
+                f"Received: moe_layers={moe_layers!r}"
+            )
+        indices.append(int(index))
+    if len(set(indices)) != len(indices):
+        raise ValueError(
+            "`moe_layers` must not repeat a block index. Received: "
+            f"moe_layers={moe_layers!r}"
+        )
+    return tuple(sorted(indices))
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class ViTMoEBackbone(keras_hub.models.Backbone):
+    """DINOv2-style Vision Transformer with Mixture-of-Experts blocks.
+
+    A ViT (Dosovitskiy et al., 2021) in the DINOv2 form (Oquab et al.,
+    2023): Conv2D patch embedding, CLS token, optional register tokens, a
+    learned position embedding resampled (antialiased bicubic, as timm) when
+    the image grid differs from the one it was trained at, pre-norm blocks
+    (LayerNorm eps 1e-6, qkv bias, optional LayerScale, exact GELU,
+    stochastic depth) and a final LayerNorm. The blocks chosen by
+    `moe_layers` replace their MLP by `MoEFeedForward` — ViMoE (image
+    routing from the CLS token, top-1, optional shared expert; "ViMoE: An
+    Empirical Study of Designing Vision Mixture-of-Experts") or the
+    Sweet-spot ViT-MoE (token routing, top-2; "Mixture of Experts in Image
+    Classification: What's the Sweet Spot?").
+
+    The output is the normalised token sequence [B, 1 + R + H*W, d] ordered
+    `[CLS, registers, patches]`. Block `i` is the layer named `block_{i}`.
+    Auxiliary MoE losses are added in training mode and are part of
+    `model.losses`.
+
+    Args:
+        image_shape: (height, width, channels) of the input images; height
+            and width must be known and divisible by `patch_size`.
+        patch_size: side of the square patches.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads; must divide `hidden_dim`.
+        hidden_dim: token width d.
+        mlp_dim: hidden width of each MLP and expert.
+        num_register_tokens: register tokens after CLS.
+        position_embedding_shape: (height, width) in pixels of the image size
+            the position embedding is stored for (DINOv2: (518, 518)).
+            Default: `image_shape[:2]`.
+        layer_scale_init_value: LayerScale initial value (DINOv2: 1e-5), or
+            None for no LayerScale.
+        drop_path_rate: stochastic depth rate of the last block; it grows
+            linearly from 0 at the first block (timm).
+        layer_norm_epsilon: LayerNorm epsilon.
+        moe_layers: which blocks are MoE, see `resolve_moe_layers`: None or
+            [] (dense), "last-L", "every-n", an int L (last L blocks), or a
+            list of indices.
+        num_experts, top_k, routing, router, router_dim, shared_expert,
+        capacity_factor, eval_capacity_factor, batch_prioritized_routing,
+        normalize_gates, noisy_gating, load_balance_loss_weight,
+        importance_loss_weight, load_loss_weight, z_loss_weight: passed to
+            every `MoEFeedForward`, see its documentation.
+        dtype: dtype policy of the model (e.g. "mixed_bfloat16").
+
+    Example:
+    >>> backbone = ViTMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, num_heads=2,
+    ...     hidden_dim=32, mlp_dim=64, moe_layers="last-2", num_experts=4,
+    ...     routing="image", shared_expert=True)
+    >>> backbone(np.ones((2, 32, 32, 3))).shape
+    (2, 17, 32)
+    """
+
+    def __init__(
+        self,
+        image_shape=(224, 224, 3),
+        patch_size=16,
+        num_layers=12,
+        num_heads=6,
+        hidden_dim=384,
+        mlp_dim=1536,
+        num_register_tokens=0,
+        position_embedding_shape=None,
+        layer_scale_init_value=None,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        moe_layers=None,
+        num_experts=8,
+        top_k=1,
+        routing="image",
+        router="linear",
+        router_dim=256,
+        shared_expert=False,
+        capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        batch_prioritized_routing=True,
+        normalize_gates=False,
+        noisy_gating=False,
+        load_balance_loss_weight=0.01,
+        importance_loss_weight=0.0,
+        load_loss_weight=0.0,
+        z_loss_weight=0.0,
+        dtype=None,
+        **kwargs,
+    ):
+        image_shape = tuple(image_shape)
+        for name, value in (
+            ("patch_size", patch_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("hidden_dim", hidden_dim),
+            ("mlp_dim", mlp_dim),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"`{name}` must be a positive integer. Received: "
+                    f"{name}={value!r}"
+                )
+        if hidden_dim % num_heads:
+            raise ValueError(
+                "`hidden_dim` must be divisible by `num_heads`. Received: "
+                f"hidden_dim={hidden_dim}, num_heads={num_heads}"
+            )
+        if (
+            len(image_shape) != 3
+            or any(size is None for size in image_shape[:2])
+            or image_shape[0] % patch_size
+            or image_shape[1] % patch_size
+        ):
+            raise ValueError(
+                "`image_shape` must be (height, width, channels) with known "
+                "height and width divisible by `patch_size`. Received: "
+                f"image_shape={image_shape}, patch_size={patch_size}"
+            )
+        position_shape = tuple(position_embedding_shape or image_shape[:2])
+        if len(position_shape) < 2 or any(
+            size < patch_size for size in position_shape[:2]
+        ):
+            raise ValueError(
+                "`position_embedding_shape` must be (height, width) of at "
+                "least one patch. Received: "
+                f"position_embedding_shape={position_embedding_shape!r}"
+            )
+        if not isinstance(num_register_tokens, int) or num_register_tokens < 0:
+            raise ValueError(
+                "`num_register_tokens` must be an integer >= 0. Received: "
+                f"num_register_tokens={num_register_tokens!r}"
+            )
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(
+                "`drop_path_rate` must be in [0, 1). Received: "
+                f"drop_path_rate={drop_path_rate!r}"
+            )
+        moe_indices = resolve_moe_layers(moe_layers, num_layers)
+        moe_config = None
+        if moe_indices:
+            moe_config = {
+                "num_experts": num_experts,
+                "top_k": top_k,
+                "routing": routing,
+                "router": router,
+                "router_dim": router_dim,
+                "shared_expert": shared_expert,
+                "capacity_factor": capacity_factor,
+                "eval_capacity_factor": eval_capacity_factor,
+                "batch_prioritized_routing": batch_prioritized_routing,
+                "normalize_gates": normalize_gates,
+                "noisy_gating": noisy_gating,
+                "load_balance_loss_weight": load_balance_loss_weight,
+                "importance_loss_weight": importance_loss_weight,
+                "load_loss_weight": load_loss_weight,
+                "z_loss_weight": z_loss_weight,
+            }
+            # Validates the MoE arguments (num_experts, top_k, ...) early,
+            # with the layer's own error messages.
+            MoEFeedForward(hidden_dim=mlp_dim, **moe_config)
+
+        # === Layers ===
+        self.embedding = ViTEmbedding(
+            hidden_dim,
+            patch_size,
+            position_embedding_grid=(
+                position_shape[0] // patch_size,
+                position_shape[1] // patch_size,
+            ),
+            num_register_tokens=num_register_tokens,
+            dtype=dtype,
+            name="embedding",
+        )
+        self.transformer_layers = [
+            ViTBlock(
+                num_heads,
+                mlp_dim,
+                layer_scale_init_value=layer_scale_init_value,
+                drop_path_rate=(
+                    drop_path_rate * i / (num_layers - 1) if num_layers > 1 else 0.0
+                ),
+                layer_norm_epsilon=layer_norm_epsilon,
+                moe_config=moe_config if i in moe_indices else None,
+                dtype=dtype,
+                name=f"block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="norm"
+        )
+
+        # === Functional Model ===
+        image_input = keras.Input(shape=image_shape, name="images")
+        x = self.embedding(image_input)
+        for block in self.transformer_layers:
+            x = block(x)
+        outputs = self.norm(x)
+        super().__init__(inputs=image_input, outputs=outputs, dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.patch_size = patch_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.mlp_dim = mlp_dim
+        self.num_register_tokens = num_register_tokens
+        self.position_embedding_shape = position_shape
+        self.layer_scale_init_value = layer_scale_init_value
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.moe_layers = moe_layers
+        self.moe_layer_indices = moe_indices
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.routing = routing
+        self.router = router
+        self.router_dim = router_dim
+        self.shared_expert = shared_expert
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.batch_prioritized_routing = batch_prioritized_routing
+        self.normalize_gates = normalize_gates
+        self.noisy_gating = noisy_gating
+        self.load_balance_loss_weight = load_balance_loss_weight
+        self.importance_loss_weight = importance_loss_weight
+        self.load_loss_weight = load_loss_weight
+        self.z_loss_weight = z_loss_weight
+
+    @property
+    def num_prefix_tokens(self):
+        """CLS plus register tokens, before the patch tokens."""
+        return 1 + self.num_register_tokens
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a backbone from a preset name, a directory or a hub handle.
+
+        Args:
+            preset: a name from `keras_vmoe.models.list_presets()` (the
+                architecture is built from the table; with `load_weights`
+                the dense checkpoint it names is downloaded, converted and
+                upcycled), a local KerasHub preset directory, or a KerasHub
+                handle ("hf://...", "kaggle://...").
+            load_weights: load pretrained weights.
+            **kwargs: for a preset name, `weights_path` (a local dense
+                `.safetensors` checkpoint to use instead of the download),
+                `upcycle_noise_std`, `seed`, and any constructor argument to
+                override (e.g. `image_shape`, `dtype`, `normalize_gates`);
+                otherwise passed to KerasHub.
+        """
+        from keras_vmoe.models.vit_moe import presets
+
+        if isinstance(preset, str) and preset in presets.PRESETS:
+            return presets.build_backbone(preset, load_weights, **kwargs)
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_shape": self.image_shape,
+                "patch_size": self.patch_size,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "hidden_dim": self.hidden_dim,
+                "mlp_dim": self.mlp_dim,
+                "num_register_tokens": self.num_register_tokens,
+                "position_embedding_shape": self.position_embedding_shape,
+                "layer_scale_init_value": self.layer_scale_init_value,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "moe_layers": self.moe_layers,
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+                "routing": self.routing,
+                "router": self.router,
+                "router_dim": self.router_dim,
+                "shared_expert": self.shared_expert,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "batch_prioritized_routing": self.batch_prioritized_routing,
+                "normalize_gates": self.normalize_gates,
+                "noisy_gating": self.noisy_gating,
+                "load_balance_loss_weight": self.load_balance_loss_weight,
+                "importance_loss_weight": self.importance_loss_weight,
+                "load_loss_weight": self.load_loss_weight,
+                "z_loss_weight": self.z_loss_weight,
+            }
+        )
+        return config

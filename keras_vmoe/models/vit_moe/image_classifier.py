@@ -1,0 +1,163 @@
+"""`ViTMoEImageClassifier`: a linear head on a `ViTMoEBackbone`."""
+
+import keras
+import keras_hub
+from keras import ops
+
+from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+
+POOLINGS = ("cls", "cls+mean")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class ViTMoEImageConverter(keras_hub.layers.ImageConverter):
+    """Resizes and normalises images for a `ViTMoEBackbone`.
+
+    A KerasHub `ImageConverter`; `ViTMoEImageConverter.imagenet(size)` gives
+    the ImageNet mean/std normalisation of DINOv2 and timm checkpoints for
+    images in [0, 255].
+    """
+
+    backbone_cls = ViTMoEBackbone
+
+    @classmethod
+    def imagenet(cls, image_size=(224, 224), **kwargs):
+        """Converter with ImageNet normalisation: `(x / 255 - mean) / std`."""
+        return cls(
+            image_size=image_size,
+            scale=[1.0 / (255.0 * std) for std in IMAGENET_STD],
+            offset=[-mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)],
+            interpolation="bicubic",
+            **kwargs,
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class ViTMoEImageClassifierPreprocessor(
+    keras_hub.models.ImageClassifierPreprocessor
+):
+    """Preprocessor of `ViTMoEImageClassifier` (wraps the image converter)."""
+
+    backbone_cls = ViTMoEBackbone
+    image_converter_cls = ViTMoEImageConverter
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class ViTMoEImageClassifier(keras_hub.models.ImageClassifier):
+    """Image classifier on a ViT-MoE backbone.
+
+    The head reads the CLS token (`pooling="cls"`) or, as DINOv2's linear
+    probes, the CLS token concatenated with the mean of the patch tokens
+    (`pooling="cls+mean"`; register tokens are left out). The backbone's
+    auxiliary MoE losses (load balance, ...) are in `model.losses`, so
+    `fit()` minimises them with the classification loss.
+
+    Args:
+        backbone: a `ViTMoEBackbone`.
+        num_classes: number of classes.
+        preprocessor: None or a `ViTMoEImageClassifierPreprocessor`.
+        pooling: "cls" or "cls+mean".
+        activation: activation of the output layer, None for logits.
+        dropout: dropout before the output layer.
+        head_dtype: dtype policy of the head; default: the backbone's.
+
+    Example:
+    >>> backbone = ViTMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2,
+    ...     hidden_dim=32, mlp_dim=64, moe_layers="last-1", num_experts=4)
+    >>> classifier = ViTMoEImageClassifier(backbone, num_classes=10)
+    >>> classifier.predict(np.ones((2, 32, 32, 3))).shape
+    (2, 10)
+    """
+
+    backbone_cls = ViTMoEBackbone
+    preprocessor_cls = ViTMoEImageClassifierPreprocessor
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        preprocessor=None,
+        pooling="cls",
+        activation=None,
+        dropout=0.0,
+        head_dtype=None,
+        **kwargs,
+    ):
+        if pooling not in POOLINGS:
+            raise ValueError(
+                f"`pooling` must be one of {POOLINGS}. Received: "
+                f"pooling={pooling!r}"
+            )
+        head_dtype = head_dtype or backbone.dtype_policy
+
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.output_dropout = keras.layers.Dropout(
+            dropout, dtype=head_dtype, name="output_dropout"
+        )
+        self.output_dense = keras.layers.Dense(
+            num_classes, activation=activation, dtype=head_dtype, name="predictions"
+        )
+
+        # === Functional Model ===
+        inputs = self.backbone.input
+        tokens = self.backbone(inputs)
+        features = tokens[:, 0]
+        if pooling == "cls+mean":
+            patch_mean = ops.mean(
+                tokens[:, backbone.num_prefix_tokens :], axis=1
+            )
+            features = ops.concatenate([features, patch_mean], axis=-1)
+        outputs = self.output_dense(self.output_dropout(features))
+        # Skip `ImageClassifier.__init__`, which builds a 2D pooling head.
+        keras_hub.models.Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.num_classes = num_classes
+        self.pooling = pooling
+        self.activation = activation
+        self.dropout = dropout
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a classifier from a preset name, a directory or a handle.
+
+        For a name from `keras_vmoe.models.list_presets()`, `num_classes` is
+        required (the dense checkpoints have no head for the target task),
+        the head is new, the preprocessor normalises with ImageNet statistics,
+        and the other keyword arguments go to `ViTMoEBackbone.from_preset`
+        except `pooling`, `activation`, `dropout` and `head_dtype`. Anything
+        else is handled by KerasHub.
+        """
+        from keras_vmoe.models.vit_moe import presets
+
+        if not (isinstance(preset, str) and preset in presets.PRESETS):
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        if "num_classes" not in kwargs:
+            raise ValueError(
+                f"`num_classes` is required to build a classifier from the "
+                f"preset {preset!r}, whose checkpoint has no head for your "
+                "task. Received: no num_classes"
+            )
+        head_kwargs = {
+            name: kwargs.pop(name)
+            for name in (
+                "num_classes",
+                "pooling",
+                "activation",
+                "dropout",
+                "head_dtype",
+                "preprocessor",
+            )
+            if name in kwargs
+        }
+        backbone = ViTMoEBackbone.from_preset(preset, load_weights, **kwargs)
+        if "preprocessor" not in head_kwargs:
+            head_kwargs["preprocessor"] = ViTMoEImageClassifierPreprocessor(
+                ViTMoEImageConverter.imagenet(backbone.image_shape[:2])
+            )
+        return cls(backbone=backbone, **head_kwargs)
