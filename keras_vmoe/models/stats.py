@@ -11,7 +11,9 @@ with fvcore and fused attention):
   residual additions and position-embedding resampling are not counted.
   Capacity padding is not counted: a token-routed layer costs K experts per
   token whatever its capacity factor.
-- Parameters are all weights of the model (`model.count_params()`).
+- Parameters are the weights created trainable, frozen or not (what
+  PyTorch counts as parameters); state such as BatchNorm moving statistics
+  or a MoE layer's `expert_load` is not counted.
 - Active parameters leave out, in every `MoEFeedForward`, the E - K routed
   experts an item does not use.
 
@@ -114,16 +116,9 @@ def _expert_macs(moe):
 
 
 def _own_params(layer):
-    """Parameters of a layer; for a MoE layer, those of its experts only
-    (its router and shared expert have their own rows)."""
-    weights = layer.weights
-    if isinstance(layer, MoEFeedForward):
-        sublayers = [layer.router]
-        if layer.shared_ffn is not None:
-            sublayers.append(layer.shared_ffn)
-        counted = {id(w) for sublayer in sublayers for w in sublayer.weights}
-        weights = [w for w in weights if id(w) not in counted]
-    return int(sum(math.prod(w.shape) for w in weights))
+    """Parameters a layer created itself (not those of its sublayers: a MoE
+    layer's router and shared expert have their own rows)."""
+    return int(sum(math.prod(v.shape) for v in layer._trainable_variables))
 
 
 def layer_stats(model, image_size=224):
@@ -184,6 +179,17 @@ def layer_stats(model, image_size=224):
     return records
 
 
+def _count_parameters(model):
+    # `_trainable_variables` lists the weights a layer created trainable; it
+    # keeps them when the layer is frozen, unlike `trainable_weights`.
+    parameters = {
+        id(variable): variable
+        for layer in model._flatten_layers()
+        for variable in layer._trainable_variables
+    }
+    return int(sum(math.prod(v.shape) for v in parameters.values()))
+
+
 def model_stats(model, image_size=224):
     """Parameters, active parameters and FLOPs of a model on one image.
 
@@ -204,7 +210,7 @@ def model_stats(model, image_size=224):
         for layer in model._flatten_layers()
         if isinstance(layer, MoEFeedForward)
     )
-    params = int(model.count_params())
+    params = _count_parameters(model)
     flops = sum(record["flops"] for record in layer_stats(model, image_size))
     return {
         "params": params,

@@ -1,0 +1,9 @@
+"""ViMoE and Sweet-spot ViT-MoE: DINOv2-style ViTs with MoE blocks."""
+
+from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+from keras_vmoe.models.vit_moe.backbone import resolve_moe_layers
+from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageClassifier
+from keras_vmoe.models.vit_moe.image_classifier import (
+    ViTMoEImageClassifierPreprocessor,
+)
+from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageConverter
