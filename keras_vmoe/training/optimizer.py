@@ -1,0 +1,242 @@
+"""The fine-tuning recipe: AdamW with layer-wise lr decay, warmup + cosine.
+
+ViMoE fine-tunes DINOv2 with AdamW, lr 1e-4, weight decay 0.05 and a
+layer-wise learning-rate decay of 0.65 (BEiT, Bao et al., 2022): block i of
+L gets `lr * decay ** (L + 1 - layer_id)`, where the embeddings are layer 0,
+block i is layer i + 1, and the final norm, the head and every router get the
+full rate (layer L + 1).
+
+Keras has AdamW, the warmup + cosine schedule (`CosineDecay` with
+`warmup_target`) and gradient clipping; what it lacks is a per-variable
+learning-rate multiplier, which `LayerDecayAdamW` adds.
+"""
+
+import re
+
+import keras
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
+# Variables never weight-decayed: norms, biases, position embeddings,
+# class / register tokens, LayerScale and the stacked expert biases (rank 2,
+# so the rank rule alone would miss them).
+NO_DECAY_NAMES = re.compile(
+    r"bias|gamma|beta|norm|position|pos_embed|token|layer_scale"
+)
+_BLOCK_INDEX = re.compile(r"(?:^|/)[a-z_]*?block_?(\d+)(?:/|$)")
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class LayerDecayAdamW(keras.optimizers.AdamW):
+    """AdamW whose learning rate is scaled per variable.
+
+    The decoupled weight decay is scaled by the same multiplier, as when
+    every layer has its own parameter group (BEiT / timm).
+
+    Args:
+        learning_rate: a float or a `LearningRateSchedule`.
+        weight_decay: decoupled weight decay.
+        lr_multipliers: `{variable.path: multiplier}`; variables not listed
+            use 1.0. See `layer_decay_multipliers`.
+        **kwargs: other `keras.optimizers.AdamW` arguments (`beta_1`,
+            `global_clipnorm`, ...).
+    """
+
+    def __init__(
+        self, learning_rate=1e-4, weight_decay=0.05, lr_multipliers=None, **kwargs
+    ):
+        super().__init__(
+            learning_rate=learning_rate, weight_decay=weight_decay, **kwargs
+        )
+        self.lr_multipliers = dict(lr_multipliers or {})
+        for path, value in self.lr_multipliers.items():
+            if not value >= 0:
+                raise ValueError(
+                    "`lr_multipliers` values must be >= 0. Received: "
+                    f"lr_multipliers[{path!r}]={value!r}"
+                )
+
+    def build(self, variables):
+        # The update step may see backend variables (TensorFlow) that have
+        # no Keras path: key the multipliers the way the optimizer keys
+        # its own slots.
+        self._key_multipliers = {
+            self._var_key(variable): self.lr_multipliers.get(variable.path, 1.0)
+            for variable in variables
+        }
+        super().build(variables)
+
+    def _multiplier(self, variable):
+        return self._key_multipliers.get(self._var_key(variable), 1.0)
+
+    def update_step(self, gradient, variable, learning_rate):
+        multiplier = self._multiplier(variable)
+        if multiplier != 1.0:
+            learning_rate = learning_rate * multiplier
+        super().update_step(gradient, variable, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        if self.weight_decay is None:
+            return
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                lr = keras.ops.cast(self.learning_rate, variable.dtype)
+                decay = keras.ops.cast(self.weight_decay, variable.dtype)
+                scale = lr * decay * self._multiplier(variable)
+                variable.assign(variable - variable * scale)
+
+    def get_config(self):
+        config = super().get_config()
+        config["lr_multipliers"] = self.lr_multipliers
+        return config
+
+
+def default_layer_id(path, num_layers):
+    """Layer id of a variable path for layer-wise lr decay.
+
+    Routers, norms after the last block and heads -> `num_layers + 1`;
+    a variable inside `..block_<i>..` -> `i + 1`; everything else
+    (patch / stem embeddings, tokens, position embeddings) -> 0.
+    """
+    if "router" in path:
+        return num_layers + 1
+    match = _BLOCK_INDEX.search(path)
+    if match:
+        return min(int(match.group(1)) + 1, num_layers + 1)
+    if re.search(r"embed|token|stem|position", path):
+        return 0
+    return num_layers + 1
+
+
+def layer_decay_multipliers(model, layer_decay, num_layers=None, layer_id=None):
+    """`{variable.path: layer_decay ** (num_layers + 1 - layer_id)}`.
+
+    Args:
+        model: a Keras model (its trainable variables are mapped).
+        layer_decay: decay per layer, in (0, 1].
+        num_layers: number of blocks; default `model.backbone.num_layers`
+            or `model.num_layers`.
+        layer_id: `(path, num_layers) -> int`, default `default_layer_id`.
+    """
+    if not 0 < layer_decay <= 1:
+        raise ValueError(
+            f"`layer_decay` must be in (0, 1]. Received: layer_decay={layer_decay!r}"
+        )
+    if num_layers is None:
+        owner = getattr(model, "backbone", model)
+        num_layers = getattr(owner, "num_layers", None)
+        if num_layers is None:
+            raise ValueError(
+                "Pass `num_layers`: the model has no `num_layers` attribute. "
+                f"Received: model={model.name!r}"
+            )
+    layer_id = layer_id or default_layer_id
+    return {
+        variable.path: float(
+            layer_decay ** (num_layers + 1 - layer_id(variable.path, num_layers))
+        )
+        for variable in model.trainable_variables
+    }
+
+
+def no_weight_decay_variables(model):
+    """Biases, norms, LayerScale, tokens, position embeddings (rank <= 1 or
+    named so)."""
+    return [
+        variable
+        for variable in model.trainable_variables
+        if len(variable.shape) <= 1 or NO_DECAY_NAMES.search(variable.path)
+    ]
+
+
+def warmup_cosine_schedule(
+    learning_rate, total_steps, warmup_steps=0, min_learning_rate=0.0
+):
+    """Linear warmup from 0 to `learning_rate`, then cosine decay to
+    `min_learning_rate` at `total_steps` (Keras `CosineDecay`)."""
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            "Expected 0 <= `warmup_steps` < `total_steps`. Received: "
+            f"warmup_steps={warmup_steps}, total_steps={total_steps}"
+        )
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else learning_rate,
+        decay_steps=total_steps - warmup_steps,
+        alpha=min_learning_rate / learning_rate,
+        warmup_target=learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def create_optimizer(
+    model,
+    total_steps,
+    learning_rate=1e-4,
+    weight_decay=0.05,
+    layer_decay=0.65,
+    warmup_steps=0,
+    min_learning_rate=1e-6,
+    global_clipnorm=1.0,
+    num_layers=None,
+):
+    """The ViMoE fine-tuning optimizer for `model` (see module docstring).
+
+    Args:
+        model: the model to train (built).
+        total_steps: number of optimizer steps of the whole run.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW weight decay (not applied to norms, biases,
+            tokens, position embeddings and LayerScale).
+        layer_decay: layer-wise decay; 1.0 turns it off.
+        warmup_steps: linear warmup steps.
+        min_learning_rate: final learning rate of the cosine.
+        global_clipnorm: gradient clipping by global norm (None = off).
+        num_layers: number of blocks if the model has no `num_layers`.
+    """
+    multipliers = (
+        layer_decay_multipliers(model, layer_decay, num_layers)
+        if layer_decay != 1.0
+        else {}
+    )
+    optimizer = LayerDecayAdamW(
+        learning_rate=warmup_cosine_schedule(
+            learning_rate, total_steps, warmup_steps, min_learning_rate
+        ),
+        weight_decay=weight_decay,
+        lr_multipliers=multipliers,
+        global_clipnorm=global_clipnorm,
+    )
+    optimizer.exclude_from_weight_decay(var_list=no_weight_decay_variables(model))
+    return optimizer
+
+
+def _has_gpu():
+    # `list_devices()` names every device of the backend; asking it for
+    # "gpu" directly raises on JAX when there is none.
+    return any(
+        device.lower().startswith(("gpu", "cuda"))
+        for device in keras.distribution.list_devices()
+    )
+
+
+def set_precision(precision):
+    """Sets the global dtype policy.
+
+    Args:
+        precision: "float32", "mixed_float16", "mixed_bfloat16", or "auto"
+            (mixed_float16 on a GPU, mixed_bfloat16 elsewhere). Routers,
+            softmax and aux losses of keras-vmoe layers stay float32 under
+            every policy; with mixed_float16, `compile` wraps the optimizer
+            in Keras' `LossScaleOptimizer`.
+
+    Returns:
+        The policy name that was set.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"`precision` must be one of {PRECISIONS}. Received: "
+            f"precision={precision!r}"
+        )
+    if precision == "auto":
+        precision = "mixed_float16" if _has_gpu() else "mixed_bfloat16"
+    keras.config.set_dtype_policy(precision)
+    return precision

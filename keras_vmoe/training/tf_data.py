@@ -1,0 +1,391 @@
+"""Input pipelines on `tf.data` — the one module of keras_vmoe that imports
+TensorFlow (and `tensorflow_datasets`).
+
+`tf.data` feeds `model.fit` on every Keras backend (JAX and PyTorch included),
+so the pipelines are backend-neutral even though they are built with
+TensorFlow. Layers and models never import it.
+
+Images come out as float32 in [0, 255] unless `normalize` says otherwise:
+keras-vmoe classifiers normalise inside their preprocessor, as KerasHub
+models do.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+NORMALIZATIONS = (None, "imagenet", "unit")
+
+# Out-of-distribution ImageNet test sets, by tfds name, with their split.
+OOD_DATASETS = {
+    "imagenet_v2": "test",
+    "imagenet_a": "test",
+    "imagenet_r": "test",
+    "imagenet_sketch": "test",
+}
+
+
+def _check_args(image_size, batch_size, normalize):
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(
+            "`image_size` must be a positive integer. Received: "
+            f"image_size={image_size!r}"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            "`batch_size` must be a positive integer. Received: "
+            f"batch_size={batch_size!r}"
+        )
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(
+            f"`normalize` must be one of {NORMALIZATIONS}. Received: "
+            f"normalize={normalize!r}"
+        )
+
+
+def _normalize(images, normalize):
+    if normalize == "imagenet":
+        return (images - IMAGENET_MEAN) / IMAGENET_STD
+    if normalize == "unit":
+        return images / 255.0
+    return images
+
+
+def _prepare_image(image, image_size, training, channels, crop_fraction):
+    """uint8 HxWxC -> float32 image_size x image_size x channels.
+
+    Training: plain resize (random crops and flips are augmentation).
+    Evaluation: resize the short side to image_size / crop_fraction, then
+    centre crop (0.875 is the standard ImageNet evaluation transform; 1.0
+    keeps the whole image).
+    """
+    image = tf.cast(image, "float32")
+    if image.shape.rank == 2:
+        image = image[..., None]
+    if channels == 3 and image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    if training or crop_fraction == 1.0:
+        return tf.image.resize(image, (image_size, image_size))
+    shape = tf.cast(tf.shape(image)[:2], "float32")
+    scale = image_size / crop_fraction / tf.reduce_min(shape)
+    resized = tf.cast(tf.round(shape * scale), "int32")
+    image = tf.image.resize(image, resized)
+    return tf.image.resize_with_crop_or_pad(image, image_size, image_size)
+
+
+def _finish(
+    dataset,
+    image_size,
+    batch_size,
+    training,
+    normalize,
+    channels,
+    augment,
+    shuffle_buffer,
+    seed,
+    num_classes,
+    crop_fraction,
+):
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(
+            "`crop_fraction` must be in (0, 1]. Received: "
+            f"crop_fraction={crop_fraction!r}"
+        )
+    if training and shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+
+    def prepare(image, label):
+        image = _prepare_image(
+            image, image_size, training, channels, crop_fraction
+        )
+        return image, label
+
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=bool(training))
+    if num_classes is not None:
+        dataset = dataset.map(
+            lambda x, y: (x, tf.one_hot(tf.cast(y, "int32"), num_classes))
+        )
+    if augment is not None and training:
+        dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(
+        lambda x, y: (_normalize(x, normalize), y),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def tfds_dataset(
+    name,
+    split="train",
+    image_size=224,
+    batch_size=32,
+    training=None,
+    data_dir=None,
+    download=False,
+    normalize=None,
+    channels=3,
+    augment=None,
+    num_classes=None,
+    shuffle_buffer=10_000,
+    seed=None,
+    crop_fraction=0.875,
+):
+    """A `tensorflow_datasets` image-classification split, ready for `fit`.
+
+    Args:
+        name: tfds name, e.g. "imagenet2012", "cifar100", "mnist", or an
+            OOD set ("imagenet_v2", "imagenet_a", "imagenet_r",
+            "imagenet_sketch").
+        split: tfds split string ("train", "validation", "test[:10%]" ...).
+        image_size: output side length.
+        batch_size: batch size (training batches drop the remainder).
+        training: shuffle + training transform; default: `split` starts
+            with "train".
+        data_dir: where tfds looks for prepared data.
+        download: let tfds download and prepare missing data. False by
+            default: a missing dataset then fails at once with a clear error
+            instead of trying the network.
+        normalize: None (values in [0, 255]), "imagenet" (mean / std) or
+            "unit" ([0, 1]).
+        channels: 3 (grayscale is converted to RGB) or 1.
+        augment: optional function `(images, labels) -> (images, labels)`
+            applied to training batches (see `augmentation`).
+        num_classes: if given, labels are one-hot encoded (needed by MixUp
+            and CutMix).
+        shuffle_buffer: shuffle buffer size for training.
+        seed: shuffle seed.
+        crop_fraction: evaluation centre-crop fraction (0.875 for
+            ImageNet-style data, 1.0 for small centred images like MNIST).
+
+    Returns:
+        A batched, prefetched `tf.data.Dataset` of `(images, labels)`.
+
+    Raises:
+        ValueError: if the dataset or split is not available locally.
+    """
+    import tensorflow_datasets as tfds
+
+    _check_args(image_size, batch_size, normalize)
+    if training is None:
+        training = split.startswith("train")
+    try:
+        dataset = tfds.load(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=download,
+            as_supervised=True,
+            shuffle_files=bool(training),
+        )
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError) as error:
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        raise ValueError(
+            f"tfds dataset {name!r} (split {split!r}) is not available in "
+            f"{where}. Prepare it first (`tfds build {name}`, or pass "
+            "download=True where the network is reachable), or pass "
+            f"data_dir=... Received: name={name!r}, split={split!r}, "
+            f"download={download}"
+        ) from error
+    return _finish(
+        dataset,
+        image_size,
+        batch_size,
+        training,
+        normalize,
+        channels,
+        augment,
+        shuffle_buffer,
+        seed,
+        num_classes,
+        crop_fraction,
+    )
+
+
+def image_folder_dataset(
+    directory,
+    image_size=224,
+    batch_size=32,
+    training=True,
+    validation_split=None,
+    subset=None,
+    normalize=None,
+    channels=3,
+    augment=None,
+    num_classes=None,
+    shuffle_buffer=1_000,
+    seed=0,
+    crop_fraction=0.875,
+):
+    """Images laid out as `directory/<class name>/<image file>`.
+
+    Class indices follow the sorted class-folder names. Args as
+    `tfds_dataset`; `validation_split` and `subset` ("training" or
+    "validation") split the folder reproducibly with `seed`.
+
+    Returns:
+        `(dataset, class_names)`.
+    """
+    _check_args(image_size, batch_size, normalize)
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"`directory` must be a folder of class folders. Received: "
+            f"directory={directory!r}"
+        )
+    files = tf.keras.utils.image_dataset_from_directory(
+        directory,
+        labels="inferred",
+        label_mode="int",
+        color_mode="rgb" if channels == 3 else "grayscale",
+        batch_size=None,
+        image_size=(image_size, image_size),
+        crop_to_aspect_ratio=True,
+        shuffle=False,
+        validation_split=validation_split,
+        subset=subset,
+        seed=seed,
+    )
+    class_names = files.class_names
+    return (
+        _finish(
+            files,
+            image_size,
+            batch_size,
+            training,
+            normalize,
+            channels,
+            augment,
+            shuffle_buffer,
+            seed,
+            num_classes,
+            crop_fraction,
+        ),
+        class_names,
+    )
+
+
+def array_dataset(
+    images,
+    labels,
+    image_size,
+    batch_size=32,
+    training=True,
+    normalize=None,
+    channels=3,
+    augment=None,
+    num_classes=None,
+    shuffle_buffer=10_000,
+    seed=None,
+    crop_fraction=0.875,
+):
+    """The same pipeline over in-memory uint8 arrays ([N, H, W(, C)])."""
+    _check_args(image_size, batch_size, normalize)
+    images, labels = np.asarray(images), np.asarray(labels)
+    if len(images) != len(labels):
+        raise ValueError(
+            "`images` and `labels` must have the same length. Received: "
+            f"len(images)={len(images)}, len(labels)={len(labels)}"
+        )
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    return _finish(
+        dataset,
+        image_size,
+        batch_size,
+        training,
+        normalize,
+        channels,
+        augment,
+        shuffle_buffer,
+        seed,
+        num_classes,
+        crop_fraction,
+    )
+
+
+def augmentation(
+    image_size,
+    flip=True,
+    crop_padding=0,
+    rand_augment=False,
+    rand_augment_magnitude=0.5,
+    mixup_alpha=0.0,
+    cutmix_alpha=0.0,
+    random_erasing=0.0,
+    value_range=(0, 255),
+    seed=None,
+):
+    """Batch augmentation from Keras core preprocessing layers.
+
+    Keras core has everything the papers' recipes use (DeiT / ConvNeXt:
+    RandAugment, MixUp, CutMix, RandomErasing, flips, crops), so keras-cv is
+    not needed.
+
+    Args:
+        image_size: side of the (square) training images.
+        flip: random horizontal flips (turn off for digits and text).
+        crop_padding: if > 0, pad by this many pixels and crop back at a
+            random position (the CIFAR / MNIST "random crop").
+        rand_augment: apply RandAugment with `rand_augment_magnitude`.
+        mixup_alpha / cutmix_alpha: > 0 enables MixUp / CutMix. When both
+            are on, each batch uses one of them, chosen at random (as timm).
+            Labels must be one-hot: pass `num_classes` to the pipeline.
+        random_erasing: RandomErasing factor (0 = off).
+        value_range: pixel range of the incoming images.
+        seed: seed of the random layers.
+
+    Returns:
+        A function `(images, labels) -> (images, labels)` for batches,
+        to pass as `augment=` to the pipelines above.
+    """
+    import keras
+
+    image_layers = []
+    if flip:
+        image_layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if crop_padding:
+        pad = [[0, 0], [crop_padding] * 2, [crop_padding] * 2, [0, 0]]
+        image_layers.append(lambda images, training: tf.pad(images, pad))
+        image_layers.append(
+            keras.layers.RandomCrop(image_size, image_size, seed=seed)
+        )
+    if rand_augment:
+        image_layers.append(
+            keras.layers.RandAugment(
+                value_range=value_range,
+                factor=rand_augment_magnitude,
+                seed=seed,
+            )
+        )
+    if random_erasing:
+        image_layers.append(
+            keras.layers.RandomErasing(
+                factor=random_erasing, value_range=value_range, seed=seed
+            )
+        )
+    mixers = []
+    if mixup_alpha:
+        mixers.append(keras.layers.MixUp(alpha=mixup_alpha, seed=seed))
+    if cutmix_alpha:
+        mixers.append(keras.layers.CutMix(factor=cutmix_alpha, seed=seed))
+
+    def mix(mixer, images, labels):
+        mixed = mixer({"images": images, "labels": labels})
+        return mixed["images"], mixed["labels"]
+
+    def apply(images, labels):
+        for layer in image_layers:
+            images = layer(images, training=True)
+        if len(mixers) == 1:
+            return mix(mixers[0], images, labels)
+        if len(mixers) == 2:
+            return tf.cond(
+                tf.random.uniform((), seed=seed) < 0.5,
+                lambda: mix(mixers[0], images, labels),
+                lambda: mix(mixers[1], images, labels),
+            )
+        return images, labels
+
+    return apply
