@@ -106,7 +106,7 @@ def _dense_twin(model):
     )
 
 
-def _load(model, state_dict, source_key, head_keys):
+def _load(model, state_dict, source_key, head_keys, noise_std, seed):
     """Fills `model` (dense or MoE) from `state_dict` by canonical names.
 
     `source_key(name)` gives (source key, transform) for a canonical name;
@@ -123,7 +123,7 @@ def _load(model, state_dict, source_key, head_keys):
                 assigner.skip(key)
     assigner.finish()
     if dense is not model:
-        upcycle_convnext(dense, model)
+        upcycle_convnext(dense, model, noise_std=noise_std, seed=seed)
     return model
 
 
@@ -201,7 +201,7 @@ def timm_backbone_config(source):
     }
 
 
-def convert_timm_weights(source, model):
+def convert_timm_weights(source, model, upcycle_noise_std=0.0, seed=None):
     """Loads a timm `convnext_*` checkpoint into a ConvNeXt-MoE model.
 
     Keys: `stem.0/1`, `stages.i.downsample.0/1`, `stages.i.blocks.j.conv_dw`,
@@ -214,6 +214,8 @@ def convert_timm_weights(source, model):
         model: a `ConvNeXtMoEBackbone` (the head tensors are then skipped)
             or a `ConvNeXtMoEImageClassifier`, built with the checkpoint's
             architecture (`timm_backbone_config`).
+        upcycle_noise_std: relative noise added to each expert's copy.
+        seed: seed of that noise.
 
     Returns:
         `model`, with its weights set.
@@ -224,7 +226,9 @@ def convert_timm_weights(source, model):
     """
     state_dict = load_state_dict(source)
     head_keys = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
-    return _load(model, state_dict, _timm_key, head_keys)
+    return _load(
+        model, state_dict, _timm_key, head_keys, upcycle_noise_std, seed
+    )
 
 
 # === keras.applications ===
@@ -301,7 +305,9 @@ def keras_applications_backbone_config(model):
     return {"depths": depths, "hidden_dims": hidden_dims}
 
 
-def convert_keras_applications_weights(source, model, variant=None):
+def convert_keras_applications_weights(
+    source, model, variant=None, upcycle_noise_std=0.0, seed=None
+):
     """Loads a `keras.applications.ConvNeXt*` model's weights into `model`.
 
     Args:
@@ -314,22 +320,28 @@ def convert_keras_applications_weights(source, model, variant=None):
         variant: for a file source, the keras.applications function name
             ("ConvNeXtTiny", ...); default: the one whose depths and widths
             match `model`.
+        upcycle_noise_std: relative noise added to each expert's copy.
+        seed: seed of that noise.
 
     Returns:
         `model`, with its weights set.
     """
     if isinstance(source, str):
         source = _keras_applications_model(source, model, variant)
+    state_dict = keras_applications_state_dict(source)
+    # The head, or with `include_top=False` the final LayerNorm.
     head_keys = tuple(
         key
-        for key in keras_applications_state_dict(source)
-        if key.startswith("head_")
+        for key in state_dict
+        if not key.startswith(("stem_", "stage_", "downsampling_"))
     )
     return _load(
         model,
-        keras_applications_state_dict(source),
+        state_dict,
         _keras_applications_key,
         head_keys,
+        upcycle_noise_std,
+        seed,
     )
 
 

@@ -321,7 +321,12 @@ class ConvNeXtMoEBackbone(Backbone):
         self.layer_scale_init_value = layer_scale_init_value
         self.drop_path_rate = drop_path_rate
         self.layer_norm_epsilon = layer_norm_epsilon
-        self.moe_placement = moe_placement
+        # Explicit placements are stored as JSON would restore them.
+        self.moe_placement = (
+            [list(p) if isinstance(p, (list, tuple)) else p for p in moe_placement]
+            if isinstance(moe_placement, (list, tuple))
+            else moe_placement
+        )
         self.num_experts = num_experts
         self.top_k = top_k
         self.expert_mlp_ratio = expert_mlp_ratio
@@ -336,6 +341,27 @@ class ConvNeXtMoEBackbone(Backbone):
         self.image_shape = tuple(image_shape)
         self.data_format = data_format
         self.moe_positions = sorted(moe_positions)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a backbone from a preset name, a directory or a hub handle.
+
+        Args:
+            preset: a name from `keras_vmoe.models.list_presets()` (built
+                from the table; with `load_weights` its dense checkpoint is
+                converted and upcycled), a local KerasHub preset directory,
+                or a KerasHub handle.
+            load_weights: load pretrained weights.
+            **kwargs: for a preset name, `weights_path`,
+                `upcycle_noise_std`, `seed` and constructor overrides (see
+                `keras_vmoe.models.convnext_moe.presets.build_model`);
+                otherwise passed to KerasHub.
+        """
+        from keras_vmoe.models.convnext_moe import presets
+
+        if isinstance(preset, str) and preset in presets.PRESETS:
+            return presets.build_model(preset, None, load_weights, **kwargs)
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)
 
     @property
     def blocks(self):

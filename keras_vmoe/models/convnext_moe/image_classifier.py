@@ -87,6 +87,28 @@ class ConvNeXtMoEImageClassifier(ImageClassifier):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.pooling = "avg"
 
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a classifier from a preset name, a directory or a handle.
+
+        For a name from `keras_vmoe.models.list_presets()`, `num_classes` is
+        required; with 1000 classes and `load_weights` the ImageNet head is
+        loaded, otherwise the head is new; the other keyword arguments go
+        to `keras_vmoe.models.convnext_moe.presets.build_model`. Anything
+        else is handled by KerasHub.
+        """
+        from keras_vmoe.models.convnext_moe import presets
+
+        if not (isinstance(preset, str) and preset in presets.PRESETS):
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        if kwargs.get("num_classes") is None:
+            raise ValueError(
+                "`num_classes` is required to build a classifier from the "
+                f"preset {preset!r}. Received: "
+                f"num_classes={kwargs.get('num_classes')!r}"
+            )
+        return presets.build_model(preset, load_weights=load_weights, **kwargs)
+
     def get_config(self):
         config = Task.get_config(self)
         config.update(

@@ -17,6 +17,8 @@ are shipped: the converters in `keras_vmoe.converters.convnext` load
 keras.applications or timm ConvNeXt weights and upcycle them.
 """
 
+from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
+
 TINY = {"depths": [3, 3, 9, 3], "hidden_dims": [96, 192, 384, 768]}
 SMALL = {"depths": [3, 3, 27, 3], "hidden_dims": [96, 192, 384, 768]}
 BASE = {"depths": [3, 3, 27, 3], "hidden_dims": [128, 256, 512, 1024]}
@@ -25,6 +27,14 @@ BASE = {"depths": [3, 3, 27, 3], "hidden_dims": [128, 256, 512, 1024]}
 ISOTROPIC = {"patch_size": 16, "stem_norm": False, "layer_scale_init_value": None}
 ISOTROPIC_SMALL = {"depths": [18], "hidden_dims": [384], **ISOTROPIC}
 ISOTROPIC_BASE = {"depths": [18], "hidden_dims": [768], **ISOTROPIC}
+
+# Dense checkpoints the MoE models are upcycled from: keras.applications
+# ImageNet-1k weights (the isotropic models have none in a safe format).
+SOURCES = {
+    "tiny": "keras.applications.ConvNeXtTiny",
+    "small": "keras.applications.ConvNeXtSmall",
+    "base": "keras.applications.ConvNeXtBase",
+}
 
 ARCHITECTURES = {
     "tiny": ("ConvNeXt-T", TINY),
@@ -130,9 +140,139 @@ _MODELS = {
     ),
 }
 
-# model_stats of the 1000-class classifier at 224x224:
-# name: (params, active_params, flops).
-_STATS = {}
+
+def analytic_stats(config, image_size=224, num_classes=1000):
+    """Params, active params and FLOPs of the classifier, by formula.
+
+    The closed form of what `keras_vmoe.models.stats.model_stats` measures
+    on a built `ConvNeXtMoEImageClassifier` (convolution, dense, router and
+    used-expert MACs, plus 5 per element of each LayerNorm); it lets the
+    preset table be checked without building 200M-parameter models.
+    """
+    depths, dims = config["depths"], config["hidden_dims"]
+    patch = config.get("patch_size", 4)
+    mlp_ratio = config.get("mlp_ratio", 4.0)
+    expert_ratio = config.get("expert_mlp_ratio") or mlp_ratio
+    experts = config.get("num_experts", 4)
+    top_k = config.get("top_k", 1)
+    shared = config.get("shared_expert", False)
+    router = config.get("router", "linear")
+    layer_scale = config.get("layer_scale_init_value", 1e-6) is not None
+    skip = config.get("moe_skip_connection", True)
+    moe_positions = set(moe_block_indices(depths, config.get("moe_placement")))
+
+    size = image_size // patch
+    params = 3 * patch * patch * dims[0] + dims[0]
+    flops = size * size * dims[0] * 3 * patch * patch
+    if config.get("stem_norm", True):
+        params += 2 * dims[0]
+        flops += 5 * size * size * dims[0]
+    inactive = 0
+    for stage, (depth, d) in enumerate(zip(depths, dims)):
+        if stage > 0:
+            previous = dims[stage - 1]
+            params += 2 * previous + 4 * previous * d + d
+            flops += 5 * size * size * previous
+            size //= 2
+            flops += size * size * 4 * previous * d
+        tokens = size * size
+        for block in range(depth):
+            params += 49 * d + d + 2 * d + layer_scale * d
+            flops += tokens * (49 * d + 5 * d)
+            if (stage, block) not in moe_positions:
+                h = int(d * mlp_ratio)
+                params += 2 * d * h + h + d
+                flops += tokens * 2 * d * h
+                continue
+            h = int(d * expert_ratio)
+            expert = 2 * d * h + h + d
+            if router == "linear":
+                router_params = router_flops = d * experts
+            else:
+                moe_kwargs = config.get("moe_kwargs") or {}
+                width = min(moe_kwargs.get("router_dim", 256), d)
+                router_flops = d * width + experts * width
+                router_params = router_flops + (router == "cosine")
+            params += experts * expert + router_params + skip * d
+            params += shared * expert
+            inactive += (experts - top_k) * expert
+            flops += tokens * ((top_k + shared) * 2 * d * h + router_flops)
+    d = dims[-1]
+    params += 2 * d + d * num_classes + num_classes
+    flops += 5 * d + d * num_classes
+    return {"params": params, "active_params": params - inactive, "flops": flops}
+
+
+def build_model(
+    name,
+    num_classes=None,
+    load_weights=True,
+    weights_path=None,
+    upcycle_noise_std=0.0,
+    seed=None,
+    **overrides,
+):
+    """Builds preset `name`: a backbone, or a classifier with `num_classes`.
+
+    Args:
+        name: a key of `PRESETS`.
+        num_classes: None for a `ConvNeXtMoEBackbone`, else the classes of
+            a `ConvNeXtMoEImageClassifier` (with 1000 and loaded weights,
+            the ImageNet head is loaded too; otherwise the head is new).
+        load_weights: load the dense checkpoint (`weights_path`, or the
+            keras.applications ImageNet weights, downloaded by Keras) and
+            upcycle it; False keeps the random initialisation.
+        weights_path: a local dense checkpoint: a timm `.safetensors` /
+            `.npz`, or a keras.applications `.weights.h5`.
+        upcycle_noise_std, seed: noise of the expert copies.
+        **overrides: `ConvNeXtMoEBackbone` arguments replacing the preset's
+            (e.g. `image_shape`, `dtype`, `normalize_gates`).
+    """
+    import keras
+
+    from keras_vmoe.converters import convnext as converters
+    from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
+    from keras_vmoe.models.convnext_moe.image_classifier import (
+        ConvNeXtMoEImageClassifier,
+    )
+
+    preset = PRESETS[name]
+    model = ConvNeXtMoEBackbone(**dict(preset["config"], **overrides))
+    with_head = num_classes == 1000 and load_weights
+    if with_head:
+        model = ConvNeXtMoEImageClassifier(model, num_classes=num_classes)
+    if load_weights:
+        upcycling = {"upcycle_noise_std": upcycle_noise_std, "seed": seed}
+        if weights_path is not None and str(weights_path).endswith(
+            (".safetensors", ".npz")
+        ):
+            converters.convert_timm_weights(weights_path, model, **upcycling)
+        elif weights_path is not None:
+            converters.convert_keras_applications_weights(
+                str(weights_path), model, **upcycling
+            )
+        elif preset["source"] is None:
+            raise ValueError(
+                f"The preset {name!r} has no dense checkpoint to load (no "
+                "safe-format isotropic ConvNeXt weights exist). Pass "
+                "`load_weights=False`, or `weights_path` to a converted "
+                "checkpoint."
+            )
+        else:
+            variant = preset["source"].rsplit(".", 1)[-1]
+            source = getattr(keras.applications, variant)(
+                weights="imagenet", include_top=with_head
+            )
+            converters.convert_keras_applications_weights(
+                source, model, **upcycling
+            )
+    if num_classes is None or with_head:
+        return model
+    return ConvNeXtMoEImageClassifier(model, num_classes=num_classes)
+
+
+def _stats(params, active_params, flops):
+    return {"params": params, "active_params": active_params, "flops": flops}
 
 
 def _preset(name):
@@ -153,21 +293,49 @@ def _preset(name):
             f"{title}-{num_experts} {PLACEMENTS[placement]} top-1, expert "
             f"mlp_ratio {expert_mlp_ratio}"
         )
-    params, active_params, flops = _STATS.get(name, (None, None, None))
     return {
         "description": description,
+        "source": SOURCES.get(architecture),
         "config": config,
-        "num_classes": 1000,
-        "params": params,
-        "active_params": active_params,
-        "flops": flops,
+        **_STATS[name],
         "paper": paper,
     }
 
 
-backbone_presets = {name: _preset(name) for name in _MODELS}
+# (params, active params, FLOPs) of the 1000-class classifier at 224x224,
+# as `model_stats` counts them (checked against `analytic_stats` for every
+# preset and against `model_stats` on built models by the tests).
+_STATS = {
+    "convnext_tiny": _stats(28589128, 28589128, 4470399744),
+    "convnext_small": _stats(50223688, 50223688, 8705354496),
+    "convnext_base": _stats(88591464, 88591464, 15383585792),
+    "convnext_isotropic_small": _stats(22308712, 22308712, 4293143424),
+    "convnext_isotropic_base": _stats(87083752, 87083752, 16909883136),
+    "convnext_moe_tiny_e4_every2": _stats(38426056, 23693992, 3664322304),
+    "convnext_moe_tiny_e4_stage": _stats(34873288, 25460008, 4010235648),
+    "convnext_moe_tiny_e4_last2": _stats(34501192, 25643464, 4239640320),
+    "convnext_moe_tiny_e4_last3": _stats(35685448, 25054792, 4124335872),
+    "convnext_moe_tiny_e8_every2": _stats(58079176, 23704360, 3667483392),
+    "convnext_moe_tiny_e8_stage": _stats(47430088, 25465768, 4012493568),
+    "convnext_moe_tiny_e8_last2": _stats(46316104, 25648072, 4240091904),
+    "convnext_moe_tiny_e8_last3": _stats(49865800, 25060936, 4125088512),
+    "convnext_moe_tiny_e16_every2": _stats(97385416, 23725096, 3673805568),
+    "convnext_moe_tiny_e16_stage": _stats(72543688, 25477288, 4017009408),
+    "convnext_moe_tiny_e16_last2": _stats(69945928, 25657288, 4240995072),
+    "convnext_moe_tiny_e16_last3": _stats(78226504, 25073224, 4126593792),
+    "convnext_moe_tiny_e8_every2_mlp4": _stats(97343944, 28612456, 4476721920),
+    "convnext_moe_tiny_e8_stage_mlp4": _stats(72520648, 28602088, 4474915584),
+    "convnext_moe_tiny_e8_last3_mlp4": _stats(78201928, 28602952, 4471905024),
+    "convnext_moe_tiny_e8_last2_mlp4": _stats(69927496, 28599496, 4471302912),
+    "convnext_moe_tiny_e16_last2_mlp4": _stats(117168712, 28608712, 4472206080),
+    "convnext_moe_tiny_e32_last2_mlp4": _stats(211651144, 28627144, 4474012416),
+    "convnext_moe_small_e4_last2": _stats(56135752, 47278024, 8474595072),
+    "convnext_moe_small_e8_last2_mlp4": _stats(91562056, 50234056, 8706257664),
+    "convnext_moe_base_e4_last2": _stats(99095656, 83353192, 14973146112),
+    "convnext_moe_base_e8_last2_mlp4": _stats(162059368, 88605288, 15384790016),
+    "convnext_moe_isotropic_small_e8_every2": _stats(96778600, 22339816, 4298562432),
+    "convnext_moe_isotropic_small_e8_last2": _stats(38857576, 22315624, 4294347648),
+    "convnext_moe_isotropic_base_e8_last2": _stats(153211624, 87097576, 16912291584),
+}
 
-
-def list_presets():
-    """Names of the MoE-ConvNeXt presets, in table order."""
-    return list(backbone_presets)
+PRESETS = {name: _preset(name) for name in _MODELS}
