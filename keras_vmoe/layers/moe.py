@@ -249,6 +249,7 @@ class MoEFeedForward(keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._router_spec = router
+        self._routing_observers = []
 
     # === Build ===
     def _check_input_shape(self, input_shape):
@@ -468,9 +469,28 @@ class MoEFeedForward(keras.layers.Layer):
         outputs = ops.reshape(routed, input_shape)
         if self.shared_ffn is not None:
             outputs = outputs + self.shared_ffn(inputs, training=training)
-        if not self.return_routing:
+        if not (self.return_routing or self._routing_observers):
             return outputs
-        return outputs, self._routing_info(plan, probs, input_shape, load)
+        info = self._routing_info(plan, probs, input_shape, load)
+        for observer in self._routing_observers:
+            observer(self, info)
+        return (outputs, info) if self.return_routing else outputs
+
+    # === Routing observers ===
+    def add_routing_observer(self, observer):
+        """Calls `observer(layer, routing)` on every forward pass.
+
+        `routing` is the dict that `return_routing=True` returns. This is
+        how analysis code reads the routing of MoE layers nested inside
+        blocks, without changing the model's outputs. Observers run
+        eagerly: call the model directly (`model(x)`), not inside a
+        compiled function, to get concrete values.
+        """
+        self._routing_observers.append(observer)
+
+    def remove_routing_observer(self, observer):
+        """Removes an observer added with `add_routing_observer`."""
+        self._routing_observers.remove(observer)
 
     def _routing_info(self, plan, probs, input_shape, load):
         k, e = self.top_k, self.num_experts

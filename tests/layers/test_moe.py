@@ -413,3 +413,21 @@ def test_expert_load_statistic_tracks_the_last_training_batch():
     np.testing.assert_allclose(load, _np(info["expert_load"]))
     assert load.sum() == pytest.approx(1.0 - _np(info["dropped"]).mean())
     assert all(v is not moe.expert_load for v in moe.trainable_weights)
+
+
+def test_routing_observers_see_the_routing_of_nested_layers():
+    inputs = keras.Input((7, 16))
+    moe = MoEFeedForward(4, 8, top_k=2, name="inner")
+    model = keras.Model(inputs, moe(keras.layers.Dense(16)(inputs)))
+    seen = []
+
+    def observer(layer, routing):
+        seen.append((layer.name, keras.ops.convert_to_numpy(routing["expert_index"])))
+
+    moe.add_routing_observer(observer)
+    outputs = model(TOKENS)
+    moe.remove_routing_observer(observer)
+    model(TOKENS)
+    assert len(seen) == 1 and seen[0][0] == "inner"
+    assert seen[0][1].shape == (3, 7, 2)
+    assert outputs.shape == TOKENS.shape  # outputs unchanged
