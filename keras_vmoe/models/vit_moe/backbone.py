@@ -36,6 +36,7 @@ def resolve_moe_layers(moe_layers, num_layers):
     """
     if moe_layers is None:
         return ()
+    received = moe_layers
     if isinstance(moe_layers, str):
         match = _PLACEMENT.match(moe_layers)
         if match is None:
@@ -57,7 +58,7 @@ def resolve_moe_layers(moe_layers, num_layers):
             raise ValueError(
                 f"`moe_layers` asks for the last {moe_layers} blocks but the "
                 f"model has num_layers={num_layers}. Received: "
-                f"moe_layers={moe_layers!r}"
+                f"moe_layers={received!r}"
             )
         return tuple(range(num_layers - int(moe_layers), num_layers))
     if not isinstance(moe_layers, (list, tuple)):
