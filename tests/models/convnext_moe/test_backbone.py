@@ -121,8 +121,8 @@ def test_moe_with_one_expert_equals_the_dense_convnext():
 
 def test_gradients_reach_every_weight():
     backbone = ConvNeXtMoEBackbone(
-        **HIERARCHICAL,
-        moe_placement="stage",
+        **{**HIERARCHICAL, "depths": [1, 1, 2, 1]},
+        moe_placement=[0, 2, 4],
         num_experts=4,
         shared_expert=True,
         drop_path_rate=0.1,
