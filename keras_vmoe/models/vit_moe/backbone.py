@@ -127,7 +127,8 @@ class ViTMoEBackbone(keras_hub.models.Backbone):
         moe_layers: which blocks are MoE, see `resolve_moe_layers`: None or
             [] (dense), "last-L", "every-n", an int L (last L blocks), or a
             list of indices.
-        num_experts, top_k, routing, router, router_dim, shared_expert,
+        router: "linear", "cosine" or "l2"; each MoE block gets its own.
+        num_experts, top_k, routing, router_dim, shared_expert,
         capacity_factor, eval_capacity_factor, batch_prioritized_routing,
         normalize_gates, noisy_gating, load_balance_loss_weight,
         importance_loss_weight, load_loss_weight, z_loss_weight: passed to
@@ -222,6 +223,13 @@ class ViTMoEBackbone(keras_hub.models.Backbone):
             raise ValueError(
                 "`drop_path_rate` must be in [0, 1). Received: "
                 f"drop_path_rate={drop_path_rate!r}"
+            )
+        if not isinstance(router, str):
+            # One router instance cannot serve several MoE blocks.
+            raise ValueError(
+                "`router` must be a router name ('linear', 'cosine', 'l2'); "
+                "each MoE block builds its own. Received: "
+                f"router={router!r}"
             )
         moe_indices = resolve_moe_layers(moe_layers, num_layers)
         moe_config = None

@@ -5,6 +5,7 @@ import keras_hub
 from keras import ops
 
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+from keras_vmoe.training.metrics import RoutingMetricsMixin
 
 POOLINGS = ("cls", "cls+mean")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,14 +46,18 @@ class ViTMoEImageClassifierPreprocessor(
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEImageClassifier(keras_hub.models.ImageClassifier):
+class ViTMoEImageClassifier(
+    RoutingMetricsMixin, keras_hub.models.ImageClassifier
+):
     """Image classifier on a ViT-MoE backbone.
 
     The head reads the CLS token (`pooling="cls"`) or, as DINOv2's linear
     probes, the CLS token concatenated with the mean of the patch tokens
     (`pooling="cls+mean"`; register tokens are left out). The backbone's
     auxiliary MoE losses (load balance, ...) are in `model.losses`, so
-    `fit()` minimises them with the classification loss.
+    `fit()` minimises them with the classification loss and logs them
+    (`aux_loss`) with each MoE layer's busiest-expert load
+    (`block_<i>_mlp_max_load`; 1.0 is balanced).
 
     Args:
         backbone: a `ViTMoEBackbone`.
@@ -121,6 +126,7 @@ class ViTMoEImageClassifier(keras_hub.models.ImageClassifier):
         self.pooling = pooling
         self.activation = activation
         self.dropout = dropout
+        self._track_routing()
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

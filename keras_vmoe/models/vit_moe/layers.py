@@ -273,7 +273,8 @@ class ViTBlock(keras.layers.Layer):
 
     Sublayers are attributes with fixed names (`norm1`, `attention`, `ls1`,
     `norm2`, `mlp`, `ls2`) so converters address them by name. `mlp` is a
-    `FeedForward`, or a `MoEFeedForward` when `moe_config` is given.
+    `FeedForward`, or a `MoEFeedForward` when `moe_config` is given; its
+    layer name is `<block name>_mlp`.
 
     Args:
         num_heads: attention heads.
@@ -313,11 +314,14 @@ class ViTBlock(keras.layers.Layer):
         self.norm2 = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="norm2"
         )
+        # The block's name in the MLP's keeps MoE layer names unique in a
+        # model (routing metrics and analyses are keyed by them).
+        mlp_name = f"{self.name}_mlp"
         if moe_config is None:
-            self.mlp = FeedForward(mlp_dim, dtype=dtype, name="mlp")
+            self.mlp = FeedForward(mlp_dim, dtype=dtype, name=mlp_name)
         else:
             self.mlp = MoEFeedForward(
-                hidden_dim=mlp_dim, dtype=dtype, name="mlp", **moe_config
+                hidden_dim=mlp_dim, dtype=dtype, name=mlp_name, **moe_config
             )
         self.ls1, self.ls2 = (
             (

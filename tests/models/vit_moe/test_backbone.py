@@ -82,6 +82,8 @@ def test_resolve_moe_layers_rejects_bad_specs(moe_layers):
         (dict(moe_layers="last-1", num_experts=0), "num_experts=0"),
         (dict(moe_layers="last-1", num_experts=2, top_k=3), "top_k=3"),
         (dict(moe_layers="last-1", routing="pixel"), "routing='pixel'"),
+        (dict(moe_layers="last-1", router="softmax"), "router='softmax'"),
+        (dict(router=keras.layers.Dense(2)), "router=<Dense"),
         (dict(num_heads=3), "num_heads=3"),
         (dict(image_shape=(30, 30, 3)), r"image_shape=\(30, 30, 3\)"),
         (dict(image_shape=(None, None, 3)), "image_shape="),

@@ -1,4 +1,5 @@
 import keras
+import keras_hub
 import numpy as np
 import pytest
 
@@ -77,6 +78,10 @@ def test_fit_trains_the_classifier():
     history = classifier.fit(x, y, batch_size=4, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # Routing health is logged: the aux loss and the MoE layer's load.
+    assert history.history["aux_loss"][0] > 0
+    load = history.history["block_1_mlp_max_load"]
+    assert all(1.0 <= value <= 4.0 for value in load)
 
 
 def test_keras_round_trip_is_bit_exact(tmp_path):
@@ -100,6 +105,9 @@ def test_preset_directory_round_trip_is_bit_exact(tmp_path):
     classifier.save_to_preset(str(tmp_path / "preset"))
     restored = ViTMoEImageClassifier.from_preset(str(tmp_path / "preset"))
     assert isinstance(restored.preprocessor, ViTMoEImageClassifierPreprocessor)
+    # KerasHub's generic entry point finds the class from the preset.
+    generic = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / "preset"))
+    assert isinstance(generic, ViTMoEImageClassifier)
     raw = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(
         restored.predict(raw, verbose=0), classifier.predict(raw, verbose=0)
