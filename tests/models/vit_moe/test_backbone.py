@@ -218,3 +218,14 @@ def test_mixed_bfloat16_forward_matches_float32():
     actual = keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32"))
     assert np.all(np.isfinite(actual))
     np.testing.assert_allclose(actual, expected, atol=0.1)
+
+
+def test_preset_directory_loads_with_another_dtype_policy(tmp_path):
+    backbone = ViTMoEBackbone(**dict(TINY, **FAMILIES["sweet_spot_token_top2"]))
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    restored = ViTMoEBackbone.from_preset(
+        str(tmp_path / "preset"), dtype="mixed_bfloat16"
+    )
+    assert restored.dtype_policy.name == "mixed_bfloat16"
+    outputs = restored(images())
+    assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"

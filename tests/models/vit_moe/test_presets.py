@@ -188,3 +188,22 @@ def test_offline_without_cache_says_where_to_put_the_checkpoint(
     assert "HF_HUB_OFFLINE=1" in message
     assert str(tmp_path) in message
     assert "weights_path=" in message and "load_weights=False" in message
+
+
+def test_from_preset_name_honours_a_dtype_policy(tiny_preset):
+    backbone = ViTMoEBackbone.from_preset(
+        tiny_preset, weights_path=FIXTURE, dtype="bfloat16"
+    )
+    assert backbone.dtype_policy.name == "bfloat16"
+    # Routers (and their statistics) stay float32 by design.
+    float32 = {
+        w.path
+        for w in backbone.weights
+        if keras.backend.standardize_dtype(w.dtype) == "float32"
+    }
+    assert float32 and all("router" in p or "expert_load" in p for p in float32)
+    reference = np.load(REFERENCE)
+    outputs = keras.ops.cast(backbone(reference["images_32"]), "float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(outputs), reference["features_32"], atol=0.25
+    )
