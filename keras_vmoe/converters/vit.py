@@ -88,7 +88,9 @@ def _assign_backbone(assigner, backbone):
 
     num_registers = backbone.num_register_tokens
     prefix, patches = _split_position_embedding(
-        assigner.take("pos_embed"), num_registers, embedding.position_embedding_grid
+        assigner.take("pos_embed"),
+        num_registers,
+        embedding.position_embedding_grid,
     )
     assigner.set(embedding.position_embedding, patches, "pos_embed")
     cls_token = assigner.take("cls_token").reshape(1, 1, -1)
@@ -96,7 +98,9 @@ def _assign_backbone(assigner, backbone):
         cls_token = cls_token + prefix[None, :1]
     assigner.set(embedding.cls_token, cls_token, "cls_token")
     if num_registers:
-        register_key = "reg_token" if "reg_token" in state else "register_tokens"
+        register_key = (
+            "reg_token" if "reg_token" in state else "register_tokens"
+        )
         registers = assigner.take(register_key).reshape(1, num_registers, -1)
         if len(prefix) > 1:
             registers = registers + prefix[None, 1:]

@@ -98,7 +98,8 @@ def _layer_flops(layer, input_shape, output_shape):
         # window * in / groups MACs.
         return math.prod(output_shape[1:]) * math.prod(layer.kernel.shape[:-1])
     if isinstance(
-        layer, (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+        layer,
+        (keras.layers.LayerNormalization, keras.layers.GroupNormalization),
     ):
         affine = layer.center or layer.scale
         return math.prod(input_shape) * (5 if affine else 4)
@@ -156,7 +157,9 @@ def layer_stats(model, image_size=224):
                         "input_shape": input_shape,
                         "output_shape": output_shape,
                         "flops": int(flops),
-                        "params": _own_params(layer) if id(layer) not in seen else 0,
+                        "params": (
+                            _own_params(layer) if id(layer) not in seen else 0
+                        ),
                     }
                 )
                 seen.add(id(layer))

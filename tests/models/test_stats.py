@@ -73,7 +73,10 @@ def test_moe_counts_top_k_experts_router_and_shared_expert(routing):
     assert stats["params"] == (
         conv + width + experts * expert_params + width * experts + expert_params
     )
-    assert stats["active_params"] == stats["params"] - (experts - top_k) * expert_params
+    assert (
+        stats["active_params"]
+        == stats["params"] - (experts - top_k) * expert_params
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,7 +87,12 @@ def test_moe_counts_top_k_experts_router_and_shared_expert(routing):
         dict(moe_layers="every-2", num_experts=4, top_k=2, routing="token"),
         dict(moe_layers=1, num_experts=3, shared_expert=True, routing="image"),
         dict(moe_layers=[0], num_experts=2, router="cosine", router_dim=8),
-        dict(moe_layers=[1], num_experts=2, router="l2", position_embedding_shape=(48, 48)),
+        dict(
+            moe_layers=[1],
+            num_experts=2,
+            router="l2",
+            position_embedding_shape=(48, 48),
+        ),
     ],
 )
 def test_vit_formula_matches_the_measured_model(config):
@@ -105,5 +113,7 @@ def test_stats_leave_the_model_callable_as_before():
     x = np.ones((2, 8, 8, 3), "float32")
     before = keras.ops.convert_to_numpy(model(x))
     layer_stats(model, 8)
-    assert all("call" not in layer.__dict__ for layer in model._flatten_layers())
+    assert all(
+        "call" not in layer.__dict__ for layer in model._flatten_layers()
+    )
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)

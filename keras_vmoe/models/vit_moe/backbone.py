@@ -49,7 +49,9 @@ def resolve_moe_layers(moe_layers, num_layers):
             moe_layers = count
         else:
             return tuple(
-                i for i in range(num_layers) if (num_layers - 1 - i) % count == 0
+                i
+                for i in range(num_layers)
+                if (num_layers - 1 - i) % count == 0
             )
     if isinstance(moe_layers, numbers.Integral) and not isinstance(
         moe_layers, bool
@@ -184,7 +186,11 @@ class ViTMoEBackbone(keras_hub.models.Backbone):
             ("hidden_dim", hidden_dim),
             ("mlp_dim", mlp_dim),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < 1
+            ):
                 raise ValueError(
                     f"`{name}` must be a positive integer. Received: "
                     f"{name}={value!r}"
@@ -273,7 +279,9 @@ class ViTMoEBackbone(keras_hub.models.Backbone):
                 mlp_dim,
                 layer_scale_init_value=layer_scale_init_value,
                 drop_path_rate=(
-                    drop_path_rate * i / (num_layers - 1) if num_layers > 1 else 0.0
+                    drop_path_rate * i / (num_layers - 1)
+                    if num_layers > 1
+                    else 0.0
                 ),
                 layer_norm_epsilon=layer_norm_epsilon,
                 moe_config=moe_config if i in moe_indices else None,
@@ -292,7 +300,9 @@ class ViTMoEBackbone(keras_hub.models.Backbone):
         for block in self.transformer_layers:
             x = block(x)
         outputs = self.norm(x)
-        super().__init__(inputs=image_input, outputs=outputs, dtype=dtype, **kwargs)
+        super().__init__(
+            inputs=image_input, outputs=outputs, dtype=dtype, **kwargs
+        )
 
         # === Config ===
         self.image_shape = image_shape

@@ -29,7 +29,9 @@ class ViTMoEImageConverter(keras_hub.layers.ImageConverter):
         return cls(
             image_size=image_size,
             scale=[1.0 / (255.0 * std) for std in IMAGENET_STD],
-            offset=[-mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)],
+            offset=[
+                -mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)
+            ],
             interpolation="bicubic",
             **kwargs,
         )
@@ -105,7 +107,10 @@ class ViTMoEImageClassifier(
             dropout, dtype=head_dtype, name="output_dropout"
         )
         self.output_dense = keras.layers.Dense(
-            num_classes, activation=activation, dtype=head_dtype, name="predictions"
+            num_classes,
+            activation=activation,
+            dtype=head_dtype,
+            name="predictions",
         )
 
         # === Functional Model ===
@@ -119,7 +124,9 @@ class ViTMoEImageClassifier(
             features = ops.concatenate([features, patch_mean], axis=-1)
         outputs = self.output_dense(self.output_dropout(features))
         # Skip `ImageClassifier.__init__`, which builds a 2D pooling head.
-        keras_hub.models.Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
+        keras_hub.models.Task.__init__(
+            self, inputs=inputs, outputs=outputs, **kwargs
+        )
 
         # === Config ===
         self.num_classes = num_classes
@@ -142,7 +149,9 @@ class ViTMoEImageClassifier(
         from keras_vmoe.models.vit_moe import presets
 
         if not (isinstance(preset, str) and preset in presets.PRESETS):
-            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+            return super().from_preset(
+                preset, load_weights=load_weights, **kwargs
+            )
         if "num_classes" not in kwargs:
             raise ValueError(
                 f"`num_classes` is required to build a classifier from the "

@@ -107,7 +107,9 @@ class ViTEmbedding(keras.layers.Layer):
         self.patch_projection.build(input_shape)
         initializer = keras.initializers.TruncatedNormal(stddev=0.02)
         self.cls_token = self.add_weight(
-            name="cls_token", shape=(1, 1, self.hidden_dim), initializer=initializer
+            name="cls_token",
+            shape=(1, 1, self.hidden_dim),
+            initializer=initializer,
         )
         self.register_tokens = (
             self.add_weight(
@@ -333,7 +335,10 @@ class ViTBlock(keras.layers.Layer):
         )
         # Stochastic depth: drop a residual branch for whole samples.
         self.drop_path = keras.layers.Dropout(
-            drop_path_rate, noise_shape=(None, 1, 1), dtype=dtype, name="drop_path"
+            drop_path_rate,
+            noise_shape=(None, 1, 1),
+            dtype=dtype,
+            name="drop_path",
         )
 
     @property

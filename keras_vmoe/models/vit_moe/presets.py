@@ -157,6 +157,7 @@ def build_backbone(
         **overrides: `ViTMoEBackbone` arguments replacing the preset's.
     """
     from keras_vmoe.converters.vit import load_vit_checkpoint
+
     preset = PRESETS[name]
     backbone = ViTMoEBackbone(**dict(preset["config"], **overrides))
     if load_weights:
@@ -503,5 +504,4 @@ PRESETS = {
         _sweet_spot(_VIT_BASE, 16, "last-3"),
         (298344192, 100002048, 19662594816),
     ),
-
 }

@@ -40,8 +40,10 @@ FAMILIES = {
 
 
 def images(batch=2, size=32, seed=0):
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(
-        "float32"
+    return (
+        np.random.default_rng(seed)
+        .normal(size=(batch, size, size, 3))
+        .astype("float32")
     )
 
 
@@ -66,7 +68,8 @@ def test_resolve_moe_layers_places_blocks(moe_layers, num_layers, expected):
 
 
 @pytest.mark.parametrize(
-    "moe_layers", ["first-2", "last-0", "every2", 13, -1, [12], [1, 1], True, 2.0]
+    "moe_layers",
+    ["first-2", "last-0", "every2", 13, -1, [12], [1, 1], True, 2.0],
 )
 def test_resolve_moe_layers_rejects_bad_specs(moe_layers):
     with pytest.raises(ValueError, match=r"moe_layers=") as info:
@@ -112,7 +115,9 @@ def test_output_is_cls_registers_and_patch_tokens(family):
 
 
 def test_get_config_rebuilds_the_same_backbone():
-    backbone = ViTMoEBackbone(**dict(TINY, **FAMILIES["vimoe_image_top1_shared"]))
+    backbone = ViTMoEBackbone(
+        **dict(TINY, **FAMILIES["vimoe_image_top1_shared"])
+    )
     config = backbone.get_config()
     assert ViTMoEBackbone.from_config(config).get_config() == config
 
@@ -152,7 +157,10 @@ def test_position_embedding_is_resampled_to_the_image_grid():
     table = np.random.default_rng(1).normal(size=(6, 6, 16)).astype("float32")
     embedding.position_embedding.assign(table)
     expected = np.einsum(
-        "ri,cj,ijd->rcd", bicubic_resize_matrix(6, 4), bicubic_resize_matrix(6, 4), table
+        "ri,cj,ijd->rcd",
+        bicubic_resize_matrix(6, 4),
+        bicubic_resize_matrix(6, 4),
+        table,
     ).reshape(16, 16)
     zero_images = np.zeros((1, 32, 32, 3), "float32")
     tokens = keras.ops.convert_to_numpy(embedding(zero_images))[0]
@@ -189,12 +197,16 @@ def test_gradient_reaches_every_weight(routing):
 
 
 def test_keras_round_trip_is_bit_exact(tmp_path):
-    backbone = ViTMoEBackbone(**dict(TINY, **FAMILIES["vimoe_image_top1_shared"]))
+    backbone = ViTMoEBackbone(
+        **dict(TINY, **FAMILIES["vimoe_image_top1_shared"])
+    )
     assert_keras_round_trip(backbone, images(), tmp_path)
 
 
 def test_preset_directory_round_trip_is_bit_exact(tmp_path):
-    backbone = ViTMoEBackbone(**dict(TINY, **FAMILIES["registers_cosine_router"]))
+    backbone = ViTMoEBackbone(
+        **dict(TINY, **FAMILIES["registers_cosine_router"])
+    )
     backbone.save_to_preset(str(tmp_path / "preset"))
     restored = ViTMoEBackbone.from_preset(str(tmp_path / "preset"))
     assert isinstance(restored, ViTMoEBackbone)
@@ -212,7 +224,8 @@ def test_mixed_bfloat16_forward_matches_float32():
     outputs = mixed(images())
     assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
     assert all(
-        keras.backend.standardize_dtype(w.dtype) == "float32" for w in mixed.weights
+        keras.backend.standardize_dtype(w.dtype) == "float32"
+        for w in mixed.weights
     )
     expected = keras.ops.convert_to_numpy(reference(images()))
     actual = keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32"))

@@ -65,7 +65,9 @@ def test_features_and_logits_match_timm(name, size):
     expected = reference(name)
     inputs = expected[f"images_{size}"]
     np.testing.assert_allclose(
-        features(classifier.backbone, inputs), expected[f"features_{size}"], atol=1e-4
+        features(classifier.backbone, inputs),
+        expected[f"features_{size}"],
+        atol=1e-4,
     )
     np.testing.assert_allclose(
         features(classifier, inputs), expected[f"logits_{size}"], atol=1e-4
@@ -78,14 +80,18 @@ def test_original_dinov2_names_load_like_timm_names():
     state = load_state_dict(checkpoint("vit_tiny_registers"))
     cls_position = np.random.default_rng(0).normal(size=(1, 1, 32))
     state["cls_token"] = state["cls_token"] - cls_position
-    state["pos_embed"] = np.concatenate([cls_position, state["pos_embed"]], axis=1)
+    state["pos_embed"] = np.concatenate(
+        [cls_position, state["pos_embed"]], axis=1
+    )
     state["register_tokens"] = state.pop("reg_token")
     state["mask_token"] = np.zeros((1, 32), "float32")
     backbone = backbone_for("vit_tiny_registers", 32)
     convert_vit_checkpoint(state, backbone)
     expected = reference("vit_tiny_registers")
     np.testing.assert_allclose(
-        features(backbone, expected["images_32"]), expected["features_32"], atol=1e-4
+        features(backbone, expected["images_32"]),
+        expected["features_32"],
+        atol=1e-4,
     )
 
 
@@ -98,7 +104,9 @@ def test_position_embedding_is_resampled_when_the_stored_grid_differs():
     convert_vit_checkpoint(checkpoint("vit_tiny_registers"), resampled)
     expected = reference("vit_tiny_registers")
     np.testing.assert_allclose(
-        features(resampled, expected["images_48"]), expected["features_48"], atol=1e-4
+        features(resampled, expected["images_48"]),
+        expected["features_48"],
+        atol=1e-4,
     )
 
 
@@ -111,7 +119,9 @@ def test_position_embedding_is_resampled_when_the_stored_grid_differs():
             "blocks.7.mlp.fc1.weight",
         ),
         (
-            lambda s: s.update({"blocks.0.mlp.fc1.weight": np.zeros((32, 128))}),
+            lambda s: s.update(
+                {"blocks.0.mlp.fc1.weight": np.zeros((32, 128))}
+            ),
             "blocks.0.mlp.fc1.weight",
         ),
     ],
@@ -164,7 +174,9 @@ def test_upcycling_noise_makes_experts_differ_reproducibly():
     convert_vit_checkpoint(checkpoint("vit_tiny_dinov2"), dense)
 
     def expert_noise(seed):
-        moe = backbone_for("vit_tiny_dinov2", 56, moe_layers="last-2", num_experts=2)
+        moe = backbone_for(
+            "vit_tiny_dinov2", 56, moe_layers="last-2", num_experts=2
+        )
         upcycle_vit(dense, moe, noise_std=0.1, seed=seed)
         return [
             keras.ops.convert_to_numpy(target.mlp.expert_kernel_1)

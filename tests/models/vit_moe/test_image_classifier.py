@@ -25,8 +25,10 @@ TINY = dict(
 
 
 def images(batch=4, seed=0):
-    return np.random.default_rng(seed).normal(size=(batch, 32, 32, 3)).astype(
-        "float32"
+    return (
+        np.random.default_rng(seed)
+        .normal(size=(batch, 32, 32, 3))
+        .astype("float32")
     )
 
 
@@ -39,7 +41,9 @@ def test_head_reads_cls_or_cls_and_mean_patch_token(pooling):
     if pooling == "cls+mean":
         # Patch tokens only: CLS and the 2 registers are left out.
         features = np.concatenate([features, tokens[:, 3:].mean(axis=1)], -1)
-    kernel, bias = (keras.ops.convert_to_numpy(w) for w in classifier.output_dense.weights)
+    kernel, bias = (
+        keras.ops.convert_to_numpy(w) for w in classifier.output_dense.weights
+    )
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(classifier(images())),
         features @ kernel + bias,
@@ -49,7 +53,9 @@ def test_head_reads_cls_or_cls_and_mean_patch_token(pooling):
 
 def test_unknown_pooling_raises():
     with pytest.raises(ValueError, match="pooling='avg'"):
-        ViTMoEImageClassifier(ViTMoEBackbone(**TINY), num_classes=3, pooling="avg")
+        ViTMoEImageClassifier(
+            ViTMoEBackbone(**TINY), num_classes=3, pooling="avg"
+        )
 
 
 def test_training_loss_includes_the_moe_aux_losses():
@@ -106,9 +112,15 @@ def test_preset_directory_round_trip_is_bit_exact(tmp_path):
     restored = ViTMoEImageClassifier.from_preset(str(tmp_path / "preset"))
     assert isinstance(restored.preprocessor, ViTMoEImageClassifierPreprocessor)
     # KerasHub's generic entry point finds the class from the preset.
-    generic = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / "preset"))
+    generic = keras_hub.models.ImageClassifier.from_preset(
+        str(tmp_path / "preset")
+    )
     assert isinstance(generic, ViTMoEImageClassifier)
-    raw = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    raw = (
+        np.random.default_rng(0)
+        .integers(0, 256, (2, 32, 32, 3))
+        .astype("float32")
+    )
     np.testing.assert_array_equal(
         restored.predict(raw, verbose=0), classifier.predict(raw, verbose=0)
     )
@@ -117,7 +129,11 @@ def test_preset_directory_round_trip_is_bit_exact(tmp_path):
 def test_imagenet_converter_normalises_with_mean_and_std():
     converter = ViTMoEImageConverter.imagenet((2, 2))
     pixels = np.full((1, 2, 2, 3), 255.0, "float32")
-    expected = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    expected = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array(
+        [0.229, 0.224, 0.225]
+    )
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(converter(pixels))[0, 0, 0], expected, rtol=1e-5
+        keras.ops.convert_to_numpy(converter(pixels))[0, 0, 0],
+        expected,
+        rtol=1e-5,
     )

@@ -50,7 +50,13 @@ TABLE_1 = {
     (8, 12, True): (135.5, 36.2, 9.17),
 }
 # The rows the issue asks to reproduce with a built model.
-BUILT_ROWS = [(0, 0, False), (8, 2, False), (8, 2, True), (2, 5, True), (4, 3, True)]
+BUILT_ROWS = [
+    (0, 0, False),
+    (8, 2, False),
+    (8, 2, True),
+    (2, 5, True),
+    (4, 3, True),
+]
 
 
 def table_1_name(experts, layers, shared):
@@ -75,8 +81,15 @@ def test_list_presets_covers_vimoe_table_1_and_sweet_spot_grid():
     for size in ("small", "base"):
         for experts in (4, 8, 16):
             for placement in ("every2", "last2", "last3"):
-                assert f"vit_moe_{size}_patch16_e{experts}_{placement}_top2" in names
-    assert {"vit_small_patch14_dinov2", "vit_small_patch16", "vit_base_patch16"} <= names
+                assert (
+                    f"vit_moe_{size}_patch16_e{experts}_{placement}_top2"
+                    in names
+                )
+    assert {
+        "vit_small_patch14_dinov2",
+        "vit_small_patch16",
+        "vit_base_patch16",
+    } <= names
     assert list_presets() == sorted(names)
 
 
@@ -111,9 +124,13 @@ def test_sweet_spot_top2_counts_two_experts_per_token():
     tokens, width, hidden = 197, 384, 1536
     expert_flops = 2 * width * hidden
     router_flops = tokens * width * 8
-    assert moe["flops"] - dense["flops"] == 2 * (tokens * expert_flops + router_flops)
+    assert moe["flops"] - dense["flops"] == 2 * (
+        tokens * expert_flops + router_flops
+    )
     expert_params = 2 * width * hidden + hidden + width
-    assert moe["active_params"] - dense["params"] == 2 * (expert_params + width * 8)
+    assert moe["active_params"] - dense["params"] == 2 * (
+        expert_params + width * 8
+    )
 
 
 def test_from_preset_builds_the_architecture_with_overrides():
@@ -130,7 +147,9 @@ def test_from_preset_builds_the_architecture_with_overrides():
 
 def test_classifier_from_preset_name_needs_num_classes():
     with pytest.raises(ValueError, match="num_classes"):
-        ViTMoEImageClassifier.from_preset("vit_small_patch16", load_weights=False)
+        ViTMoEImageClassifier.from_preset(
+            "vit_small_patch16", load_weights=False
+        )
     classifier = ViTMoEImageClassifier.from_preset(
         "vit_small_patch16", load_weights=False, num_classes=7, num_layers=1
     )
@@ -180,7 +199,9 @@ def test_offline_without_cache_says_where_to_put_the_checkpoint(
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path)
+    )
     with pytest.raises(ValueError) as info:
         ViTMoEBackbone.from_preset("vimoe_small_patch14_e8_last2_shared")
     message = str(info.value)
