@@ -5,6 +5,7 @@ import pytest
 from keras_vmoe.converters.vit import upcycle_vit
 from keras_vmoe.models.vit_moe import ViTMoEBackbone
 from keras_vmoe.models.vit_moe import resolve_moe_layers
+from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import bicubic_resize_matrix
 from tests.helpers import assert_every_weight_has_gradient
 from tests.helpers import assert_keras_round_trip
@@ -242,3 +243,21 @@ def test_preset_directory_loads_with_another_dtype_policy(tmp_path):
     assert restored.dtype_policy.name == "mixed_bfloat16"
     outputs = restored(images())
     assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+
+
+def test_stochastic_depth_drops_whole_samples_in_training_only():
+    block = ViTBlock(num_heads=2, mlp_dim=32, drop_path_rate=0.9)
+    reference = ViTBlock(num_heads=2, mlp_dim=32)
+    tokens = np.random.default_rng(0).normal(size=(64, 5, 16)).astype("float32")
+    block.build(tokens.shape)
+    reference.build(tokens.shape)
+    reference.set_weights(block.get_weights())
+    changed = keras.ops.convert_to_numpy(block(tokens, training=True)) - tokens
+    untouched = np.all(changed == 0, axis=(1, 2))
+    # Both branches dropped with probability 0.81: some samples pass
+    # through unchanged, the others are changed as a whole.
+    assert 0 < untouched.sum() < 64
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(block(tokens, training=False)),
+        keras.ops.convert_to_numpy(reference(tokens, training=False)),
+    )
