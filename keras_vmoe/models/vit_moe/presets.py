@@ -16,6 +16,13 @@ built model).
   routing, top-2, capacity factor 1.25 for training and 1.0 at inference):
   `vit_moe_{small,base}_patch16_e{4,8,16}_{every2,last2,last3}_top2`, plus
   the dense `vit_small_patch16` and `vit_base_patch16`.
+
+Pretrained weights are upcycled: every expert (and the shared expert) starts
+as the dense MLP, routers are new. The presets keep the papers' gates
+(`normalize_gates=False`, `y = E_s(x) + g(x) E(x)`), so MoE blocks start as
+the dense MLP scaled by the gate; `from_preset(name,
+normalize_gates=True)` starts exactly at the dense model instead (for
+top-1 the router then learns from the auxiliary loss only).
 """
 
 import os
