@@ -1,0 +1,462 @@
+"""Collect the routing decisions of every MoE layer of a model over data.
+
+Routing is read through `MoEFeedForward.add_routing_observer`, the layers'
+public hook, while the model runs eagerly in inference mode; nothing about
+the model changes.
+
+Axis letters (DESIGN.md glossary): N images · T tokens per image · H, W
+feature-map or patch grid · K experts per item · E experts · C classes.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+
+from keras_vmoe.analysis import statistics
+from keras_vmoe.training.metrics import moe_layers
+
+
+@dataclasses.dataclass
+class LayerRouting:
+    """The routing decisions of one MoE layer over a dataset.
+
+    Attributes:
+        name: the layer's path in the model (e.g. ".../block_11/mlp").
+        index: position of the layer among the model's MoE layers in the
+            order they run, 0 for the shallowest.
+        num_experts: E.
+        top_k: K.
+        routing: "token" or "image".
+        expert_index: int array [N, K] (image routing) or [N, T, K] /
+            [N, H, W, K] (token routing).
+        gates: float array like `expert_index`, 0 where dropped.
+        dropped: bool array like `expert_index`.
+        router_probs: float array [..., E], the softmax router outputs.
+        labels: int array [N], or None when the data has no labels.
+        num_classes: C (labels' max + 1, or the model's output width).
+        num_prefix_tokens: tokens before the patches (CLS and registers)
+            for [N, T, K] token routing; 0 otherwise.
+    """
+
+    name: str
+    index: int
+    num_experts: int
+    top_k: int
+    routing: str
+    expert_index: np.ndarray
+    gates: np.ndarray
+    dropped: np.ndarray
+    router_probs: np.ndarray
+    labels: np.ndarray = None
+    num_classes: int = None
+    num_prefix_tokens: int = 0
+
+    @property
+    def load(self):
+        """[E] fraction of the kept choices each expert processed."""
+        return statistics.expert_load(
+            self.expert_index, self.num_experts, self.dropped
+        )
+
+    @property
+    def importance(self):
+        """[E] mean router probability of each expert."""
+        return statistics.expert_importance(self.router_probs)
+
+    @property
+    def dropped_fraction(self):
+        return statistics.dropped_fraction(self.dropped)
+
+    @property
+    def gate_entropy(self):
+        return statistics.gate_entropy(self.router_probs)
+
+    @property
+    def mean_gate(self):
+        """[E] mean gate mass each expert gets per item (0 where dropped).
+
+        Summed over experts it is the mean total gate of an item: 1 with
+        renormalised gates and no drops.
+        """
+        gates = self.gates.reshape(-1, self.top_k).astype("float64")
+        index = self.expert_index.reshape(-1, self.top_k)
+        mass = np.zeros((self.num_experts,))
+        np.add.at(mass, index.ravel(), gates.ravel())
+        return mass / max(index.shape[0], 1)
+
+    @property
+    def class_expert_counts(self):
+        """[C, E] routing heatmap table, or None without labels."""
+        if self.labels is None:
+            return None
+        return statistics.class_expert_counts(
+            self.labels, self.expert_index, self.num_classes, self.num_experts
+        )
+
+    @property
+    def specialization(self):
+        """`statistics.specialization_score` of the layer, None without
+        labels."""
+        counts = self.class_expert_counts
+        return None if counts is None else statistics.specialization_score(counts)
+
+    @property
+    def patch_expert_index(self):
+        """Token routing: [N, K, ...] choices of the patch tokens only
+        (prefix tokens removed); image routing: `expert_index`."""
+        if self.routing == "image" or self.expert_index.ndim == 4:
+            return self.expert_index
+        return self.expert_index[:, self.num_prefix_tokens :]
+
+    @property
+    def expert_counts(self):
+        """[N, E] routing choices of each image's patches per expert."""
+        return statistics.expert_counts_per_image(
+            self.patch_expert_index, self.num_experts
+        )
+
+    def top_expert_map(self, image_shape):
+        """[N, rows, columns] top-1 expert of every patch (token routing).
+
+        Args:
+            image_shape: (height, width) of the input images, used to lay
+                a ViT's patch tokens out on their grid.
+
+        Returns:
+            int array; for image routing every patch of an image shows the
+            image's expert.
+        """
+        if self.routing == "image":
+            return self.expert_index[:, 0, None, None]
+        patches = self.patch_expert_index[..., 0]
+        if patches.ndim == 3:
+            return patches
+        num_patches = patches.shape[1]
+        height, width = image_shape
+        rows = max(1, round(math.sqrt(num_patches * height / width)))
+        if num_patches % rows:
+            raise ValueError(
+                f"Cannot lay {num_patches} patch tokens out on a grid for "
+                f"images of image_shape={tuple(image_shape)}"
+            )
+        return patches.reshape(patches.shape[0], rows, num_patches // rows)
+
+    def summary(self):
+        """The layer's statistics as JSON-ready numbers."""
+        counts = self.expert_counts
+        return {
+            "name": self.name,
+            "index": self.index,
+            "routing": self.routing,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "load": self.load.tolist(),
+            "importance": self.importance.tolist(),
+            "mean_gate": self.mean_gate.tolist(),
+            "dropped_fraction": self.dropped_fraction,
+            "gate_entropy": self.gate_entropy,
+            "specialization": self.specialization,
+            "experts_per_image": float((counts > 0).sum(axis=1).mean()),
+            "class_expert_counts": (
+                None
+                if self.labels is None
+                else self.class_expert_counts.tolist()
+            ),
+            "expert_similarity_images": statistics.expert_similarity(
+                counts, by="images"
+            ).tolist(),
+            "expert_similarity_patches": statistics.expert_similarity(
+                counts, by="patches"
+            ).tolist(),
+        }
+
+
+@dataclasses.dataclass
+class RoutingResult:
+    """Routing of every MoE layer of a model over a dataset.
+
+    Attributes:
+        layers: list of `LayerRouting`, shallowest first.
+        images: float array [N, H, W, C] of the inputs (kept for gating
+            maps), or None when `keep_images=False`.
+        labels: int array [N] or None.
+        image_shape: (height, width) of the inputs.
+    """
+
+    layers: list
+    images: np.ndarray
+    labels: np.ndarray
+    image_shape: tuple
+
+    @property
+    def num_images(self):
+        return self.layers[0].expert_index.shape[0]
+
+    def layer(self, index):
+        """The `LayerRouting` of MoE layer `index` (int, negative counts
+        from the deepest) or of the layer with that name."""
+        return self.layers[_resolve_layer_index(index, [r.name for r in self.layers])]
+
+    @property
+    def routing_degree(self):
+        """D = C(N, K)^L over the image-routed layers (ViMoE), or None."""
+        image_layers = [r for r in self.layers if r.routing == "image"]
+        if not image_layers:
+            return None
+        return math.prod(
+            math.comb(r.num_experts, r.top_k) for r in image_layers
+        )
+
+    @property
+    def distinct_routes(self):
+        """Observed distinct routes of images through the image-routed
+        layers, or None when no layer routes images."""
+        choices = [r.expert_index for r in self.layers if r.routing == "image"]
+        return statistics.distinct_routes(choices) if choices else None
+
+    def specialization_ranking(self):
+        """Layer names sorted from least to most specialised (needs
+        labels)."""
+        scores = {r.name: r.specialization for r in self.layers}
+        if any(score is None for score in scores.values()):
+            raise ValueError(
+                "Specialization scores need labelled data. Received data "
+                "without labels."
+            )
+        return sorted(scores, key=scores.get)
+
+    def summary(self):
+        """All numbers as a JSON-ready dict."""
+        return {
+            "num_images": self.num_images,
+            "routing_degree": self.routing_degree,
+            "distinct_routes": self.distinct_routes,
+            "layers": [r.summary() for r in self.layers],
+        }
+
+
+def _resolve_layer_index(index, names):
+    if isinstance(index, str):
+        if index not in names:
+            raise ValueError(
+                f"`layers` names must be MoE layers of the model {names}. "
+                f"Received: {index!r}"
+            )
+        return names.index(index)
+    if (
+        not isinstance(index, int)
+        or isinstance(index, bool)
+        or not -len(names) <= index < len(names)
+    ):
+        raise ValueError(
+            f"MoE layer index out of range: the model has {len(names)} MoE "
+            f"layers (indices 0..{len(names) - 1}). Received: {index!r}"
+        )
+    return index % len(names)
+
+
+def _batches(data, batch_size):
+    """Yields (images, labels or None) numpy batches from arrays or an
+    iterable of batches (e.g. a `tf.data.Dataset`)."""
+    if isinstance(data, np.ndarray):
+        data = (data, None)
+    if isinstance(data, tuple) and isinstance(data[0], np.ndarray):
+        images, labels = data[0], data[1]
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(
+                "`data` images and labels must have the same length. "
+                f"Received: {len(images)} images, {len(labels)} labels"
+            )
+        for start in range(0, len(images), batch_size):
+            stop = start + batch_size
+            yield images[start:stop], (
+                None if labels is None else np.asarray(labels[start:stop])
+            )
+        return
+    for batch in data:
+        if isinstance(batch, (tuple, list)):
+            images = batch[0]
+            labels = batch[1] if len(batch) > 1 else None
+        else:
+            images, labels = batch, None
+        yield (
+            keras.ops.convert_to_numpy(images),
+            None if labels is None else keras.ops.convert_to_numpy(labels),
+        )
+
+
+def _num_prefix_tokens(model):
+    backbone = getattr(model, "backbone", model)
+    return getattr(backbone, "num_prefix_tokens", 0)
+
+
+def collect_routing(
+    model,
+    data,
+    max_batches=None,
+    batch_size=32,
+    num_classes=None,
+    keep_images=True,
+):
+    """Runs `model` over `data` and records the routing of its MoE layers.
+
+    Args:
+        model: any Keras model containing `MoEFeedForward` layers (a
+            keras-vmoe backbone or classifier).
+        data: a numpy array of images [N, H, W, C], a tuple `(images,
+            labels)` of numpy arrays, or an iterable of batches `images`
+            or `(images, labels)` such as a `tf.data.Dataset`. Labels are
+            int class ids (one-hot labels are turned into ids).
+        max_batches: stop after this many batches (None: all).
+        batch_size: batch size for numpy inputs.
+        num_classes: number of classes of the labels; default: the
+            model's output width for a [B, classes] output, else
+            `max(labels) + 1`.
+        keep_images: keep the input images in the result (for gating
+            maps).
+
+    Returns:
+        A `RoutingResult`.
+
+    Raises:
+        ValueError: when the model has no MoE layer, the data yields no
+            image, or an argument is invalid.
+
+    Example:
+    >>> result = collect_routing(classifier, (images, labels), max_batches=4)
+    >>> result.layers[-1].specialization
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(
+            "`model` has no MoE layer (MoEFeedForward) to analyse. Received: "
+            f"model={model.name!r}"
+        )
+    if max_batches is not None and (
+        not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(
+            "`max_batches` must be a positive integer or None. Received: "
+            f"max_batches={max_batches!r}"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: "
+            f"batch_size={batch_size!r}"
+        )
+    fields = ("expert_index", "gates", "dropped", "router_probs")
+    records = {id(layer): {field: [] for field in fields} for layer in layers}
+
+    call_order = []
+
+    def observe(layer, routing):
+        if id(layer) not in call_order:
+            call_order.append(id(layer))
+        for field in fields:
+            records[id(layer)][field].append(
+                keras.ops.convert_to_numpy(routing[field])
+            )
+
+    for layer in layers:
+        layer.add_routing_observer(observe)
+    images, labels, outputs_width = [], [], None
+    try:
+        for step, (batch_images, batch_labels) in enumerate(
+            _batches(data, batch_size)
+        ):
+            if max_batches is not None and step >= max_batches:
+                break
+            if not len(batch_images):
+                continue
+            outputs = model(batch_images, training=False)
+            if len(outputs.shape) == 2:
+                outputs_width = outputs.shape[-1]
+            if keep_images:
+                images.append(np.asarray(batch_images))
+            if batch_labels is not None:
+                if batch_labels.ndim == 2:
+                    batch_labels = batch_labels.argmax(axis=-1)
+                labels.append(batch_labels.astype("int64").ravel())
+    finally:
+        for layer in layers:
+            layer.remove_routing_observer(observe)
+    if not records[id(layers[0])]["expert_index"]:
+        raise ValueError(
+            "`data` yielded no image to analyse. Received: an empty "
+            f"{type(data).__name__}"
+        )
+    labels = np.concatenate(labels) if labels else None
+    if labels is not None and num_classes is None:
+        num_classes = max(int(labels.max()) + 1, outputs_width or 0)
+    first_images = np.asarray(images[0]) if images else None
+    image_shape = tuple(
+        first_images.shape[1:3] if first_images is not None else model.input.shape[1:3]
+    )
+    prefix = _num_prefix_tokens(model)
+    # Shallowest first: the order in which the layers ran.
+    layers = sorted(layers, key=lambda layer: call_order.index(id(layer)))
+    results = []
+    for index, layer in enumerate(layers):
+        arrays = {
+            field: np.concatenate(values, axis=0)
+            for field, values in records[id(layer)].items()
+        }
+        results.append(
+            LayerRouting(
+                name=layer.path,
+                index=index,
+                num_experts=layer.num_experts,
+                top_k=layer.top_k,
+                routing=layer.routing,
+                labels=labels,
+                num_classes=num_classes,
+                num_prefix_tokens=prefix,
+                **arrays,
+            )
+        )
+    return RoutingResult(
+        layers=results,
+        images=np.concatenate(images, axis=0) if keep_images else None,
+        labels=labels,
+        image_shape=image_shape,
+    )
+
+
+def accuracy(model, data, batch_size=32, max_batches=None):
+    """Top-1 accuracy of a classifier on labelled data.
+
+    Args:
+        model: a Keras model returning class scores [B, classes].
+        data: `(images, labels)` numpy arrays or an iterable of
+            `(images, labels)` batches.
+        batch_size: batch size for numpy inputs.
+        max_batches: stop after this many batches (None: all).
+
+    Returns:
+        float in [0, 1].
+
+    Example:
+    >>> accuracy(pruned, (images, labels)) - accuracy(model, (images, labels))
+    """
+    correct = total = 0
+    for step, (images, labels) in enumerate(_batches(data, batch_size)):
+        if max_batches is not None and step >= max_batches:
+            break
+        if labels is None:
+            raise ValueError(
+                "`accuracy` needs labelled data: `(images, labels)`. "
+                "Received: a batch without labels"
+            )
+        if labels.ndim == 2:
+            labels = labels.argmax(axis=-1)
+        scores = keras.ops.convert_to_numpy(model(images, training=False))
+        correct += int((scores.argmax(axis=-1) == labels.ravel()).sum())
+        total += len(labels)
+    if not total:
+        raise ValueError(
+            "`data` yielded no image to evaluate. Received: an empty "
+            f"{type(data).__name__}"
+        )
+    return correct / total

@@ -1,0 +1,249 @@
+"""A routing report: every statistic and plot of a model, in one folder."""
+
+import json
+import os
+import re
+
+
+from keras_vmoe.analysis import plots
+from keras_vmoe.analysis import statistics
+from keras_vmoe.analysis.collect import collect_routing
+from keras_vmoe.models.stats import layer_stats
+from keras_vmoe.models.stats import model_stats
+from keras_vmoe.training.metrics import moe_layers
+
+_BLOCK = re.compile(r"^(.*?(?:^|/)(?:stage_\d+_)?block_\d+)(?:/|$)")
+
+
+def _block_of(path):
+    """The block a layer belongs to (`.../block_3`, `stage_1_block_0`), or
+    the layer's own path outside blocks."""
+    match = _BLOCK.match(path)
+    return match.group(1) if match else path
+
+
+def parameter_breakdown(model, image_size=None):
+    """Parameters, active parameters and FLOPs per block and for the model.
+
+    Reuses `keras_vmoe.models.stats` (see its docstring for what is
+    counted). Rows group the counted layers by block (`block_i`,
+    `stage_s_block_b`); layers outside blocks (patch embedding, final
+    norm, head) have their own row. Parameters that no counted layer owns
+    (CLS / register tokens, position embedding, LayerScale) are in the row
+    "other", so the rows add up to the totals.
+
+    Args:
+        model: a keras-vmoe backbone or classifier.
+        image_size: int or (height, width); default: the model's input
+            size, or 224 when it is not fixed.
+
+    Returns:
+        `{"rows": [{"name", "params", "active_params", "flops"}, ...],
+        "total": {"params", "active_params", "flops"}}`; FLOPs are MACs of
+        one image.
+
+    Example:
+    >>> parameter_breakdown(backbone)["total"]["active_params"]
+    """
+    if image_size is None:
+        height, width = model.input.shape[1:3]
+        image_size = (height, width) if height and width else 224
+    sparsity = {
+        layer.path: layer.top_k / layer.num_experts for layer in moe_layers(model)
+    }
+    rows = {}
+    for record in layer_stats(model, image_size):
+        row = rows.setdefault(
+            _block_of(record["path"]),
+            {"params": 0, "active_params": 0, "flops": 0},
+        )
+        active = record["params"] * sparsity.get(record["path"], 1.0)
+        row["params"] += record["params"]
+        row["active_params"] += int(round(active))
+        row["flops"] += record["flops"]
+    total = model_stats(model, image_size)
+    other_params = total["params"] - sum(row["params"] for row in rows.values())
+    rows["other"] = {
+        "params": other_params,
+        "active_params": other_params,
+        "flops": 0,
+    }
+    return {
+        "rows": [{"name": name, **row} for name, row in rows.items()],
+        "total": total,
+    }
+
+
+def _markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _format(value, digits=3):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_report(
+    model,
+    data,
+    out_dir,
+    max_batches=None,
+    batch_size=32,
+    num_gating_images=4,
+    num_classes=None,
+    image_size=None,
+    dpi=100,
+):
+    """Writes every routing statistic and plot of `model` on `data`.
+
+    `out_dir` receives:
+    - `index.md`: the tables below and all the figures;
+    - `report.json`: every number (per-layer load, importance, mean gate,
+      dropped fraction, gate entropy, specialization, experts per image,
+      class x expert counts, Jaccard similarities; routing degree and
+      distinct routes; the parameter / FLOPs breakdown);
+    - `load.png`, `patches_per_expert_cdf.png` and, for MoE layer `i`,
+      `heatmap_layer_{i}.png` (with labels), `gating_layer_{i}.png` and
+      `similarity_layer_{i}.png`.
+
+    Args:
+        model: a keras-vmoe model with MoE layers (backbone or classifier).
+        data: images, `(images, labels)` numpy arrays, or an iterable of
+            batches such as a `tf.data.Dataset` (see `collect_routing`).
+            Without labels there are no heatmaps or specialization scores.
+        out_dir: folder to write into (created if needed).
+        max_batches: analyse at most this many batches.
+        batch_size: batch size for numpy inputs.
+        num_gating_images: images shown in each gating map.
+        num_classes: number of classes (default: from the model or labels).
+        image_size: image size of the FLOPs count (default: the model's).
+        dpi: resolution of the PNGs.
+
+    Returns:
+        The dict written to `report.json`, plus `"files"`: the paths
+        written.
+
+    Example:
+    >>> report = write_report(classifier, (images, labels), "routing_report")
+    >>> report["routing"]["layers"][-1]["specialization"]
+    """
+    routing = collect_routing(
+        model, data, max_batches=max_batches, batch_size=batch_size,
+        num_classes=num_classes,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+
+    def out(name):
+        return os.path.join(out_dir, name)
+
+    files = [
+        plots.plot_expert_load(
+            {r.name: r.load for r in routing.layers}, out("load.png"), dpi=dpi
+        ),
+        plots.plot_patches_per_expert_cdf(
+            {
+                r.name: statistics.patches_per_expert_cdf(r.expert_counts)
+                for r in routing.layers
+            },
+            out("patches_per_expert_cdf.png"),
+            dpi=dpi,
+        ),
+    ]
+    layer_figures = []
+    shown = routing.images[:num_gating_images]
+    for r in routing.layers:
+        figures = {}
+        if r.labels is not None:
+            figures["heatmap"] = plots.plot_routing_heatmap(
+                r.class_expert_counts, out(f"heatmap_layer_{r.index}.png"),
+                title=r.name, dpi=dpi,
+            )
+        if len(shown):
+            figures["gating"] = plots.plot_gating_maps(
+                shown, r.top_expert_map(routing.image_shape)[: len(shown)],
+                r.num_experts, out(f"gating_layer_{r.index}.png"),
+                title=r.name, dpi=dpi,
+            )
+        figures["similarity"] = plots.plot_expert_similarity(
+            statistics.expert_similarity(r.expert_counts, by="images"),
+            out(f"similarity_layer_{r.index}.png"),
+            title=f"{r.name}: Jaccard (images)", dpi=dpi,
+        )
+        files += list(figures.values())
+        layer_figures.append(figures)
+
+    breakdown = parameter_breakdown(model, image_size)
+    report = {"routing": routing.summary(), "parameters": breakdown}
+    with open(out("report.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    files.append(out("report.json"))
+
+    summaries = report["routing"]["layers"]
+    lines = [
+        f"# Routing report: {model.name}",
+        "",
+        f"{routing.num_images} images. Routing degree D = C(N,K)^L: "
+        f"{_format(routing.routing_degree)}; distinct routes observed: "
+        f"{_format(routing.distinct_routes)}.",
+        "",
+        "## MoE layers",
+        "",
+        _markdown_table(
+            ["#", "layer", "routing", "E", "K", "max load x E", "dropped",
+             "gate entropy", "experts / image", "specialization"],
+            [
+                [
+                    s["index"], s["name"], s["routing"], s["num_experts"],
+                    s["top_k"], _format(max(s["load"]) * s["num_experts"], 2),
+                    _format(s["dropped_fraction"]),
+                    _format(s["gate_entropy"]),
+                    _format(s["experts_per_image"], 2),
+                    _format(s["specialization"]),
+                ]
+                for s in summaries
+            ],
+        ),
+        "",
+        "Specialization: normalised mutual information between class and "
+        "expert, I(c; e) / min(H(c), H(e)) (1: the expert is a function of "
+        "the class; 0: independent).",
+        "",
+        "![expert load](load.png)",
+        "",
+        "![patches per expert CDF](patches_per_expert_cdf.png)",
+        "",
+        "## Parameters and FLOPs (MACs, one image)",
+        "",
+        _markdown_table(
+            ["block", "params", "active params", "FLOPs"],
+            [
+                [row["name"], row["params"], row["active_params"], row["flops"]]
+                for row in breakdown["rows"]
+            ]
+            + [
+                [
+                    "**total**",
+                    breakdown["total"]["params"],
+                    breakdown["total"]["active_params"],
+                    breakdown["total"]["flops"],
+                ]
+            ],
+        ),
+        "",
+    ]
+    for r, figures in zip(routing.layers, layer_figures):
+        lines += [f"## MoE layer {r.index}: {r.name}", ""]
+        lines += [
+            f"![{kind}]({os.path.basename(path)})\n" for kind, path in figures.items()
+        ]
+    with open(out("index.md"), "w") as handle:
+        handle.write("\n".join(lines))
+    files.append(out("index.md"))
+    report["files"] = files
+    return report
+

@@ -1,0 +1,322 @@
+"""Routing statistics as small numpy functions of routing tables.
+
+Every function takes plain arrays (the routing decisions of one MoE layer
+over a dataset) and returns arrays or numbers, so tests can check them on
+hand-built tables. `collect_routing` gathers the tables from a model.
+
+Axis letters (DESIGN.md glossary): N images · T tokens per image · K experts
+per item · E experts · C classes.
+"""
+
+import math
+
+import numpy as np
+
+
+def _check_expert_index(expert_index, num_experts):
+    expert_index = np.asarray(expert_index)
+    if expert_index.size and (
+        expert_index.min() < 0 or expert_index.max() >= num_experts
+    ):
+        raise ValueError(
+            f"`expert_index` values must be in [0, {num_experts}). Received "
+            f"values in [{expert_index.min()}, {expert_index.max()}]"
+        )
+    return expert_index
+
+
+def expert_load(expert_index, num_experts, dropped=None):
+    """Fraction of the kept routing choices each expert processed.
+
+    Args:
+        expert_index: int array [..., K] of chosen experts.
+        num_experts: E.
+        dropped: optional bool array like `expert_index`, True where the
+            choice was dropped for lack of capacity (not counted).
+
+    Returns:
+        float array [E] summing to 1 (all zeros if nothing was kept).
+
+    Example:
+    >>> expert_load(np.array([[0], [0], [2]]), num_experts=3)
+    array([0.667, 0., 0.333])
+    """
+    expert_index = _check_expert_index(expert_index, num_experts)
+    kept = expert_index if dropped is None else expert_index[~np.asarray(dropped)]
+    counts = np.bincount(kept.ravel(), minlength=num_experts).astype("float64")
+    total = counts.sum()
+    return counts / total if total else counts
+
+
+def expert_importance(router_probs):
+    """Share of the router's probability mass each expert receives.
+
+    Args:
+        router_probs: float array [..., E] of softmax router outputs.
+
+    Returns:
+        float array [E]: the mean router probability of every expert over
+        all items (Shazeer et al., 2017, "importance"), summing to 1.
+    """
+    router_probs = np.asarray(router_probs, dtype="float64")
+    return router_probs.reshape(-1, router_probs.shape[-1]).mean(axis=0)
+
+
+def dropped_fraction(dropped):
+    """Fraction of routing choices dropped for lack of capacity."""
+    dropped = np.asarray(dropped)
+    return float(dropped.mean()) if dropped.size else 0.0
+
+
+def gate_entropy(router_probs):
+    """Mean entropy of the router distribution, normalised to [0, 1].
+
+    Args:
+        router_probs: float array [..., E].
+
+    Returns:
+        `mean(H(p)) / log(E)`: 1 for a uniform router, 0 for a router that
+        is certain about every item (0 when E = 1).
+    """
+    router_probs = np.asarray(router_probs, dtype="float64")
+    num_experts = router_probs.shape[-1]
+    if num_experts == 1:
+        return 0.0
+    safe = np.where(router_probs > 0, router_probs, 1.0)  # 0 log 0 = 0
+    entropy = -np.sum(router_probs * np.log(safe), axis=-1)
+    return float(entropy.mean() / math.log(num_experts))
+
+
+def class_expert_counts(labels, expert_index, num_classes, num_experts):
+    """Routing heatmap table: how often each class is sent to each expert.
+
+    Args:
+        labels: int array [N] of class ids.
+        expert_index: int array [N, ..., K]: the experts chosen for every
+            image (image routing, [N, K]) or every token of it (token
+            routing, [N, T, K] or [N, H, W, K]).
+        num_classes: C.
+        num_experts: E.
+
+    Returns:
+        int array [C, E]: entry (c, e) counts the choices of expert `e` by
+        images (or tokens of images) of class `c`, all K choices included.
+    """
+    labels = np.asarray(labels).astype("int64").ravel()
+    expert_index = _check_expert_index(expert_index, num_experts)
+    if expert_index.shape[0] != labels.shape[0]:
+        raise ValueError(
+            "`labels` and `expert_index` must have the same first axis. "
+            f"Received: labels.shape={labels.shape}, "
+            f"expert_index.shape={expert_index.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"`labels` must be in [0, {num_classes}). Received values in "
+            f"[{labels.min()}, {labels.max()}]"
+        )
+    per_image = expert_index.reshape(labels.shape[0], -1)
+    rows = np.repeat(labels, per_image.shape[1])
+    counts = np.zeros((num_classes, num_experts), dtype="int64")
+    np.add.at(counts, (rows, per_image.ravel()), 1)
+    return counts
+
+
+def _entropy(probabilities):
+    probabilities = probabilities[probabilities > 0]
+    return float(-np.sum(probabilities * np.log(probabilities)))
+
+
+def specialization_score(counts):
+    """How much the expert choice and the class determine each other.
+
+    The normalised mutual information between the class c and the chosen
+    expert e, with their joint distribution read from a class x expert
+    count table (`class_expert_counts`):
+
+        score = I(c; e) / min(H(c), H(e))
+
+    It is 1 when every class goes to a single expert (or every expert
+    serves a single class) — the "divide and conquer" routing ViMoE finds
+    in the deepest MoE layers — and 0 when the expert choice is
+    independent of the class, as in its shallow layers (ViMoE, Sec. 3.2,
+    Fig. 5). A layer that sends everything to one expert (H(e) = 0) scores
+    0. Ranking layers by this score is how `prune_moe_layers` chooses the
+    non-specializing layers.
+
+    Args:
+        counts: array [C, E] of non-negative counts.
+
+    Returns:
+        float in [0, 1].
+
+    Example:
+    >>> specialization_score(np.array([[5, 0], [0, 5]]))
+    1.0
+    >>> specialization_score(np.array([[5, 5], [5, 5]]))
+    0.0
+    """
+    counts = np.asarray(counts, dtype="float64")
+    if counts.ndim != 2 or (counts < 0).any():
+        raise ValueError(
+            "`counts` must be a [classes, experts] table of non-negative "
+            f"counts. Received: counts.shape={counts.shape}"
+        )
+    total = counts.sum()
+    if not total:
+        return 0.0
+    joint = counts / total
+    class_entropy = _entropy(joint.sum(axis=1))
+    expert_entropy = _entropy(joint.sum(axis=0))
+    normaliser = min(class_entropy, expert_entropy)
+    if normaliser <= 0:
+        return 0.0
+    mutual_information = class_entropy + expert_entropy - _entropy(joint.ravel())
+    return float(np.clip(mutual_information / normaliser, 0.0, 1.0))
+
+
+def routing_degree(num_experts, top_k, num_layers):
+    """ViMoE's routing degree D = C(N, K)^L: the number of expert
+    combinations an image can take through L image-routed MoE layers.
+
+    Example:
+    >>> routing_degree(num_experts=8, top_k=1, num_layers=2)
+    64
+    """
+    for name, value in (
+        ("num_experts", num_experts),
+        ("top_k", top_k),
+        ("num_layers", num_layers),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(
+                f"`{name}` must be an integer >= 0. Received: {name}={value!r}"
+            )
+    if top_k > num_experts:
+        raise ValueError(
+            "`top_k` must be <= `num_experts`. Received: "
+            f"top_k={top_k}, num_experts={num_experts}"
+        )
+    return math.comb(num_experts, top_k) ** num_layers
+
+
+def distinct_routes(expert_choices):
+    """Observed number of distinct routes through a stack of MoE layers.
+
+    A route is the tuple of expert sets an item (an image, for image
+    routing) takes in every layer; the order of the K experts within a
+    layer does not matter. Compare with `routing_degree`, the number of
+    possible routes.
+
+    Args:
+        expert_choices: a list, one entry per layer, of int arrays [N, K]
+            (the same N items in every layer).
+
+    Returns:
+        int, the number of distinct routes among the N items.
+
+    Example:
+    >>> distinct_routes([np.array([[0], [1], [0]]), np.array([[2], [2], [2]])])
+    2
+    """
+    if not expert_choices:
+        raise ValueError(
+            "`expert_choices` must hold at least one layer. Received: "
+            f"expert_choices={expert_choices!r}"
+        )
+    arrays = [np.asarray(choice) for choice in expert_choices]
+    num_items = {array.shape[0] for array in arrays}
+    if len(num_items) != 1:
+        raise ValueError(
+            "Every layer of `expert_choices` must route the same items. "
+            f"Received first axes {[array.shape[0] for array in arrays]}"
+        )
+    routes = np.concatenate(
+        [np.sort(array.reshape(array.shape[0], -1), axis=1) for array in arrays],
+        axis=1,
+    )
+    return int(np.unique(routes, axis=0).shape[0])
+
+
+def expert_counts_per_image(expert_index, num_experts):
+    """How many routing choices of each image go to each expert.
+
+    Args:
+        expert_index: int array [N, ..., K].
+        num_experts: E.
+
+    Returns:
+        int array [N, E]. For image routing every row holds K ones; for
+        token routing entry (n, e) is the number of patches of image n
+        that chose expert e (the c_i of Sweet-spot, Sec. 5).
+    """
+    expert_index = _check_expert_index(expert_index, num_experts)
+    per_image = expert_index.reshape(expert_index.shape[0], -1)
+    counts = np.zeros((per_image.shape[0], num_experts), dtype="int64")
+    rows = np.repeat(np.arange(per_image.shape[0]), per_image.shape[1])
+    np.add.at(counts, (rows, per_image.ravel()), 1)
+    return counts
+
+
+def patches_per_expert_cdf(counts):
+    """Empirical CDF of the number of patches an expert gets in an image.
+
+    Sweet-spot (Fig. 6): for every (image, expert) pair where the expert
+    appears, the number of the image's patches routed to it.
+
+    Args:
+        counts: int array [N, E] from `expert_counts_per_image`.
+
+    Returns:
+        `(values, cdf)`: the sorted patch counts and, for each, the
+        fraction of (image, expert) pairs with at most that many patches.
+
+    Example:
+    >>> patches_per_expert_cdf(np.array([[3, 1], [0, 4]]))
+    (array([1, 3, 4]), array([0.333, 0.667, 1.]))
+    """
+    counts = np.asarray(counts)
+    values = np.sort(counts[counts > 0])
+    if not values.size:
+        return values, np.zeros((0,))
+    return values, np.arange(1, values.size + 1) / values.size
+
+
+def expert_similarity(counts, by="images"):
+    """Jaccard index between what each pair of experts receives.
+
+    - `by="images"`: the sets of images each expert gets at least one
+      patch of; `S_ij = |A_i ∩ A_j| / |A_i ∪ A_j|`.
+    - `by="patches"`: the multisets of patches (counted per image), with
+      the weighted Jaccard index
+      `S_ij = sum_n min(c_ni, c_nj) / sum_n max(c_ni, c_nj)`, which is the
+      set Jaccard index when counts are 0 or 1. (Sweet-spot, Sec. 5,
+      writes a count-based variant that reduces to the Dice coefficient on
+      sets; we keep the Jaccard index proper.)
+
+    Args:
+        counts: int array [N, E] from `expert_counts_per_image`.
+        by: "images" or "patches".
+
+    Returns:
+        float array [E, E], symmetric, 1 on the diagonal for experts that
+        receive something, 0 for pairs where neither expert receives
+        anything.
+
+    Example:
+    >>> expert_similarity(np.array([[1, 1], [1, 0]]))
+    array([[1. , 0.5], [0.5, 1. ]])
+    """
+    if by not in ("images", "patches"):
+        raise ValueError(
+            f"`by` must be 'images' or 'patches'. Received: by={by!r}"
+        )
+    counts = np.asarray(counts, dtype="float64")
+    if by == "images":
+        counts = (counts > 0).astype("float64")
+    left, right = counts[:, :, None], counts[:, None, :]
+    intersection = np.minimum(left, right).sum(axis=0)
+    union = np.maximum(left, right).sum(axis=0)
+    return np.divide(
+        intersection, union, out=np.zeros_like(union), where=union > 0
+    )
