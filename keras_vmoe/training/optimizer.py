@@ -23,6 +23,7 @@ NO_DECAY_NAMES = re.compile(
     r"bias|gamma|beta|norm|position|pos_embed|token|layer_scale"
 )
 _BLOCK_INDEX = re.compile(r"(?:^|/)[a-z_]*?block_?(\d+)(?:/|$)")
+_STAGE = re.compile(r"(?:^|/)stage_(\d+)_(?:block_(\d+)|downsample)")
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -107,23 +108,50 @@ def default_layer_id(path, num_layers):
     return num_layers + 1
 
 
+def staged_layer_id(depths):
+    """Layer ids for staged models (ConvNeXt): blocks are numbered globally.
+
+    `stage_<s>_block_<b>` -> offset of stage s + b + 1; a stage's
+    downsampling layers share the id of its first block; routers, the final
+    norm and the head get `sum(depths) + 1`; the stem gets 0.
+    """
+    offsets = [sum(depths[:stage]) for stage in range(len(depths))]
+
+    def layer_id(path, num_layers):
+        if "router" in path:
+            return num_layers + 1
+        match = _STAGE.search(path)
+        if match is None:
+            return default_layer_id(path, num_layers)
+        stage, block = int(match.group(1)), match.group(2)
+        return offsets[stage] + (int(block) if block else 0) + 1
+
+    return layer_id
+
+
 def layer_decay_multipliers(model, layer_decay, num_layers=None, layer_id=None):
     """`{variable.path: layer_decay ** (num_layers + 1 - layer_id)}`.
 
     Args:
         model: a Keras model (its trainable variables are mapped).
         layer_decay: decay per layer, in (0, 1].
-        num_layers: number of blocks; default `model.backbone.num_layers`
-            or `model.num_layers`.
-        layer_id: `(path, num_layers) -> int`, default `default_layer_id`.
+        num_layers: number of blocks; default: the backbone's `num_layers`,
+            or `sum(depths)` for staged backbones.
+        layer_id: `(path, num_layers) -> int`; default `staged_layer_id`
+            for backbones with `depths`, else `default_layer_id`.
     """
     if not 0 < layer_decay <= 1:
         raise ValueError(
             f"`layer_decay` must be in (0, 1]. Received: layer_decay={layer_decay!r}"
         )
+    owner = getattr(model, "backbone", model)
+    depths = getattr(owner, "depths", None)
+    if layer_id is None and depths is not None:
+        layer_id = staged_layer_id(depths)
     if num_layers is None:
-        owner = getattr(model, "backbone", model)
         num_layers = getattr(owner, "num_layers", None)
+        if num_layers is None and depths is not None:
+            num_layers = sum(depths)
         if num_layers is None:
             raise ValueError(
                 "Pass `num_layers`: the model has no `num_layers` attribute. "

@@ -119,3 +119,20 @@ def test_set_precision():
     assert keras.config.dtype_policy().name == "mixed_bfloat16"
     with pytest.raises(ValueError, match="precision='fp8'"):
         set_precision("fp8")
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("backbone/stem_conv/kernel", 0),
+        ("backbone/stage_0_block_1/depthwise_conv/kernel", 2),
+        ("backbone/stage_1_downsample_conv/kernel", 3),  # first block of stage 1
+        ("backbone/stage_2_block_0/mlp/fc1/kernel", 5),
+        ("backbone/stage_2_block_1/moe/router/kernel", 8),
+        ("head_norm/gamma", 8),
+    ],
+)
+def test_staged_layer_id_numbers_blocks_globally(path, expected):
+    from keras_vmoe.training.optimizer import staged_layer_id
+
+    assert staged_layer_id([2, 2, 3])(path, 7) == expected
