@@ -100,7 +100,9 @@ class LayerRouting:
         """`statistics.specialization_score` of the layer, None without
         labels."""
         counts = self.class_expert_counts
-        return None if counts is None else statistics.specialization_score(counts)
+        return (
+            None if counts is None else statistics.specialization_score(counts)
+        )
 
     @property
     def patch_expert_index(self):
@@ -197,7 +199,9 @@ class RoutingResult:
     def layer(self, index):
         """The `LayerRouting` of MoE layer `index` (int, negative counts
         from the deepest) or of the layer with that name."""
-        return self.layers[_resolve_layer_index(index, [r.name for r in self.layers])]
+        return self.layers[
+            _resolve_layer_index(index, [r.name for r in self.layers])
+        ]
 
     @property
     def routing_degree(self):
@@ -361,7 +365,7 @@ def collect_routing(
 
     for layer in layers:
         layer.add_routing_observer(observe)
-    images, labels, outputs_width = [], [], None
+    images, labels, outputs_width, image_shape = [], [], None, None
     try:
         for step, (batch_images, batch_labels) in enumerate(
             _batches(data, batch_size)
@@ -370,9 +374,10 @@ def collect_routing(
                 break
             if not len(batch_images):
                 continue
-            outputs = model(batch_images, training=False)
-            if len(outputs.shape) == 2:
-                outputs_width = outputs.shape[-1]
+            outputs = keras.tree.flatten(model(batch_images, training=False))
+            if len(outputs[0].shape) == 2:
+                outputs_width = outputs[0].shape[-1]
+            image_shape = tuple(batch_images.shape[1:3])
             if keep_images:
                 images.append(np.asarray(batch_images))
             if batch_labels is not None:
@@ -390,10 +395,6 @@ def collect_routing(
     labels = np.concatenate(labels) if labels else None
     if labels is not None and num_classes is None:
         num_classes = max(int(labels.max()) + 1, outputs_width or 0)
-    first_images = np.asarray(images[0]) if images else None
-    image_shape = tuple(
-        first_images.shape[1:3] if first_images is not None else model.input.shape[1:3]
-    )
     prefix = _num_prefix_tokens(model)
     # Shallowest first: the order in which the layers ran.
     layers = sorted(layers, key=lambda layer: call_order.index(id(layer)))

@@ -63,7 +63,9 @@ class DistillationModel(keras.Model):
                 f"`temperature` must be > 0. Received: temperature={temperature!r}"
             )
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1]. Received: alpha={alpha!r}")
+            raise ValueError(
+                f"`alpha` must be in [0, 1]. Received: alpha={alpha!r}"
+            )
         super().__init__(**kwargs)
         self.student = student
         self.teacher = teacher

@@ -32,7 +32,9 @@ def expert_colors(num_experts):
     elif num_experts <= 20:
         colors = plt.get_cmap("tab20").colors[:num_experts]
     else:
-        colors = plt.get_cmap("hsv")(np.linspace(0, 1, num_experts, endpoint=False))
+        colors = plt.get_cmap("hsv")(
+            np.linspace(0, 1, num_experts, endpoint=False)
+        )
     return np.asarray(colors)[:, :3]
 
 
@@ -58,21 +60,29 @@ def plot_routing_heatmap(
     """
     counts = np.asarray(counts, dtype="float64")
     totals = counts.sum(axis=1, keepdims=True)
-    fractions = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    fractions = np.divide(
+        counts, totals, out=np.zeros_like(counts), where=totals > 0
+    )
     if sort_classes:
         order = np.lexsort((-fractions.max(axis=1), fractions.argmax(axis=1)))
         fractions = fractions[order]
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=figsize)
     image = axis.imshow(
-        fractions.T, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0,
+        fractions.T,
+        aspect="auto",
+        cmap="Blues",
+        vmin=0.0,
+        vmax=1.0,
         interpolation="nearest",
     )
     axis.set_xlabel("class (sorted)" if sort_classes else "class")
     axis.set_ylabel("expert")
+    axis.set_yticks(range(counts.shape[1]))
     if title:
-        axis.set_title(title)
+        axis.set_title(title, fontsize="small")
     figure.colorbar(image, ax=axis, fraction=0.05)
+    figure.tight_layout()
     return _save(figure, path, dpi)
 
 
@@ -105,7 +115,13 @@ def gating_overlay(image, expert_map, num_experts, alpha=0.5):
 
 
 def plot_gating_maps(
-    images, expert_maps, num_experts, path, title=None, alpha=0.5, dpi=100,
+    images,
+    expert_maps,
+    num_experts,
+    path,
+    title=None,
+    alpha=0.5,
+    dpi=100,
     panel_size=2.0,
 ):
     """Sweet-spot gating maps: the top expert of every patch over images.
@@ -130,7 +146,9 @@ def plot_gating_maps(
     count = len(images)
     plt = _pyplot()
     figure, axes = plt.subplots(
-        1, count + 1, figsize=(count * panel_size + 1.0, panel_size),
+        1,
+        count + 1,
+        figsize=(count * panel_size + 1.0, panel_size),
         gridspec_kw={"width_ratios": [panel_size] * count + [1.0]},
         squeeze=False,
     )
@@ -144,8 +162,11 @@ def plot_gating_maps(
         plt.Rectangle((0, 0), 1, 1, color=colors[e]) for e in range(num_experts)
     ]
     legend_axis.legend(
-        handles, [f"E{e}" for e in range(num_experts)], loc="center",
-        fontsize="x-small", frameon=False,
+        handles,
+        [f"E{e}" for e in range(num_experts)],
+        loc="center",
+        fontsize="x-small",
+        frameon=False,
     )
     if title:
         figure.suptitle(title, fontsize="small")
@@ -179,7 +200,9 @@ def plot_patches_per_expert_cdf(cdfs, path, figsize=(5, 3.5), dpi=100):
     return _save(figure, path, dpi)
 
 
-def plot_expert_similarity(similarity, path, title=None, figsize=(4, 3.5), dpi=100):
+def plot_expert_similarity(
+    similarity, path, title=None, figsize=(4, 3.5), dpi=100
+):
     """Expert-by-expert Jaccard similarity matrix (`expert_similarity`).
 
     Args:
@@ -197,9 +220,12 @@ def plot_expert_similarity(similarity, path, title=None, figsize=(4, 3.5), dpi=1
     image = axis.imshow(similarity, cmap="viridis", vmin=0.0, vmax=1.0)
     axis.set_xlabel("expert")
     axis.set_ylabel("expert")
+    axis.set_xticks(range(len(similarity)))
+    axis.set_yticks(range(len(similarity)))
     if title:
         axis.set_title(title, fontsize="small")
     figure.colorbar(image, ax=axis, fraction=0.05)
+    figure.tight_layout()
     return _save(figure, path, dpi)
 
 
@@ -221,7 +247,9 @@ def plot_expert_load(loads, path, figsize=(6, 3), dpi=100):
     for offset, (name, load) in enumerate(loads.items()):
         load = np.asarray(load)
         axis.bar(np.arange(len(load)) + offset * width, load, width, label=name)
-        axis.axhline(1.0 / len(load), color="gray", linestyle="--", linewidth=0.8)
+        axis.axhline(
+            1.0 / len(load), color="gray", linestyle="--", linewidth=0.8
+        )
     axis.set_xlabel("expert")
     axis.set_ylabel("fraction of choices")
     if loads:

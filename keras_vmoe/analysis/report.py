@@ -49,7 +49,8 @@ def parameter_breakdown(model, image_size=None):
         height, width = model.input.shape[1:3]
         image_size = (height, width) if height and width else 224
     sparsity = {
-        layer.path: layer.top_k / layer.num_experts for layer in moe_layers(model)
+        layer.path: layer.top_k / layer.num_experts
+        for layer in moe_layers(model)
     }
     rows = {}
     for record in layer_stats(model, image_size):
@@ -76,7 +77,9 @@ def parameter_breakdown(model, image_size=None):
 
 def _markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -133,7 +136,10 @@ def write_report(
     >>> report["routing"]["layers"][-1]["specialization"]
     """
     routing = collect_routing(
-        model, data, max_batches=max_batches, batch_size=batch_size,
+        model,
+        data,
+        max_batches=max_batches,
+        batch_size=batch_size,
         num_classes=num_classes,
     )
     os.makedirs(out_dir, exist_ok=True)
@@ -160,19 +166,25 @@ def write_report(
         figures = {}
         if r.labels is not None:
             figures["heatmap"] = plots.plot_routing_heatmap(
-                r.class_expert_counts, out(f"heatmap_layer_{r.index}.png"),
-                title=r.name, dpi=dpi,
+                r.class_expert_counts,
+                out(f"heatmap_layer_{r.index}.png"),
+                title=r.name,
+                dpi=dpi,
             )
         if len(shown):
             figures["gating"] = plots.plot_gating_maps(
-                shown, r.top_expert_map(routing.image_shape)[: len(shown)],
-                r.num_experts, out(f"gating_layer_{r.index}.png"),
-                title=r.name, dpi=dpi,
+                shown,
+                r.top_expert_map(routing.image_shape)[: len(shown)],
+                r.num_experts,
+                out(f"gating_layer_{r.index}.png"),
+                title=r.name,
+                dpi=dpi,
             )
         figures["similarity"] = plots.plot_expert_similarity(
             statistics.expert_similarity(r.expert_counts, by="images"),
             out(f"similarity_layer_{r.index}.png"),
-            title=f"{r.name}: Jaccard (images)", dpi=dpi,
+            title=f"{r.name}: Jaccard (images)",
+            dpi=dpi,
         )
         files += list(figures.values())
         layer_figures.append(figures)
@@ -194,12 +206,26 @@ def write_report(
         "## MoE layers",
         "",
         _markdown_table(
-            ["#", "layer", "routing", "E", "K", "max load x E", "dropped",
-             "gate entropy", "experts / image", "specialization"],
+            [
+                "#",
+                "layer",
+                "routing",
+                "E",
+                "K",
+                "max load x E",
+                "dropped",
+                "gate entropy",
+                "experts / image",
+                "specialization",
+            ],
             [
                 [
-                    s["index"], s["name"], s["routing"], s["num_experts"],
-                    s["top_k"], _format(max(s["load"]) * s["num_experts"], 2),
+                    s["index"],
+                    s["name"],
+                    s["routing"],
+                    s["num_experts"],
+                    s["top_k"],
+                    _format(max(s["load"]) * s["num_experts"], 2),
                     _format(s["dropped_fraction"]),
                     _format(s["gate_entropy"]),
                     _format(s["experts_per_image"], 2),
@@ -239,11 +265,11 @@ def write_report(
     for r, figures in zip(routing.layers, layer_figures):
         lines += [f"## MoE layer {r.index}: {r.name}", ""]
         lines += [
-            f"![{kind}]({os.path.basename(path)})\n" for kind, path in figures.items()
+            f"![{kind}]({os.path.basename(path)})\n"
+            for kind, path in figures.items()
         ]
     with open(out("index.md"), "w") as handle:
         handle.write("\n".join(lines))
     files.append(out("index.md"))
     report["files"] = files
     return report
-

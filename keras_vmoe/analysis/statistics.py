@@ -42,7 +42,9 @@ def expert_load(expert_index, num_experts, dropped=None):
     array([0.667, 0., 0.333])
     """
     expert_index = _check_expert_index(expert_index, num_experts)
-    kept = expert_index if dropped is None else expert_index[~np.asarray(dropped)]
+    kept = (
+        expert_index if dropped is None else expert_index[~np.asarray(dropped)]
+    )
     counts = np.bincount(kept.ravel(), minlength=num_experts).astype("float64")
     total = counts.sum()
     return counts / total if total else counts
@@ -171,7 +173,9 @@ def specialization_score(counts):
     normaliser = min(class_entropy, expert_entropy)
     if normaliser <= 0:
         return 0.0
-    mutual_information = class_entropy + expert_entropy - _entropy(joint.ravel())
+    mutual_information = (
+        class_entropy + expert_entropy - _entropy(joint.ravel())
+    )
     return float(np.clip(mutual_information / normaliser, 0.0, 1.0))
 
 
@@ -232,7 +236,10 @@ def distinct_routes(expert_choices):
             f"Received first axes {[array.shape[0] for array in arrays]}"
         )
     routes = np.concatenate(
-        [np.sort(array.reshape(array.shape[0], -1), axis=1) for array in arrays],
+        [
+            np.sort(array.reshape(array.shape[0], -1), axis=1)
+            for array in arrays
+        ],
         axis=1,
     )
     return int(np.unique(routes, axis=0).shape[0])

@@ -84,8 +84,10 @@ def fold_expert_weights(
 def _backbone(model):
     from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 
-    backbone = model if isinstance(model, ViTMoEBackbone) else getattr(
-        model, "backbone", None
+    backbone = (
+        model
+        if isinstance(model, ViTMoEBackbone)
+        else getattr(model, "backbone", None)
     )
     if not isinstance(backbone, ViTMoEBackbone):
         raise ValueError(
@@ -178,7 +180,10 @@ def _routing_for(model, routing, data, batch_size, max_batches):
             "routing=None"
         )
     return collect_routing(
-        model, data, batch_size=batch_size, max_batches=max_batches,
+        model,
+        data,
+        batch_size=batch_size,
+        max_batches=max_batches,
         keep_images=False,
     )
 

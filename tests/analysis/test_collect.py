@@ -16,7 +16,10 @@ def test_image_routing_records_one_choice_per_image():
     images, labels = tiny_data(10)
     result = collect_routing(tiny_classifier(), (images, labels), batch_size=4)
     assert [r.index for r in result.layers] == [0, 1]
-    assert [r.name.split("/")[0] for r in result.layers] == ["block_1", "block_2"]
+    assert [r.name.split("/")[0] for r in result.layers] == [
+        "block_1",
+        "block_2",
+    ]
     for record in result.layers:
         assert record.expert_index.shape == (10, 1)
         assert record.router_probs.shape == (10, 4)
@@ -34,7 +37,9 @@ def test_image_routing_records_one_choice_per_image():
 def test_token_routing_records_patch_maps_without_prefix_tokens():
     images, labels = tiny_data(6)
     model = tiny_classifier(routing="token", top_k=2)
-    result = collect_routing(model, (images, labels), max_batches=1, batch_size=4)
+    result = collect_routing(
+        model, (images, labels), max_batches=1, batch_size=4
+    )
     record = result.layers[0]
     assert record.expert_index.shape == (4, 17, 2)  # CLS + 4x4 patches
     assert record.top_expert_map(IMAGE_SHAPE[:2]).shape == (4, 4, 4)
@@ -66,8 +71,12 @@ def test_tf_data_input():
 
 def test_model_without_moe_layer_is_rejected():
     dense = ViTMoEBackbone(
-        image_shape=IMAGE_SHAPE, patch_size=4, num_layers=1, num_heads=2,
-        hidden_dim=16, mlp_dim=32,
+        image_shape=IMAGE_SHAPE,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
     )
     with pytest.raises(ValueError, match="no MoE layer"):
         collect_routing(dense, tiny_data(2)[0])
@@ -99,6 +108,26 @@ def test_accuracy_of_a_classifier():
     model = tiny_classifier()
     predicted = np.asarray(model(images)).argmax(axis=-1)
     expected = float((predicted == labels).mean())
-    assert accuracy(model, (images, labels), batch_size=4) == pytest.approx(expected)
+    assert accuracy(model, (images, labels), batch_size=4) == pytest.approx(
+        expected
+    )
     with pytest.raises(ValueError, match="labelled"):
         accuracy(model, images)
+
+
+def test_convnext_feature_map_routing():
+    from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
+
+    backbone = ConvNeXtMoEBackbone(
+        depths=[1, 1],
+        hidden_dims=[8, 16],
+        moe_placement="last-2",
+        num_experts=4,
+        image_shape=(32, 32, 3),
+    )
+    images, labels = tiny_data(3)
+    images = np.tile(images, (1, 2, 2, 1))  # 32 x 32
+    result = collect_routing(backbone, (images, labels))
+    shapes = [r.top_expert_map((32, 32)).shape for r in result.layers]
+    assert shapes == [(3, 8, 8), (3, 4, 4)]
+    assert result.layers[1].expert_counts.sum() == 3 * 16

@@ -42,7 +42,9 @@ def test_fit_lowers_kl_to_the_teacher():
     assert mean_kl(teacher, student, images, 2.0) < 0.5 * before
     assert "distillation_loss" in history.history
     for before_weight, weight in zip(teacher_weights, teacher.weights):
-        np.testing.assert_array_equal(before_weight, keras.ops.convert_to_numpy(weight))
+        np.testing.assert_array_equal(
+            before_weight, keras.ops.convert_to_numpy(weight)
+        )
     assert distiller.predict(images, verbose=0).shape == (16, NUM_CLASSES)
 
 

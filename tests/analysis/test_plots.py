@@ -51,7 +51,9 @@ def test_expert_colors_are_distinct(num_experts):
 def test_cdf_similarity_and_load_pngs(tmp_path):
     cdf = plots.plot_patches_per_expert_cdf(
         {"a": (np.array([1, 3, 4]), np.array([1 / 3, 2 / 3, 1.0]))},
-        tmp_path / "cdf.png", figsize=(3, 2), dpi=50,
+        tmp_path / "cdf.png",
+        figsize=(3, 2),
+        dpi=50,
     )
     assert read_png(cdf).shape[:2] == (100, 150)
     similarity = plots.plot_expert_similarity(
@@ -59,7 +61,9 @@ def test_cdf_similarity_and_load_pngs(tmp_path):
     )
     assert read_png(similarity).shape[:2] == (150, 150)
     load = plots.plot_expert_load(
-        {"a": np.array([0.5, 0.25, 0.25])}, tmp_path / "load.png",
-        figsize=(3, 2), dpi=50,
+        {"a": np.array([0.5, 0.25, 0.25])},
+        tmp_path / "load.png",
+        figsize=(3, 2),
+        dpi=50,
     )
     assert read_png(load).shape[:2] == (100, 150)

@@ -20,7 +20,9 @@ def test_breakdown_rows_add_up_to_model_totals():
     rows = {row["name"]: row for row in breakdown["rows"]}
     for key in ("params", "active_params", "flops"):
         assert sum(row[key] for row in rows.values()) == totals[key]
-    block_names = [name for name in rows if name.endswith(("block_1", "block_2"))]
+    block_names = [
+        name for name in rows if name.endswith(("block_1", "block_2"))
+    ]
     assert len(block_names) == 2
     dense = next(name for name in rows if name.endswith("block_0"))
     for name in block_names:
@@ -32,13 +34,22 @@ def test_breakdown_rows_add_up_to_model_totals():
 def test_write_report_writes_plots_numbers_and_index(tmp_path):
     images, labels = tiny_data(8)
     report = write_report(
-        tiny_classifier(), (images, labels), str(tmp_path), batch_size=4,
-        num_gating_images=2, dpi=40,
+        tiny_classifier(),
+        (images, labels),
+        str(tmp_path),
+        batch_size=4,
+        num_gating_images=2,
+        dpi=40,
     )
     names = sorted(os.listdir(tmp_path))
     for expected in (
-        "index.md", "report.json", "load.png", "patches_per_expert_cdf.png",
-        "heatmap_layer_0.png", "gating_layer_1.png", "similarity_layer_1.png",
+        "index.md",
+        "report.json",
+        "load.png",
+        "patches_per_expert_cdf.png",
+        "heatmap_layer_0.png",
+        "gating_layer_1.png",
+        "similarity_layer_1.png",
     ):
         assert expected in names
     for name in names:

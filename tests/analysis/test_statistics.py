@@ -30,7 +30,10 @@ def test_importance_is_mean_router_probability():
 
 
 def test_dropped_fraction_and_gate_entropy():
-    assert statistics.dropped_fraction(np.array([True, False, False, False])) == 0.25
+    assert (
+        statistics.dropped_fraction(np.array([True, False, False, False]))
+        == 0.25
+    )
     uniform = np.full((3, 4), 0.25)
     certain = np.eye(4)[:3]
     assert statistics.gate_entropy(uniform) == pytest.approx(1.0)
@@ -59,7 +62,10 @@ def test_class_expert_counts_rejects_bad_labels():
         ([[5, 0], [0, 5]], 1.0),  # one expert per class
         ([[5, 5], [5, 5]], 0.0),  # independent of the class
         ([[4, 0], [4, 0]], 0.0),  # one expert for everything
-        ([[3, 0, 0], [0, 3, 0], [0, 0, 3], [0, 0, 3]], 1.0),  # expert = f(class)
+        (
+            [[3, 0, 0], [0, 3, 0], [0, 0, 3], [0, 0, 3]],
+            1.0,
+        ),  # expert = f(class)
         ([[2, 2, 0, 0], [0, 0, 2, 2]], 1.0),  # class = f(expert)
     ],
 )

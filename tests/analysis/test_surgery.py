@@ -22,8 +22,10 @@ def expert_weights(model, block):
     return [
         keras.ops.convert_to_numpy(w)
         for w in (
-            layer.expert_kernel_1, layer.expert_bias_1,
-            layer.expert_kernel_2, layer.expert_bias_2,
+            layer.expert_kernel_1,
+            layer.expert_bias_1,
+            layer.expert_kernel_2,
+            layer.expert_bias_2,
         )
     ]
 
@@ -43,7 +45,9 @@ def test_fold_expert_weights_formula():
     a, o = np.array([0.5, 0.25, 0.25]), np.array([0.2, 0.1, 0.3])
     folded = fold_expert_weights(kernel_1, bias_1, kernel_2, bias_2, a, o)
     np.testing.assert_allclose(
-        folded["fc1_kernel"], sum(a[i] * kernel_1[i] for i in range(3)), rtol=1e-6
+        folded["fc1_kernel"],
+        sum(a[i] * kernel_1[i] for i in range(3)),
+        rtol=1e-6,
     )
     np.testing.assert_allclose(
         folded["fc2_bias"], sum(o[i] * bias_2[i] for i in range(3)), rtol=1e-6
@@ -63,10 +67,14 @@ def test_fold_expert_weights_formula():
 def test_pruning_identical_experts_keeps_outputs(strategy, moe_kwargs):
     images, labels = tiny_data(8)
     model = tiny_classifier(identical_experts=True, **moe_kwargs)
-    pruned = prune_moe_layers(model, (images, labels), layers=[0], strategy=strategy)
+    pruned = prune_moe_layers(
+        model, (images, labels), layers=[0], strategy=strategy
+    )
     assert isinstance(pruned, ViTMoEImageClassifier)
     assert pruned.backbone.moe_layer_indices == (2,)
-    np.testing.assert_allclose(outputs(pruned, images), outputs(model, images), atol=1e-5)
+    np.testing.assert_allclose(
+        outputs(pruned, images), outputs(model, images), atol=1e-5
+    )
 
 
 def test_pruned_model_saves_and_loads(tmp_path):
@@ -78,7 +86,9 @@ def test_pruned_model_saves_and_loads(tmp_path):
     path = str(tmp_path / "pruned.keras")
     pruned.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_allclose(outputs(loaded, images), outputs(model, images), atol=1e-5)
+    np.testing.assert_allclose(
+        outputs(loaded, images), outputs(model, images), atol=1e-5
+    )
 
 
 def test_most_used_strategy_picks_the_top_loaded_expert():
@@ -93,7 +103,9 @@ def test_most_used_strategy_picks_the_top_loaded_expert():
     fc1_kernel, fc1_bias, fc2_kernel, fc2_bias = dense_weights(pruned, 2)
     np.testing.assert_allclose(fc1_kernel, kernel_1[top], rtol=1e-6)
     np.testing.assert_allclose(fc2_kernel, scale * kernel_2[top], rtol=1e-5)
-    np.testing.assert_allclose(fc2_bias, scale * bias_2[top], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        fc2_bias, scale * bias_2[top], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_threshold_prunes_the_layers_below_it():
@@ -119,7 +131,9 @@ def test_merge_equals_gate_weighted_formula():
     kernel_1, bias_1, kernel_2, bias_2 = expert_weights(model, 1)
     fc1_kernel, fc1_bias, fc2_kernel, fc2_bias = dense_weights(merged, 1)
     np.testing.assert_allclose(
-        fc1_kernel, np.einsum("e,edh->dh", gates / gates.sum(), kernel_1), rtol=1e-5
+        fc1_kernel,
+        np.einsum("e,edh->dh", gates / gates.sum(), kernel_1),
+        rtol=1e-5,
     )
     np.testing.assert_allclose(
         fc2_kernel, np.einsum("e,ehd->hd", gates, kernel_2), rtol=1e-5
@@ -133,7 +147,9 @@ def test_merging_identical_experts_keeps_outputs():
     )
     merged = merge_experts(model, (images, labels))
     assert merged.backbone.moe_layer_indices == ()
-    np.testing.assert_allclose(outputs(merged, images), outputs(model, images), atol=1e-5)
+    np.testing.assert_allclose(
+        outputs(merged, images), outputs(model, images), atol=1e-5
+    )
 
 
 def test_shared_expert_layers_are_refused():
@@ -158,4 +174,6 @@ def test_surgery_errors_name_the_value():
     with pytest.raises(ValueError, match="data=None"):
         prune_moe_layers(model, layers=[0])
     with pytest.raises(ValueError, match="ViTMoEBackbone"):
-        prune_moe_layers(keras.Sequential([keras.layers.Dense(2)]), data, layers=[0])
+        prune_moe_layers(
+            keras.Sequential([keras.layers.Dense(2)]), data, layers=[0]
+        )

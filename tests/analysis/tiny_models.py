@@ -15,13 +15,21 @@ def tiny_classifier(identical_experts=False, seed=0, **moe_kwargs):
     blocks and a 3-class head. `moe_kwargs` override the MoE arguments."""
     keras.utils.set_random_seed(seed)
     config = dict(
-        moe_layers="last-2", num_experts=4, top_k=1, routing="image",
+        moe_layers="last-2",
+        num_experts=4,
+        top_k=1,
+        routing="image",
         eval_capacity_factor=None,
     )
     config.update(moe_kwargs)
     backbone = ViTMoEBackbone(
-        image_shape=IMAGE_SHAPE, patch_size=4, num_layers=3, num_heads=2,
-        hidden_dim=16, mlp_dim=32, **config,
+        image_shape=IMAGE_SHAPE,
+        patch_size=4,
+        num_layers=3,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        **config,
     )
     if identical_experts:
         for index in backbone.moe_layer_indices:
