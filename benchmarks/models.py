@@ -23,11 +23,16 @@ from _timing import compiled_forward  # noqa: E402
 from _timing import interleaved_median_times  # noqa: E402
 from _timing import random_inputs  # noqa: E402
 
+from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone  # noqa: E402
 from keras_vmoe.models.vit_moe import ViTMoEBackbone  # noqa: E402
 
 
 def vit_preset(name):
     return lambda: ViTMoEBackbone.from_preset(name, load_weights=False)
+
+
+def convnext_preset(name):
+    return lambda: ConvNeXtMoEBackbone.from_preset(name, load_weights=False)
 
 
 # (name, dense builder, MoE builder, target speed ratio MoE / dense)
@@ -43,6 +48,12 @@ PAIRS = [
         vit_preset("vit_small_patch14_dinov2"),
         vit_preset("vimoe_small_patch14_e8_last2_shared"),
         0.88,
+    ),
+    (
+        "ConvNeXt-T vs E8 Last-2 top-1 token",
+        convnext_preset("convnext_tiny"),
+        convnext_preset("convnext_moe_tiny_e8_last2"),
+        0.95,
     ),
 ]
 

@@ -46,7 +46,9 @@ def _layer_weights(prefix, layer, names):
 def _dense_targets(model):
     """[(canonical name, variable)] for every weight of a dense ConvNeXt."""
     backbone, classifier = _split_model(model)
-    targets = _layer_weights("stem_conv", backbone.stem_conv, ("kernel", "bias"))
+    targets = _layer_weights(
+        "stem_conv", backbone.stem_conv, ("kernel", "bias")
+    )
     if backbone.stem_norm is not None:
         targets += _layer_weights(
             "stem_norm", backbone.stem_norm, ("gamma", "beta")
@@ -71,11 +73,19 @@ def _dense_targets(model):
                 )
             prefix = f"stages.{stage}.blocks.{index}"
             targets += _layer_weights(
-                f"{prefix}.depthwise_conv", block.depthwise_conv, ("kernel", "bias")
+                f"{prefix}.depthwise_conv",
+                block.depthwise_conv,
+                ("kernel", "bias"),
             )
-            targets += _layer_weights(f"{prefix}.norm", block.norm, ("gamma", "beta"))
-            targets += _layer_weights(f"{prefix}.fc1", block.mlp.fc1, ("kernel", "bias"))
-            targets += _layer_weights(f"{prefix}.fc2", block.mlp.fc2, ("kernel", "bias"))
+            targets += _layer_weights(
+                f"{prefix}.norm", block.norm, ("gamma", "beta")
+            )
+            targets += _layer_weights(
+                f"{prefix}.fc1", block.mlp.fc1, ("kernel", "bias")
+            )
+            targets += _layer_weights(
+                f"{prefix}.fc2", block.mlp.fc2, ("kernel", "bias")
+            )
             if block.layer_scale is not None:
                 targets.append((f"{prefix}.layer_scale", block.layer_scale))
     if classifier is not None:
@@ -225,7 +235,12 @@ def convert_timm_weights(source, model, upcycle_noise_std=0.0, seed=None):
             missing, unused, or of the wrong shape.
     """
     state_dict = load_state_dict(source)
-    head_keys = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
+    head_keys = (
+        "head.norm.weight",
+        "head.norm.bias",
+        "head.fc.weight",
+        "head.fc.bias",
+    )
     return _load(
         model, state_dict, _timm_key, head_keys, upcycle_noise_std, seed
     )
@@ -260,7 +275,11 @@ def _keras_applications_key(name):
             else None
         )
         return f"{block}_depthwise_conv/{param}", transform
-    source_part = {"norm": "layernorm", "fc1": "pointwise_conv_1", "fc2": "pointwise_conv_2"}[part]
+    source_part = {
+        "norm": "layernorm",
+        "fc1": "pointwise_conv_1",
+        "fc2": "pointwise_conv_2",
+    }[part]
     return f"{block}_{source_part}/{param}", None
 
 
@@ -277,7 +296,7 @@ def keras_applications_state_dict(model):
     for variable in model.weights:
         layer, param = variable.path.split("/")[-2:]
         if layer.startswith(prefix):
-            layer = layer[len(prefix):]
+            layer = layer[len(prefix) :]
         if layer.endswith("_layer_scale"):
             param = "gamma"
         state_dict[f"{layer}/{param}"] = np.asarray(variable)
@@ -285,17 +304,23 @@ def keras_applications_state_dict(model):
 
 
 def keras_applications_backbone_config(model):
-    """Backbone arguments (depths, hidden_dims) of a keras.applications ConvNeXt."""
+    """Backbone arguments (depths, hidden_dims) of a keras.applications model."""
     state_dict = keras_applications_state_dict(model)
     depths, hidden_dims = [], []
     while f"stage_{len(depths)}_block_0_depthwise_conv/kernel" in state_dict:
         stage = len(depths)
         depth = 0
-        while f"stage_{stage}_block_{depth}_depthwise_conv/kernel" in state_dict:
+        while (
+            f"stage_{stage}_block_{depth}_depthwise_conv/kernel" in state_dict
+        ):
             depth += 1
         depths.append(depth)
         hidden_dims.append(
-            int(state_dict[f"stage_{stage}_block_0_depthwise_conv/bias"].shape[0])
+            int(
+                state_dict[f"stage_{stage}_block_0_depthwise_conv/bias"].shape[
+                    0
+                ]
+            )
         )
     if not depths:
         raise ValueError(
@@ -410,7 +435,8 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
             "classifier) with the same depths and widths. Received: "
             f"dense depths={dense_backbone.depths}, "
             f"hidden_dims={dense_backbone.hidden_dims}; moe "
-            f"depths={moe_backbone.depths}, hidden_dims={moe_backbone.hidden_dims}"
+            f"depths={moe_backbone.depths}, "
+            f"hidden_dims={moe_backbone.hidden_dims}"
         )
     if dense_backbone.moe_positions:
         raise ValueError(
@@ -421,14 +447,20 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
         (dense_backbone.stem_conv, moe_backbone.stem_conv),
         (dense_backbone.stem_norm, moe_backbone.stem_norm),
     ]
-    pairs += list(zip(dense_backbone.downsample_norms, moe_backbone.downsample_norms))
-    pairs += list(zip(dense_backbone.downsample_convs, moe_backbone.downsample_convs))
+    pairs += list(
+        zip(dense_backbone.downsample_norms, moe_backbone.downsample_norms)
+    )
+    pairs += list(
+        zip(dense_backbone.downsample_convs, moe_backbone.downsample_convs)
+    )
     if moe_classifier is not None:
         pairs += [
             (dense_classifier.head_norm, moe_classifier.head_norm),
             (dense_classifier.output_dense, moe_classifier.output_dense),
         ]
-    for dense_block, moe_block in zip(dense_backbone.blocks, moe_backbone.blocks):
+    for dense_block, moe_block in zip(
+        dense_backbone.blocks, moe_backbone.blocks
+    ):
         pairs += [
             (dense_block.depthwise_conv, moe_block.depthwise_conv),
             (dense_block.norm, moe_block.norm),
@@ -438,7 +470,9 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
                 dense_block.mlp, moe_block.mlp, noise_std=noise_std, seed=seed
             )
             if moe_block.skip_scale is not None:
-                moe_block.skip_scale.assign(np.zeros(moe_block.skip_scale.shape))
+                moe_block.skip_scale.assign(
+                    np.zeros(moe_block.skip_scale.shape)
+                )
         else:
             pairs.append((dense_block.mlp, moe_block.mlp))
         if moe_block.layer_scale is not None:
@@ -446,11 +480,14 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
     for source, target in pairs:
         if target is None:
             continue
-        for source_variable, target_variable in zip(source.weights, target.weights):
+        for source_variable, target_variable in zip(
+            source.weights, target.weights
+        ):
             if tuple(source_variable.shape) != tuple(target_variable.shape):
                 raise ValueError(
                     f"Shape mismatch copying {source_variable.path!r} "
-                    f"{tuple(source_variable.shape)} -> {target_variable.path!r} "
+                    f"{tuple(source_variable.shape)} -> "
+                    f"{target_variable.path!r} "
                     f"{tuple(target_variable.shape)}"
                 )
             target_variable.assign(source_variable)

@@ -1,5 +1,10 @@
 """Model families and the functions that describe them."""
 
+from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
+from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
+from keras_vmoe.models.convnext_moe.presets import (
+    PRESETS as _CONVNEXT_MOE_PRESETS,
+)
 from keras_vmoe.models.stats import layer_stats
 from keras_vmoe.models.stats import model_stats
 from keras_vmoe.models.vit_moe import ViTMoEBackbone
@@ -8,7 +13,7 @@ from keras_vmoe.models.vit_moe.presets import PRESETS as _VIT_MOE_PRESETS
 
 # One table per model family: name -> preset description (config, source
 # checkpoint, params, active params, FLOPs at 224x224).
-_PRESET_TABLES = (_VIT_MOE_PRESETS,)
+_PRESET_TABLES = (_VIT_MOE_PRESETS, _CONVNEXT_MOE_PRESETS)
 
 
 def list_presets():

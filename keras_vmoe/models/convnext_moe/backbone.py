@@ -1,4 +1,4 @@
-"""MoE-ConvNeXt backbone: hierarchical and isotropic ConvNeXt with MoE blocks."""
+"""MoE-ConvNeXt backbone: hierarchical and isotropic ConvNeXt, MoE blocks."""
 
 import keras
 from keras_hub.models import Backbone
@@ -63,7 +63,9 @@ def moe_block_indices(depths, placement):
         if num_stages == 1:
             positions = [(0, j) for j in range(1, depths[0], 2)][-count:]
         else:
-            last = [(i, depths[i] - 1) for i in (num_stages - 2, num_stages - 1)]
+            last = [
+                (i, depths[i] - 1) for i in (num_stages - 2, num_stages - 1)
+            ]
             middle = [(num_stages - 2, depths[num_stages - 2] // 2)]
             positions = sorted(set(last + middle[: count - 2]))
         if len(positions) < count:
@@ -85,8 +87,9 @@ def moe_block_indices(depths, placement):
             stage, block = item
             if not (0 <= stage < num_stages and 0 <= block < depths[stage]):
                 raise _placement_error(
-                    placement, f"has a position {tuple(item)} outside depths "
-                    f"{tuple(depths)}"
+                    placement,
+                    f"has a position {tuple(item)} outside depths "
+                    f"{tuple(depths)}",
                 )
         else:
             raise _placement_error(placement, f"has an invalid item {item!r}")
@@ -323,7 +326,10 @@ class ConvNeXtMoEBackbone(Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         # Explicit placements are stored as JSON would restore them.
         self.moe_placement = (
-            [list(p) if isinstance(p, (list, tuple)) else p for p in moe_placement]
+            [
+                list(p) if isinstance(p, (list, tuple)) else p
+                for p in moe_placement
+            ]
             if isinstance(moe_placement, (list, tuple))
             else moe_placement
         )

@@ -100,7 +100,9 @@ class ConvNeXtMoEImageClassifier(ImageClassifier):
         from keras_vmoe.models.convnext_moe import presets
 
         if not (isinstance(preset, str) and preset in presets.PRESETS):
-            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+            return super().from_preset(
+                preset, load_weights=load_weights, **kwargs
+            )
         if kwargs.get("num_classes") is None:
             raise ValueError(
                 "`num_classes` is required to build a classifier from the "

@@ -16,7 +16,9 @@ class ConvNeXtMoEImageConverter(ImageConverter):
     See `keras_hub.layers.ImageConverter` for the arguments.
 
     Example:
-    >>> converter = ConvNeXtMoEImageConverter(image_size=(64, 64), scale=1 / 255)
+    >>> converter = ConvNeXtMoEImageConverter(
+    ...     image_size=(64, 64), scale=1 / 255
+    ... )
     >>> converter(np.ones((1, 80, 80, 3)) * 255).shape
     (1, 64, 64, 3)
     """

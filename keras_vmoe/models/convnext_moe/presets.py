@@ -15,6 +15,24 @@ of the 1000-class `ConvNeXtMoEImageClassifier` at 224x224, computed with
 model, its printed numbers (`paper`) for comparison. No pretrained weights
 are shipped: the converters in `keras_vmoe.converters.convnext` load
 keras.applications or timm ConvNeXt weights and upcycle them.
+
+Against the paper (params M / active M / GMACs): 16 of its 23 printed rows
+match to its printed precision, e.g. ConvNeXt-T 28.6 / 28.6 / 4.47 (4.5),
+ConvNeXt-T-4 Last-2 34.5 / 25.6 / 4.24 (4.2), ConvNeXt-T-8 Stage 47.4 /
+25.5 / 4.01 (4.0), ConvNeXt-B-8 Last-2 mlp4 162.1 (162.0) / 88.6 / 15.38
+(15.4). The other rows contradict the paper's own numbers:
+- ConvNeXt-S dense: 50.2 (Tab. 1 prints 50, Tab. 2 50.3).
+- ConvNeXt-B (iso.): 87.1; the ConvNeXt paper says 87M, the Sweet-spot
+  82.4. Its E8 Last-2 (115.4 = 82.4 + 33.0) adds the 7 extra experts of a
+  single 768-wide block; two MoE blocks give 153.2.
+- ConvNeXt-T-8 Every-2 (Tab. 3): 54.3 / 17.0 / 3.8 printed; 17.0M active
+  needs about a dozen MoE blocks, which with 8 experts hold far more than
+  54.3M. Every-2 as "blocks 1, 3, ... of each stage" gives 58.1 / 23.7 / 3.67 and,
+  with mlp_ratio 4, Tab. 5's 97.5 (ours 97.3).
+- Tab. 5 (mlp_ratio 4): its "stage" 78.2 and "last 3" 70.0 are our last-3
+  (78.2) and last-2 (69.9): the rows look shifted; our stage is 72.5.
+- ConvNeXt-S (iso.) E8 Every-2: Tab. 3 prints 8.7G for every isotropic
+  row (ConvNeXt-S's figure); Tab. 1 and ours give 4.3G.
 """
 
 from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
@@ -24,7 +42,11 @@ SMALL = {"depths": [3, 3, 27, 3], "hidden_dims": [96, 192, 384, 768]}
 BASE = {"depths": [3, 3, 27, 3], "hidden_dims": [128, 256, 512, 1024]}
 # The isotropic ConvNeXt (Liu et al., 2022, §isotropic): 16x16 stem
 # without LayerNorm, no LayerScale, 18 blocks at constant width.
-ISOTROPIC = {"patch_size": 16, "stem_norm": False, "layer_scale_init_value": None}
+ISOTROPIC = {
+    "patch_size": 16,
+    "stem_norm": False,
+    "layer_scale_init_value": None,
+}
 ISOTROPIC_SMALL = {"depths": [18], "hidden_dims": [384], **ISOTROPIC}
 ISOTROPIC_BASE = {"depths": [18], "hidden_dims": [768], **ISOTROPIC}
 
@@ -68,29 +90,43 @@ _MODELS = {
     "convnext_small": ("small", None, _paper("Tab. 1", 50.0, 50.0, 8.7)),
     "convnext_base": ("base", None, _paper("Tab. 1", 88.6, 88.6, 15.4)),
     "convnext_isotropic_small": (
-        "isotropic_small", None, _paper("Tab. 1", 22.3, 22.3, 4.3)
+        "isotropic_small",
+        None,
+        _paper("Tab. 1", 22.3, 22.3, 4.3),
     ),
     "convnext_isotropic_base": (
-        "isotropic_base", None, _paper("Tab. 1", 82.4, 82.4, 16.9)
+        "isotropic_base",
+        None,
+        _paper("Tab. 1", 82.4, 82.4, 16.9),
     ),
     # === ConvNeXt-T, ImageNet-1k setting (mlp_ratio 2): E x placement ===
     "convnext_moe_tiny_e4_every2": ("tiny", (4, "every2", 2), None),
     "convnext_moe_tiny_e4_stage": ("tiny", (4, "stage", 2), None),
     "convnext_moe_tiny_e4_last2": (
-        "tiny", (4, "last2", 2), _paper("Tab. 1", 34.5, 25.6, 4.2)
+        "tiny",
+        (4, "last2", 2),
+        _paper("Tab. 1", 34.5, 25.6, 4.2),
     ),
     "convnext_moe_tiny_e4_last3": ("tiny", (4, "last3", 2), None),
     "convnext_moe_tiny_e8_every2": (
-        "tiny", (8, "every2", 2), _paper("Tab. 3", 54.3, 17.0, 3.8)
+        "tiny",
+        (8, "every2", 2),
+        _paper("Tab. 3", 54.3, 17.0, 3.8),
     ),
     "convnext_moe_tiny_e8_stage": (
-        "tiny", (8, "stage", 2), _paper("Tab. 3", 47.4, 25.5, 4.0)
+        "tiny",
+        (8, "stage", 2),
+        _paper("Tab. 3", 47.4, 25.5, 4.0),
     ),
     "convnext_moe_tiny_e8_last2": (
-        "tiny", (8, "last2", 2), _paper("Tab. 3", 46.3, 25.6, 4.2)
+        "tiny",
+        (8, "last2", 2),
+        _paper("Tab. 3", 46.3, 25.6, 4.2),
     ),
     "convnext_moe_tiny_e8_last3": (
-        "tiny", (8, "last3", 2), _paper("Tab. 3", 49.9, 25.0, 4.1)
+        "tiny",
+        (8, "last3", 2),
+        _paper("Tab. 3", 49.9, 25.0, 4.1),
     ),
     "convnext_moe_tiny_e16_every2": ("tiny", (16, "every2", 2), None),
     "convnext_moe_tiny_e16_stage": ("tiny", (16, "stage", 2), None),
@@ -98,45 +134,71 @@ _MODELS = {
     "convnext_moe_tiny_e16_last3": ("tiny", (16, "last3", 2), None),
     # === ConvNeXt-T, ImageNet-21k setting (mlp_ratio 4), Tab. 2, 5, 6 ===
     "convnext_moe_tiny_e8_every2_mlp4": (
-        "tiny", (8, "every2", 4), _paper("Tab. 5", 97.5, 28.6, 4.5)
+        "tiny",
+        (8, "every2", 4),
+        _paper("Tab. 5", 97.5, 28.6, 4.5),
     ),
     "convnext_moe_tiny_e8_stage_mlp4": (
-        "tiny", (8, "stage", 4), _paper("Tab. 5", 78.2, 28.6, 4.5)
+        "tiny",
+        (8, "stage", 4),
+        _paper("Tab. 5", 78.2, 28.6, 4.5),
     ),
     "convnext_moe_tiny_e8_last3_mlp4": (
-        "tiny", (8, "last3", 4), _paper("Tab. 5", 70.0, 28.6, 4.5)
+        "tiny",
+        (8, "last3", 4),
+        _paper("Tab. 5", 70.0, 28.6, 4.5),
     ),
     "convnext_moe_tiny_e8_last2_mlp4": (
-        "tiny", (8, "last2", 4), _paper("Tab. 2", 70.0, 28.7, 4.5)
+        "tiny",
+        (8, "last2", 4),
+        _paper("Tab. 2", 70.0, 28.7, 4.5),
     ),
     "convnext_moe_tiny_e16_last2_mlp4": (
-        "tiny", (16, "last2", 4), _paper("Tab. 6", 117.1, 28.6, 4.5)
+        "tiny",
+        (16, "last2", 4),
+        _paper("Tab. 6", 117.1, 28.6, 4.5),
     ),
     "convnext_moe_tiny_e32_last2_mlp4": (
-        "tiny", (32, "last2", 4), _paper("Tab. 6", 211.6, 28.6, 4.5)
+        "tiny",
+        (32, "last2", 4),
+        _paper("Tab. 6", 211.6, 28.6, 4.5),
     ),
     # === ConvNeXt-S and -B ===
     "convnext_moe_small_e4_last2": (
-        "small", (4, "last2", 2), _paper("Tab. 1", 56.1, 47.3, 8.5)
+        "small",
+        (4, "last2", 2),
+        _paper("Tab. 1", 56.1, 47.3, 8.5),
     ),
     "convnext_moe_small_e8_last2_mlp4": (
-        "small", (8, "last2", 4), _paper("Tab. 2", 91.6, 50.3, 8.7)
+        "small",
+        (8, "last2", 4),
+        _paper("Tab. 2", 91.6, 50.3, 8.7),
     ),
     "convnext_moe_base_e4_last2": (
-        "base", (4, "last2", 2), _paper("Tab. 1", 99.1, 83.4, 15.0)
+        "base",
+        (4, "last2", 2),
+        _paper("Tab. 1", 99.1, 83.4, 15.0),
     ),
     "convnext_moe_base_e8_last2_mlp4": (
-        "base", (8, "last2", 4), _paper("Tab. 2", 162.0, 88.6, 15.4)
+        "base",
+        (8, "last2", 4),
+        _paper("Tab. 2", 162.0, 88.6, 15.4),
     ),
     # === Isotropic ConvNeXt (expert mlp_ratio 4) ===
     "convnext_moe_isotropic_small_e8_every2": (
-        "isotropic_small", (8, "every2", 4), _paper("Tab. 3", 96.7, 22.3, 8.7)
+        "isotropic_small",
+        (8, "every2", 4),
+        _paper("Tab. 3", 96.7, 22.3, 8.7),
     ),
     "convnext_moe_isotropic_small_e8_last2": (
-        "isotropic_small", (8, "last2", 4), _paper("Tab. 1", 38.9, 22.3, 4.3)
+        "isotropic_small",
+        (8, "last2", 4),
+        _paper("Tab. 1", 38.9, 22.3, 4.3),
     ),
     "convnext_moe_isotropic_base_e8_last2": (
-        "isotropic_base", (8, "last2", 4), _paper("Tab. 1", 115.4, None, 16.9)
+        "isotropic_base",
+        (8, "last2", 4),
+        _paper("Tab. 1", 115.4, None, 16.9),
     ),
 }
 
@@ -200,7 +262,11 @@ def analytic_stats(config, image_size=224, num_classes=1000):
     d = dims[-1]
     params += 2 * d + d * num_classes + num_classes
     flops += 5 * d + d * num_classes
-    return {"params": params, "active_params": params - inactive, "flops": flops}
+    return {
+        "params": params,
+        "active_params": params - inactive,
+        "flops": flops,
+    }
 
 
 def build_model(
@@ -333,9 +399,15 @@ _STATS = {
     "convnext_moe_small_e8_last2_mlp4": _stats(91562056, 50234056, 8706257664),
     "convnext_moe_base_e4_last2": _stats(99095656, 83353192, 14973146112),
     "convnext_moe_base_e8_last2_mlp4": _stats(162059368, 88605288, 15384790016),
-    "convnext_moe_isotropic_small_e8_every2": _stats(96778600, 22339816, 4298562432),
-    "convnext_moe_isotropic_small_e8_last2": _stats(38857576, 22315624, 4294347648),
-    "convnext_moe_isotropic_base_e8_last2": _stats(153211624, 87097576, 16912291584),
+    "convnext_moe_isotropic_small_e8_every2": _stats(
+        96778600, 22339816, 4298562432
+    ),
+    "convnext_moe_isotropic_small_e8_last2": _stats(
+        38857576, 22315624, 4294347648
+    ),
+    "convnext_moe_isotropic_base_e8_last2": _stats(
+        153211624, 87097576, 16912291584
+    ),
 }
 
 PRESETS = {name: _preset(name) for name in _MODELS}

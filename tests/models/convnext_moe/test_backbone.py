@@ -35,7 +35,11 @@ def numpy(x):
     "depths, placement, expected",
     [
         # ConvNeXt-T: 3-3-9-3.
-        ([3, 3, 9, 3], "every-2", [(0, 1), (1, 1), (2, 1), (2, 3), (2, 5), (2, 7), (3, 1)]),
+        (
+            [3, 3, 9, 3],
+            "every-2",
+            [(0, 1), (1, 1), (2, 1), (2, 3), (2, 5), (2, 7), (3, 1)],
+        ),
         ([3, 3, 9, 3], "stage", [(0, 2), (1, 2), (2, 8), (3, 2)]),
         ([3, 3, 9, 3], "last-2", [(2, 8), (3, 2)]),
         ([3, 3, 9, 3], "last-3", [(2, 4), (2, 8), (3, 2)]),
@@ -75,16 +79,22 @@ def test_bad_configs_raise_naming_the_value(kwargs, message):
 
 def test_isotropic_last_3_needs_enough_blocks():
     with pytest.raises(ValueError, match="moe_placement='last-3'"):
-        ConvNeXtMoEBackbone(**{**ISOTROPIC, "depths": [4]}, moe_placement="last-3")
+        ConvNeXtMoEBackbone(
+            **{**ISOTROPIC, "depths": [4]}, moe_placement="last-3"
+        )
 
 
-@pytest.mark.parametrize("placement", [None, "every-2", "stage", "last-2", "last-3"])
+@pytest.mark.parametrize(
+    "placement", [None, "every-2", "stage", "last-2", "last-3"]
+)
 @pytest.mark.parametrize(
     "family, expected_shape",
     [(HIERARCHICAL, (2, 1, 1, 32)), (ISOTROPIC, (2, 4, 4, 16))],
     ids=["hierarchical", "isotropic"],
 )
-def test_every_family_builds_with_correct_shapes(family, expected_shape, placement):
+def test_every_family_builds_with_correct_shapes(
+    family, expected_shape, placement
+):
     backbone = ConvNeXtMoEBackbone(
         **family, moe_placement=placement, num_experts=4, expert_mlp_ratio=2
     )
@@ -116,13 +126,16 @@ def test_moe_with_one_expert_equals_the_dense_convnext():
         **HIERARCHICAL, moe_placement="every-2", num_experts=1
     )
     upcycle_convnext(dense, moe)
-    np.testing.assert_allclose(numpy(moe(IMAGES)), numpy(dense(IMAGES)), atol=1e-5)
+    np.testing.assert_allclose(
+        numpy(moe(IMAGES)), numpy(dense(IMAGES)), atol=1e-5
+    )
 
 
 def test_gradients_reach_every_weight():
     backbone = ConvNeXtMoEBackbone(
-        **{**HIERARCHICAL, "depths": [1, 1, 2, 1]},
-        moe_placement=[0, 2, 4],
+        depths=[1, 2],
+        hidden_dims=[8, 16],
+        moe_placement=[0, 2],
         num_experts=4,
         shared_expert=True,
         drop_path_rate=0.1,

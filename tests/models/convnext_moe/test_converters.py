@@ -1,4 +1,4 @@
-"""ConvNeXt converters (keras.applications, timm) and upcycling: parity, errors."""
+"""ConvNeXt converters (keras.applications, timm), upcycling: parity, errors."""
 
 import os
 import re
@@ -46,7 +46,9 @@ def keras_application():
 
 @pytest.fixture(scope="module")
 def images():
-    return np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
+    return (
+        np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
+    )
 
 
 def keras_application_classifier(keras_application, **kwargs):
@@ -55,22 +57,13 @@ def keras_application_classifier(keras_application, **kwargs):
     return ConvNeXtMoEImageClassifier(backbone, num_classes=7)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [{}, dict(moe_placement="last-3", shared_expert=True, **UPCYCLED)],
-    ids=["dense", "upcycled"],
-)
-def test_keras_applications_parity(keras_application, images, kwargs):
-    classifier = keras_application_classifier(keras_application, **kwargs)
+def test_keras_applications_parity(keras_application, images):
+    classifier = keras_application_classifier(keras_application)
     converters.convert_keras_applications_weights(keras_application, classifier)
     np.testing.assert_allclose(
         numpy(classifier(images)), numpy(keras_application(images)), atol=1e-4
     )
-
-
-def test_keras_applications_backbone_parity(keras_application, images):
-    config = converters.keras_applications_backbone_config(keras_application)
-    backbone = ConvNeXtMoEBackbone(**config, image_shape=(32, 32, 3))
+    backbone = ConvNeXtMoEBackbone.from_config(classifier.backbone.get_config())
     converters.convert_keras_applications_weights(keras_application, backbone)
     features = keras.Model(
         keras_application.input,
@@ -81,11 +74,16 @@ def test_keras_applications_backbone_parity(keras_application, images):
     )
 
 
-def test_keras_applications_weights_file(keras_application, images, tmp_path):
+def test_keras_applications_weights_file_upcycled(
+    keras_application, images, tmp_path
+):
     path = str(tmp_path / "convnext_tiny.weights.h5")
     keras_application.save_weights(path)
     classifier = keras_application_classifier(
-        keras_application, moe_placement="last-2", **UPCYCLED
+        keras_application,
+        moe_placement="last-3",
+        shared_expert=True,
+        **UPCYCLED,
     )
     converters.convert_keras_applications_weights(path, classifier)
     np.testing.assert_allclose(
@@ -104,20 +102,32 @@ def timm_reference():
     [
         {},
         dict(moe_placement="every-2", **UPCYCLED),
-        dict(moe_placement="stage", router="cosine", shared_expert=True, **UPCYCLED),
+        dict(
+            moe_placement="stage",
+            router="cosine",
+            shared_expert=True,
+            **UPCYCLED,
+        ),
     ],
     ids=["dense", "upcycled", "upcycled-shared-cosine"],
 )
 def test_timm_parity(timm_reference, kwargs):
     config = converters.timm_backbone_config(TIMM_WEIGHTS)
-    assert config == {"depths": [1, 1, 2, 1], "hidden_dims": [8, 16, 24, 32], "patch_size": 4}
+    assert config == {
+        "depths": [1, 1, 2, 1],
+        "hidden_dims": [8, 16, 24, 32],
+        "patch_size": 4,
+    }
     backbone = ConvNeXtMoEBackbone(**config, image_shape=(64, 64, 3), **kwargs)
     classifier = ConvNeXtMoEImageClassifier(backbone, num_classes=5)
     converters.convert_timm_weights(TIMM_WEIGHTS, classifier)
     images = timm_reference["images"]
     tolerance = 1e-5 if kwargs else 1e-4
     np.testing.assert_allclose(
-        numpy(backbone(images)), timm_reference["features"], atol=tolerance, rtol=tolerance
+        numpy(backbone(images)),
+        timm_reference["features"],
+        atol=tolerance,
+        rtol=tolerance,
     )
     np.testing.assert_allclose(
         numpy(classifier(images)), timm_reference["logits"], atol=1e-4
@@ -159,7 +169,9 @@ def timm_classifier():
 def test_converter_error_names_a_missing_key():
     state_dict = load_state_dict(TIMM_WEIGHTS)
     del state_dict["stages.2.blocks.1.mlp.fc2.weight"]
-    with pytest.raises(ValueError, match=re.escape("'stages.2.blocks.1.mlp.fc2.weight'")):
+    with pytest.raises(
+        ValueError, match=re.escape("'stages.2.blocks.1.mlp.fc2.weight'")
+    ):
         converters.convert_timm_weights(state_dict, timm_classifier())
 
 
@@ -180,9 +192,13 @@ def test_converter_error_names_an_unused_key():
 
 
 def test_converter_rejects_a_different_architecture(keras_application):
-    backbone = ConvNeXtMoEBackbone(depths=[3, 3, 9, 3], hidden_dims=[8, 16, 24, 32])
+    backbone = ConvNeXtMoEBackbone(
+        depths=[3, 3, 9, 3], hidden_dims=[8, 16, 24, 32]
+    )
     with pytest.raises(ValueError, match="stem_conv/kernel"):
-        converters.convert_keras_applications_weights(keras_application, backbone)
+        converters.convert_keras_applications_weights(
+            keras_application, backbone
+        )
 
 
 def test_timm_config_rejects_other_checkpoints():
