@@ -62,7 +62,7 @@ def build_parser():
         help="for preset names: start from the dense checkpoint, upcycled",
     )
     _add_data_arguments(train)
-    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--learning-rate", type=float, default=2e-3)
     train.add_argument("--weight-decay", type=float, default=0.05)
     train.add_argument(
