@@ -466,6 +466,14 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
             (dense_block.norm, moe_block.norm),
         ]
         if moe_block.is_moe:
+            if moe_block.mlp.hidden_dim != dense_block.mlp.hidden_dim:
+                raise ValueError(
+                    "Upcycling copies the dense MLP into every expert, so "
+                    "`expert_mlp_ratio` must equal the dense `mlp_ratio`. "
+                    f"Received: block {moe_block.name} experts of width "
+                    f"{moe_block.mlp.hidden_dim}, dense MLP of width "
+                    f"{dense_block.mlp.hidden_dim}"
+                )
             upcycle_feed_forward(
                 dense_block.mlp, moe_block.mlp, noise_std=noise_std, seed=seed
             )

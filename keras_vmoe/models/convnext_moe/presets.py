@@ -287,7 +287,10 @@ def build_model(
             the ImageNet head is loaded too; otherwise the head is new).
         load_weights: load the dense checkpoint (`weights_path`, or the
             keras.applications ImageNet weights, downloaded by Keras) and
-            upcycle it; False keeps the random initialisation.
+            upcycle it; False keeps the random initialisation (the paper
+            trains from scratch). Upcycling needs experts as wide as the
+            dense MLP: the `_mlp4` and isotropic presets, or any preset
+            with `expert_mlp_ratio=4`.
         weights_path: a local dense checkpoint: a timm `.safetensors` /
             `.npz`, or a keras.applications `.weights.h5`.
         upcycle_noise_std, seed: noise of the expert copies.
@@ -301,40 +304,54 @@ def build_model(
     from keras_vmoe.models.convnext_moe.image_classifier import (
         ConvNeXtMoEImageClassifier,
     )
+    from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
+        ConvNeXtMoEImageClassifierPreprocessor,
+    )
+    from keras_vmoe.models.convnext_moe.image_converter import (
+        ConvNeXtMoEImageConverter,
+    )
 
     preset = PRESETS[name]
-    model = ConvNeXtMoEBackbone(**dict(preset["config"], **overrides))
-    with_head = num_classes == 1000 and load_weights
-    if with_head:
-        model = ConvNeXtMoEImageClassifier(model, num_classes=num_classes)
-    if load_weights:
-        upcycling = {"upcycle_noise_std": upcycle_noise_std, "seed": seed}
-        if weights_path is not None and str(weights_path).endswith(
-            (".safetensors", ".npz")
-        ):
-            converters.convert_timm_weights(weights_path, model, **upcycling)
-        elif weights_path is not None:
-            converters.convert_keras_applications_weights(
-                str(weights_path), model, **upcycling
-            )
-        elif preset["source"] is None:
-            raise ValueError(
-                f"The preset {name!r} has no dense checkpoint to load (no "
-                "safe-format isotropic ConvNeXt weights exist). Pass "
-                "`load_weights=False`, or `weights_path` to a converted "
-                "checkpoint."
-            )
-        else:
-            variant = preset["source"].rsplit(".", 1)[-1]
-            source = getattr(keras.applications, variant)(
-                weights="imagenet", include_top=with_head
-            )
-            converters.convert_keras_applications_weights(
-                source, model, **upcycling
-            )
-    if num_classes is None or with_head:
+    backbone = ConvNeXtMoEBackbone(**dict(preset["config"], **overrides))
+    model = backbone
+    if num_classes is not None:
+        image_size = tuple(size or 224 for size in backbone.image_shape[:2])
+        model = ConvNeXtMoEImageClassifier(
+            backbone,
+            num_classes=num_classes,
+            preprocessor=ConvNeXtMoEImageClassifierPreprocessor(
+                ConvNeXtMoEImageConverter.imagenet(image_size)
+            ),
+        )
+    if not load_weights:
         return model
-    return ConvNeXtMoEImageClassifier(model, num_classes=num_classes)
+    # The ImageNet head is loaded for 1000 classes; otherwise it is new.
+    target = model if num_classes == 1000 else backbone
+    upcycling = {"upcycle_noise_std": upcycle_noise_std, "seed": seed}
+    if weights_path is not None and str(weights_path).endswith(
+        (".safetensors", ".npz")
+    ):
+        converters.convert_timm_weights(weights_path, target, **upcycling)
+    elif weights_path is not None:
+        converters.convert_keras_applications_weights(
+            str(weights_path), target, **upcycling
+        )
+    elif preset["source"] is None:
+        raise ValueError(
+            f"The preset {name!r} has no dense checkpoint to load (no "
+            "safe-format isotropic ConvNeXt weights exist). Pass "
+            "`load_weights=False`, or `weights_path` to a converted "
+            "checkpoint."
+        )
+    else:
+        variant = preset["source"].rsplit(".", 1)[-1]
+        source = getattr(keras.applications, variant)(
+            weights="imagenet", include_top=target is not backbone
+        )
+        converters.convert_keras_applications_weights(
+            source, target, **upcycling
+        )
+    return model
 
 
 def _stats(params, active_params, flops):

@@ -204,3 +204,32 @@ def test_converter_rejects_a_different_architecture(keras_application):
 def test_timm_config_rejects_other_checkpoints():
     with pytest.raises(ValueError, match="stem.0.weight"):
         converters.timm_backbone_config({"blocks.0.weight": np.ones((2,))})
+
+
+def test_from_preset_upcycles_a_local_checkpoint(timm_reference):
+    backbone = ConvNeXtMoEBackbone.from_preset(
+        "convnext_moe_tiny_e8_last2_mlp4",
+        weights_path=TIMM_WEIGHTS,
+        depths=[1, 1, 2, 1],
+        hidden_dims=[8, 16, 24, 32],
+        image_shape=(64, 64, 3),
+        normalize_gates=True,
+        eval_capacity_factor=None,
+    )
+    assert backbone.moe_positions == [(2, 1), (3, 0)]
+    np.testing.assert_allclose(
+        numpy(backbone(timm_reference["images"])),
+        timm_reference["features"],
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_upcycling_needs_experts_as_wide_as_the_dense_mlp():
+    with pytest.raises(ValueError, match="width 48, dense MLP of width 96"):
+        ConvNeXtMoEBackbone.from_preset(
+            "convnext_moe_tiny_e4_last2",
+            weights_path=TIMM_WEIGHTS,
+            depths=[1, 1, 2, 1],
+            hidden_dims=[8, 16, 24, 32],
+        )

@@ -61,19 +61,28 @@ def test_recorded_stats_equal_model_stats_of_the_built_model(name):
 @pytest.mark.parametrize(
     "config",
     [
-        dict(moe_placement="every-2", shared_expert=True, top_k=2),
         dict(
-            moe_placement="stage", router="cosine", moe_kwargs={"router_dim": 8}
+            moe_placement="every-2",
+            shared_expert=True,
+            top_k=2,
+            router="cosine",
+            moe_kwargs={"router_dim": 8},
         ),
-        dict(moe_placement=[0, 3], router="l2", expert_mlp_ratio=1),
-        dict(moe_placement="last-3", moe_skip_connection=False),
+        dict(
+            moe_placement=[0, 3],
+            router="l2",
+            expert_mlp_ratio=1,
+            moe_skip_connection=False,
+            layer_scale_init_value=None,
+            stem_norm=False,
+        ),
     ],
 )
 def test_formula_equals_model_stats_for_other_options(config):
     config = dict(depths=[1, 1, 3, 1], hidden_dims=[8, 16, 24, 32], **config)
-    backbone = ConvNeXtMoEBackbone(**config, image_shape=(64, 64, 3))
+    backbone = ConvNeXtMoEBackbone(**config, image_shape=(32, 32, 3))
     classifier = ConvNeXtMoEImageClassifier(backbone, num_classes=1000)
-    assert model_stats(classifier, image_size=64) == analytic_stats(config, 64)
+    assert model_stats(classifier, image_size=32) == analytic_stats(config, 32)
 
 
 @pytest.mark.parametrize(
