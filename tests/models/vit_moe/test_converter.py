@@ -4,6 +4,7 @@ import pytest
 
 from keras_vmoe.converters import load_state_dict
 from keras_vmoe.converters.vit import convert_vit_checkpoint
+from keras_vmoe.converters.vit import dense_twin
 from keras_vmoe.converters.vit import load_vit_checkpoint
 from keras_vmoe.converters.vit import upcycle_vit
 from keras_vmoe.models.vit_moe import ViTMoEBackbone
@@ -199,3 +200,16 @@ def test_upcycle_vit_refuses_different_architectures():
     moe = backbone_for("vit_tiny_dinov2", 56, moe_layers="last-1", mlp_dim=64)
     with pytest.raises(ValueError, match="mlp_dim"):
         upcycle_vit(dense, moe)
+
+
+def test_dense_twin_drops_only_the_moe_blocks():
+    moe = backbone_for(
+        "vit_tiny_registers", 32, moe_layers="every-2", num_experts=2
+    )
+    twin = dense_twin(moe)
+    assert twin.moe_layer_indices == () and moe.moe_layer_indices == (0, 2)
+    expected = dict(moe.get_config(), moe_layers=None)
+    actual = twin.get_config()
+    assert {k: v for k, v in actual.items() if k != "name"} == {
+        k: v for k, v in expected.items() if k != "name"
+    }
