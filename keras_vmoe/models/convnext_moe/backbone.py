@@ -209,6 +209,14 @@ class ConvNeXtMoEBackbone(Backbone):
         dtype=None,
         **kwargs,
     ):
+        unknown = sorted(set(kwargs) - {"name", "trainable"})
+        if unknown:
+            # keras.Model would silently ignore them (a misspelt argument, or
+            # a MoE option that belongs in `moe_kwargs`).
+            raise ValueError(
+                "Unknown arguments (MoEFeedForward options go in "
+                f"`moe_kwargs`). Received: {unknown}"
+            )
         _check_positive_ints("depths", depths)
         _check_positive_ints("hidden_dims", hidden_dims)
         if len(depths) != len(hidden_dims):
