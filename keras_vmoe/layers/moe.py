@@ -306,7 +306,7 @@ class MoEFeedForward(keras.layers.Layer):
         if self.shared_ffn is not None:
             self.shared_ffn.build(input_shape)
         # Routing statistic, not a parameter: the fraction of all choices
-        # each expert processed in the last training batch. Task models read
+        # each expert processed in the last batch. Task models read
         # it to log expert load during `fit` (on every backend, including
         # JAX's stateless training step, like BatchNorm's moving averages).
         self.expert_load = self.add_weight(
@@ -452,15 +452,12 @@ class MoEFeedForward(keras.layers.Layer):
             normalize=self.normalize_gates,
             batch_prioritized=self.batch_prioritized_routing,
         )
-        load = None
         if training:
             self._add_aux_losses(
                 logits, routing_logits, probs, plan["expert_index"]
             )
-            load = expert_load(
-                plan["expert_index"], plan["kept"], self.num_experts
-            )
-            self.expert_load.assign(load)
+        load = expert_load(plan["expert_index"], plan["kept"], self.num_experts)
+        self.expert_load.assign(load)
 
         if dropless_images:
             routed = self._dropless_image_experts(items, plan, training)
@@ -507,11 +504,7 @@ class MoEFeedForward(keras.layers.Layer):
             "gates": shaped(plan["gates"], k),
             "dropped": shaped(ops.logical_not(plan["kept"]), k),
             "router_probs": shaped(probs, e),
-            "expert_load": (
-                expert_load(plan["expert_index"], plan["kept"], e)
-                if load is None
-                else load
-            ),
+            "expert_load": load,
         }
 
     # === Shapes and config ===

