@@ -373,11 +373,10 @@ def convert_keras_applications_weights(
 def _keras_applications_model(path, model, variant):
     backbone, classifier = _split_model(model)
     if variant is None:
-        architecture = (backbone.depths, backbone.hidden_dims)
         matches = [
             name
-            for name, value in KERAS_APPLICATIONS_VARIANTS.items()
-            if list(map(list, value)) == [list(v) for v in architecture]
+            for name, architecture in KERAS_APPLICATIONS_VARIANTS.items()
+            if architecture == (backbone.depths, backbone.hidden_dims)
         ]
         if not matches:
             raise ValueError(
