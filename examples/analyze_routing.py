@@ -10,6 +10,8 @@ reports what that does to accuracy and speed.
     python examples/analyze_routing.py --smoke --out /tmp/routing_report
     # minutes on CPU: train a small ViMoE on MNIST, analyse, prune, merge
     python examples/analyze_routing.py --mnist --out mnist_report
+    # the same with Sweet-spot token routing (gating maps, patch CDF)
+    python examples/analyze_routing.py --mnist --routing token --out report
     # a saved model on your own labelled images (an .npz with `images`
     # [N, H, W, C] and `labels` [N])
     python examples/analyze_routing.py --model model.keras --data val.npz \
@@ -29,8 +31,11 @@ from keras_vmoe.models import ViTMoEBackbone
 from keras_vmoe.models import ViTMoEImageClassifier
 
 
-def small_vimoe(image_shape, num_classes, num_layers, width, moe_layers):
-    """A small ViMoE: image routing from the CLS token, top-1, 4 experts."""
+def small_vimoe(
+    image_shape, num_classes, num_layers, width, moe_layers, routing="image"
+):
+    """A small ViT-MoE with 4 experts: ViMoE (image routing from the CLS
+    token, top-1) or Sweet-spot (token routing, top-2)."""
     backbone = ViTMoEBackbone(
         image_shape=image_shape,
         patch_size=4,
@@ -40,8 +45,8 @@ def small_vimoe(image_shape, num_classes, num_layers, width, moe_layers):
         mlp_dim=2 * width,
         moe_layers=moe_layers,
         num_experts=4,
-        top_k=1,
-        routing="image",
+        top_k=1 if routing == "image" else 2,
+        routing=routing,
         capacity_factor=None,
         eval_capacity_factor=None,
     )
@@ -121,6 +126,13 @@ def main():
         "--data", help="with --model: an .npz holding `images` and `labels`"
     )
     parser.add_argument("--out", default="routing_report", help="output folder")
+    parser.add_argument(
+        "--routing",
+        choices=("image", "token"),
+        default="image",
+        help="--smoke / --mnist model: ViMoE image routing (top-1) or "
+        "Sweet-spot token routing (top-2)",
+    )
     parser.add_argument("--epochs", type=int, default=2, help="--mnist epochs")
     parser.add_argument(
         "--num-train", type=int, default=20000, help="--mnist training images"
@@ -148,6 +160,7 @@ def main():
             num_layers=3,
             width=16,
             moe_layers="last-2",
+            routing=args.routing,
         )
         args.prune = min(args.prune, 1)
     elif args.mnist:
@@ -158,6 +171,7 @@ def main():
             num_layers=6,
             width=64,
             moe_layers="last-6",
+            routing=args.routing,
         )
         model.compile(
             optimizer=keras.optimizers.AdamW(1e-3),

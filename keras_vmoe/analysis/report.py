@@ -110,7 +110,8 @@ def write_report(
       dropped fraction, gate entropy, specialization, experts per image,
       class x expert counts, Jaccard similarities; routing degree and
       distinct routes; the parameter / FLOPs breakdown);
-    - `load.png`, `patches_per_expert_cdf.png` and, for MoE layer `i`,
+    - `load.png`, `patches_per_expert_cdf.png` (token-routed layers
+      only) and, for MoE layer `i`,
       `heatmap_layer_{i}.png` (with labels), `gating_layer_{i}.png` and
       `similarity_layer_{i}.png`.
 
@@ -150,16 +151,22 @@ def write_report(
     files = [
         plots.plot_expert_load(
             {r.name: r.load for r in routing.layers}, out("load.png"), dpi=dpi
-        ),
-        plots.plot_patches_per_expert_cdf(
-            {
-                r.name: statistics.patches_per_expert_cdf(r.expert_counts)
-                for r in routing.layers
-            },
-            out("patches_per_expert_cdf.png"),
-            dpi=dpi,
-        ),
+        )
     ]
+    # With image routing every patch follows its image: the CDF is only
+    # informative for token-routed layers.
+    token_layers = [r for r in routing.layers if r.routing == "token"]
+    if token_layers:
+        files.append(
+            plots.plot_patches_per_expert_cdf(
+                {
+                    r.name: statistics.patches_per_expert_cdf(r.expert_counts)
+                    for r in token_layers
+                },
+                out("patches_per_expert_cdf.png"),
+                dpi=dpi,
+            )
+        )
     layer_figures = []
     shown = routing.images[:num_gating_images]
     for r in routing.layers:
@@ -241,8 +248,11 @@ def write_report(
         "",
         "![expert load](load.png)",
         "",
-        "![patches per expert CDF](patches_per_expert_cdf.png)",
-        "",
+        *(
+            ["![patches per expert CDF](patches_per_expert_cdf.png)", ""]
+            if token_layers
+            else []
+        ),
         "## Parameters and FLOPs (MACs, one image)",
         "",
         _markdown_table(

@@ -321,9 +321,13 @@ def expert_similarity(counts, by="images"):
     counts = np.asarray(counts, dtype="float64")
     if by == "images":
         counts = (counts > 0).astype("float64")
-    left, right = counts[:, :, None], counts[:, None, :]
-    intersection = np.minimum(left, right).sum(axis=0)
-    union = np.maximum(left, right).sum(axis=0)
+    # One expert at a time keeps memory at [N, E] for large datasets.
+    intersection = np.stack(
+        [np.minimum(column[:, None], counts).sum(axis=0) for column in counts.T]
+    )
+    union = np.stack(
+        [np.maximum(column[:, None], counts).sum(axis=0) for column in counts.T]
+    )
     return np.divide(
         intersection, union, out=np.zeros_like(union), where=union > 0
     )

@@ -156,7 +156,9 @@ def _replace_with_dense(model, folded):
                 f"Surgery could not find weights for {weight.path!r} in the "
                 "original model; the model's layout is not supported."
             )
-        weight.assign(old)
+        # A copy: JAX may donate (delete) the original's buffers when it
+        # later runs under `predict` or `fit`.
+        weight.assign(keras.ops.convert_to_numpy(old))
     return new_model
 
 
@@ -226,8 +228,10 @@ def prune_moe_layers(
       docstring's fold).
 
     Both are exact when the layer's experts are identical and every item's
-    total gate equals `g`. Layers with a shared expert are refused (see
-    the module docstring).
+    total gate equals `g`; otherwise measure the accuracy drop and
+    fine-tune the pruned model briefly (ViMoE retrains its reduced
+    configuration). Layers with a shared expert are refused (see the
+    module docstring).
 
     Args:
         model: a `ViTMoEBackbone` or a classifier whose `backbone` is one.

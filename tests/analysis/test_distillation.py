@@ -56,3 +56,19 @@ def test_bad_arguments_name_the_value(kwargs, message):
     model = tiny_classifier()
     with pytest.raises(ValueError, match=message):
         DistillationModel(model, model, **kwargs)
+
+
+def test_distillation_model_saves_and_loads(tmp_path):
+    images, _ = tiny_data(4)
+    distiller = DistillationModel(
+        tiny_classifier(seed=2), tiny_classifier(moe_layers=None, seed=1)
+    )
+    path = str(tmp_path / "distiller.keras")
+    distiller.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.temperature == distiller.temperature
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(images)),
+        keras.ops.convert_to_numpy(distiller(images)),
+        atol=1e-6,
+    )

@@ -46,7 +46,6 @@ def test_write_report_writes_plots_numbers_and_index(tmp_path):
         "index.md",
         "report.json",
         "load.png",
-        "patches_per_expert_cdf.png",
         "heatmap_layer_0.png",
         "gating_layer_1.png",
         "similarity_layer_1.png",
@@ -64,3 +63,13 @@ def test_write_report_writes_plots_numbers_and_index(tmp_path):
     index = (tmp_path / "index.md").read_text()
     assert "heatmap_layer_0.png" in index and "Routing degree" in index
     assert set(report["files"]) == {str(tmp_path / name) for name in names}
+    assert "patches_per_expert_cdf.png" not in names  # image routing
+
+
+def test_write_report_token_routing_has_cdf_and_patch_maps(tmp_path):
+    images, labels = tiny_data(4)
+    model = tiny_classifier(routing="token", top_k=2)
+    report = write_report(model, (images, labels), str(tmp_path), dpi=40)
+    assert (tmp_path / "patches_per_expert_cdf.png").exists()
+    assert report["routing"]["routing_degree"] is None
+    assert "patches_per_expert_cdf.png" in (tmp_path / "index.md").read_text()

@@ -177,3 +177,14 @@ def test_surgery_errors_name_the_value():
         prune_moe_layers(
             keras.Sequential([keras.layers.Dense(2)]), data, layers=[0]
         )
+
+
+def test_pruned_model_owns_its_weights():
+    # On JAX, `predict` donates the original's buffers; the pruned model
+    # must hold copies.
+    images, labels = tiny_data(4)
+    model = tiny_classifier(identical_experts=True, normalize_gates=True)
+    pruned = prune_moe_layers(model, (images, labels), layers=[0])
+    expected = outputs(pruned, images)
+    model.predict(images, verbose=0)
+    np.testing.assert_allclose(outputs(pruned, images), expected, atol=1e-6)
