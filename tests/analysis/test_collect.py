@@ -14,11 +14,11 @@ from tests.analysis.tiny_models import tiny_data
 
 def test_image_routing_records_one_choice_per_image():
     images, labels = tiny_data(10)
-    result = collect_routing(tiny_classifier(), (images, labels), batch_size=4)
+    model = tiny_classifier()
+    result = collect_routing(model, (images, labels), batch_size=4)
     assert [r.index for r in result.layers] == [0, 1]
-    assert [r.name.split("/")[0] for r in result.layers] == [
-        "block_1",
-        "block_2",
+    assert [r.name for r in result.layers] == [
+        model.backbone.get_layer(f"block_{i}").mlp.path for i in (1, 2)
     ]
     for record in result.layers:
         assert record.expert_index.shape == (10, 1)

@@ -73,3 +73,11 @@ def test_write_report_token_routing_has_cdf_and_patch_maps(tmp_path):
     assert (tmp_path / "patches_per_expert_cdf.png").exists()
     assert report["routing"]["routing_degree"] is None
     assert "patches_per_expert_cdf.png" in (tmp_path / "index.md").read_text()
+
+
+def test_write_report_without_labels_skips_heatmaps(tmp_path):
+    images, _ = tiny_data(4)
+    report = write_report(tiny_classifier(), images, str(tmp_path), dpi=40)
+    assert not list(tmp_path.glob("heatmap_*.png"))
+    assert (tmp_path / "gating_layer_0.png").exists()
+    assert report["routing"]["layers"][0]["specialization"] is None

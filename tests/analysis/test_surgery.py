@@ -188,3 +188,18 @@ def test_pruned_model_owns_its_weights():
     expected = outputs(pruned, images)
     model.predict(images, verbose=0)
     np.testing.assert_allclose(outputs(pruned, images), expected, atol=1e-6)
+
+
+def test_surgery_on_a_backbone_returns_a_backbone():
+    images, _ = tiny_data(4)
+    model = tiny_classifier(
+        identical_experts=True, routing="token", top_k=2, normalize_gates=True
+    )
+    backbone = model.backbone
+    name = backbone.get_layer("block_2").mlp.path
+    merged = merge_experts(backbone, images, layers=[name])
+    assert type(merged) is type(backbone)
+    assert merged.moe_layer_indices == (1,)
+    np.testing.assert_allclose(
+        outputs(merged, images), outputs(backbone, images), atol=1e-5
+    )
