@@ -291,6 +291,17 @@ def _batches(data, batch_size):
         )
 
 
+def model_inputs(model, images):
+    """Images as the model's layers expect them.
+
+    A KerasHub task applies its preprocessor (resize, normalisation) in
+    `fit` / `predict` / `evaluate`, not in `__call__`; analysis calls the
+    model directly, so it applies the preprocessor itself.
+    """
+    preprocessor = getattr(model, "preprocessor", None)
+    return images if preprocessor is None else preprocessor(images)
+
+
 def _num_prefix_tokens(model):
     backbone = getattr(model, "backbone", model)
     return getattr(backbone, "num_prefix_tokens", 0)
@@ -374,7 +385,9 @@ def collect_routing(
                 break
             if not len(batch_images):
                 continue
-            outputs = keras.tree.flatten(model(batch_images, training=False))
+            outputs = keras.tree.flatten(
+                model(model_inputs(model, batch_images), training=False)
+            )
             if len(outputs[0].shape) == 2:
                 outputs_width = outputs[0].shape[-1]
             image_shape = tuple(batch_images.shape[1:3])
@@ -452,7 +465,9 @@ def accuracy(model, data, batch_size=32, max_batches=None):
             )
         if labels.ndim == 2:
             labels = labels.argmax(axis=-1)
-        scores = keras.ops.convert_to_numpy(model(images, training=False))
+        scores = keras.ops.convert_to_numpy(
+            model(model_inputs(model, images), training=False)
+        )
         correct += int((scores.argmax(axis=-1) == labels.ravel()).sum())
         total += len(labels)
     if not total:

@@ -131,3 +131,27 @@ def test_convnext_feature_map_routing():
     shapes = [r.top_expert_map((32, 32)).shape for r in result.layers]
     assert shapes == [(3, 8, 8), (3, 4, 4)]
     assert result.layers[1].expert_counts.sum() == 3 * 16
+
+
+def test_collect_routing_applies_the_task_preprocessor():
+    """KerasHub applies preprocessors in fit/predict only; analysis calls the
+    model directly and must normalise the images the same way."""
+    from keras_vmoe.models import ViTMoEImageClassifier
+    from keras_vmoe.models.vit_moe.image_classifier import (
+        ViTMoEImageClassifierPreprocessor,
+    )
+    from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageConverter
+
+    backbone = ViTMoEBackbone(
+        image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2,
+        hidden_dim=16, mlp_dim=32, moe_layers="last-1", num_experts=4,
+    )
+    preprocessor = ViTMoEImageClassifierPreprocessor(
+        ViTMoEImageConverter(image_size=(16, 16), scale=1 / 255)
+    )
+    model = ViTMoEImageClassifier(backbone, num_classes=3, preprocessor=preprocessor)
+    images = np.random.default_rng(0).uniform(0, 255, (6, 16, 16, 3)).astype("float32")
+    raw = collect_routing(model, images).layers[0].router_probs
+    model.preprocessor = None
+    scaled = collect_routing(model, images / 255).layers[0].router_probs
+    np.testing.assert_allclose(raw, scaled, rtol=1e-5, atol=1e-6)
