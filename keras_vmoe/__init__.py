@@ -5,6 +5,7 @@ Importing the package registers every layer and model class with Keras, so
 `keras.saving.load_model(path)` can rebuild keras-vmoe models.
 """
 
+from keras_vmoe import analysis
 from keras_vmoe import layers
 from keras_vmoe import models
 

@@ -28,6 +28,14 @@ def moe_layers(model):
     ]
 
 
+def _unique_names(layers):
+    """Layer names, or their paths where names repeat (ConvNeXt's "moe")."""
+    names = [layer.name for layer in layers]
+    if len(set(names)) == len(names):
+        return names
+    return [layer.path.replace("/", "_") for layer in layers]
+
+
 class RoutingMetricsMixin:
     """Mixin for `keras.Model` subclasses; call `_track_routing()` once the
     model's layers exist (end of `__init__`)."""
@@ -36,8 +44,8 @@ class RoutingMetricsMixin:
         self._routed_layers = moe_layers(self)
         self.aux_loss_tracker = keras.metrics.Mean(name="aux_loss")
         self.load_trackers = [
-            keras.metrics.Mean(name=f"{layer.name}_max_load")
-            for layer in self._routed_layers
+            keras.metrics.Mean(name=f"{name}_max_load")
+            for name in _unique_names(self._routed_layers)
         ]
 
     def compute_loss(

@@ -8,16 +8,19 @@ from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
     ConvNeXtMoEImageClassifierPreprocessor,
 )
+from keras_vmoe.training.metrics import RoutingMetricsMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEImageClassifier(ImageClassifier):
+class ConvNeXtMoEImageClassifier(RoutingMetricsMixin, ImageClassifier):
     """Image classifier on a `ConvNeXtMoEBackbone`.
 
     The ConvNeXt head (Liu et al., 2022): global average pooling of the
     last feature map, LayerNorm (epsilon 1e-6), dropout, then a dense
     layer. The MoE blocks' auxiliary (load-balancing) losses are added with
-    `add_loss`, so `fit()` trains them with the classification loss.
+    `add_loss`, so `fit()` trains them with the classification loss, and
+    the `fit` logs show `aux_loss` and each MoE layer's `max_load` (see
+    `keras_vmoe.training.RoutingMetricsMixin`).
 
     Args:
         backbone: a `ConvNeXtMoEBackbone`.
@@ -86,6 +89,7 @@ class ConvNeXtMoEImageClassifier(ImageClassifier):
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.pooling = "avg"
+        self._track_routing()
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
