@@ -30,8 +30,11 @@ an approximation whose cost must be measured (`accuracy`).
 The shared expert is always on, so it would have to sit beside the folded
 FFN (`E_s(x) + FFN(x)`, an exact fold into one FFN of hidden width 2h by
 concatenating hidden units). The ViT blocks' dense MLP has width
-`mlp_dim`, so layers with a shared expert are refused with a clear error
-rather than approximated.
+`mlp_dim`, so the folding strategies refuse layers with a shared expert
+with a clear error rather than approximate them; `prune_moe_layers(...,
+strategy="shared_expert")` instead keeps the shared expert alone, dropping
+the routed experts of a layer that does not specialise (ViMoE's shared
+expert carries what is common to all images).
 """
 
 import keras
@@ -41,7 +44,7 @@ from keras_vmoe.analysis.collect import _resolve_layer_index
 from keras_vmoe.analysis.collect import collect_routing
 from keras_vmoe.training.metrics import moe_layers
 
-STRATEGIES = ("most_used", "load_weighted")
+STRATEGIES = ("most_used", "load_weighted", "shared_expert")
 
 
 def fold_expert_weights(
@@ -162,14 +165,33 @@ def _replace_with_dense(model, folded):
     return new_model
 
 
-def _check_no_shared_expert(layer):
-    if layer.shared_ffn is not None:
+def _check_strategy_fits(layer, strategy):
+    if strategy == "shared_expert" and layer.shared_ffn is None:
+        raise ValueError(
+            "`strategy='shared_expert'` keeps a layer's shared expert, but "
+            f"layer {layer.path!r} has none. Received: shared_expert=False"
+        )
+    if strategy != "shared_expert" and layer.shared_ffn is not None:
         raise ValueError(
             "Cannot fold an MoE layer with a shared expert into the block's "
             "dense MLP: E_s(x) + FFN(x) needs an MLP of hidden width "
-            f"{2 * layer.hidden_dim}, the block's has {layer.hidden_dim}. "
-            f"Received: layer {layer.path!r} with shared_expert=True"
+            f"{2 * layer.hidden_dim}, the block's has {layer.hidden_dim} "
+            "(use strategy='shared_expert' to keep the shared expert "
+            f"alone). Received: layer {layer.path!r} with shared_expert=True"
         )
+
+
+def _shared_expert_weights(layer):
+    shared = layer.shared_ffn
+    return {
+        name: keras.ops.convert_to_numpy(weight)
+        for name, weight in (
+            ("fc1_kernel", shared.fc1.kernel),
+            ("fc1_bias", shared.fc1.bias),
+            ("fc2_kernel", shared.fc2.kernel),
+            ("fc2_bias", shared.fc2.bias),
+        )
+    }
 
 
 def _routing_for(model, routing, data, batch_size, max_batches):
@@ -225,13 +247,15 @@ def prune_moe_layers(
       gates and no drops): `FFN(x) = g E_j(x)`;
     - `strategy="load_weighted"`: the load-weighted average of the
       experts' weights (`a = load`, `o = g * load` in the module
-      docstring's fold).
+      docstring's fold);
+    - `strategy="shared_expert"` (layers with a shared expert): the shared
+      expert alone, `FFN(x) = E_s(x)`.
 
     Both are exact when the layer's experts are identical and every item's
     total gate equals `g`; otherwise measure the accuracy drop and
     fine-tune the pruned model briefly (ViMoE retrains its reduced
-    configuration). Layers with a shared expert are refused (see the
-    module docstring).
+    configuration). The two folding strategies refuse layers with a
+    shared expert (see the module docstring).
 
     Args:
         model: a `ViTMoEBackbone` or a classifier whose `backbone` is one.
@@ -242,7 +266,7 @@ def prune_moe_layers(
             names.
         threshold: also replace every MoE layer whose specialization score
             (`statistics.specialization_score`) is below this value.
-        strategy: "most_used" or "load_weighted".
+        strategy: "most_used", "load_weighted" or "shared_expert".
         routing: a `RoutingResult` of this model, instead of `data`.
         batch_size, max_batches: passed to `collect_routing`.
 
@@ -273,7 +297,7 @@ def prune_moe_layers(
     names = [layer.path for _, layer in blocks]
     chosen = {_resolve_layer_index(index, names) for index in layers or ()}
     for index in chosen:
-        _check_no_shared_expert(blocks[index][1])
+        _check_strategy_fits(blocks[index][1], strategy)
     routing = _routing_for(model, routing, data, batch_size, max_batches)
     if threshold is not None:
         chosen |= {
@@ -282,7 +306,10 @@ def prune_moe_layers(
     folded = {}
     for index in sorted(chosen):
         block_index, layer = blocks[index]
-        _check_no_shared_expert(layer)
+        _check_strategy_fits(layer, strategy)
+        if strategy == "shared_expert":
+            folded[block_index] = _shared_expert_weights(layer)
+            continue
         record = routing.layer(layer.path)
         load, scale = record.load, float(record.mean_gate.sum())
         if strategy == "most_used":
@@ -332,7 +359,7 @@ def merge_experts(
         else sorted({_resolve_layer_index(index, names) for index in layers})
     )
     for index in indices:
-        _check_no_shared_expert(blocks[index][1])
+        _check_strategy_fits(blocks[index][1], "gate_weighted")
     routing = _routing_for(model, routing, data, batch_size, max_batches)
     folded = {}
     for index in indices:
