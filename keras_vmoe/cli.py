@@ -276,14 +276,9 @@ def train(args):
     if not args.no_plot:
         from keras_vmoe import analysis
 
-        summary["routing_report"] = str(
-            analysis.write_report(
-                model,
-                test_data,
-                os.path.join(output_dir, "analysis"),
-                max_batches=8,
-            )
-        )
+        report_dir = os.path.join(output_dir, "analysis")
+        analysis.write_report(model, test_data, report_dir, max_batches=8)
+        summary["routing_report"] = os.path.join(report_dir, "index.md")
     print(
         f"Test accuracy {100 * summary['test_accuracy']:.2f}% | preset: "
         f"{preset_dir} | summary: {os.path.join(output_dir, 'summary.json')}",
@@ -366,11 +361,11 @@ def analyze(args):
         args, args.split, args.image_size or _image_size(model), False
     )
     output_dir = args.output_dir or os.path.join(args.preset, "analysis")
-    index = analysis.write_report(
+    report = analysis.write_report(
         model, data, output_dir, max_batches=args.max_batches
     )
-    print(f"Report: {index}")
-    return index
+    print(f"Report: {os.path.join(output_dir, 'index.md')}")
+    return report
 
 
 def presets(args):
