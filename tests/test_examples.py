@@ -47,7 +47,7 @@ def test_example_script_smoke(script, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
-def test_notebook_executes(notebook, monkeypatch):
+def test_notebook_executes(notebook, monkeypatch, tmp_path):
     import nbformat
     from nbclient import NotebookClient
 
@@ -59,7 +59,8 @@ def test_notebook_executes(notebook, monkeypatch):
         document,
         timeout=900,
         kernel_name="python3",
-        resources={"metadata": {"path": EXAMPLES}},
+        # Run in a scratch folder: notebooks write figures to their cwd.
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
     # Notebooks are committed without outputs.
