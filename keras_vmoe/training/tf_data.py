@@ -15,8 +15,12 @@ import os
 import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from keras_vmoe.models.normalization import IMAGENET_MEAN
+from keras_vmoe.models.normalization import IMAGENET_STD
+
+# ImageNet statistics in pixel units ([0, 255] images).
+IMAGENET_MEAN = tuple(255 * mean for mean in IMAGENET_MEAN)
+IMAGENET_STD = tuple(255 * std for std in IMAGENET_STD)
 NORMALIZATIONS = (None, "imagenet", "unit")
 
 # Out-of-distribution ImageNet test sets, by tfds name, with their split.

@@ -4,13 +4,11 @@ import keras
 from keras_hub.layers import ImageConverter
 
 from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from keras_vmoe.models.normalization import ImageNetConverterMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEImageConverter(ImageConverter):
+class ConvNeXtMoEImageConverter(ImageNetConverterMixin, ImageConverter):
     """Resizes and rescales images for `ConvNeXtMoEBackbone`.
 
     ConvNeXt checkpoints (keras.applications with
@@ -28,15 +26,3 @@ class ConvNeXtMoEImageConverter(ImageConverter):
 
     backbone_cls = ConvNeXtMoEBackbone
 
-    @classmethod
-    def imagenet(cls, image_size=(224, 224), **kwargs):
-        """Converter with ImageNet normalisation: `(x / 255 - mean) / std`."""
-        return cls(
-            image_size=image_size,
-            scale=[1.0 / (255.0 * std) for std in IMAGENET_STD],
-            offset=[
-                -mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)
-            ],
-            interpolation="bicubic",
-            **kwargs,
-        )

@@ -4,16 +4,17 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_vmoe.models.normalization import ImageNetConverterMixin
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.training.metrics import RoutingMetricsMixin
 
 POOLINGS = ("cls", "cls+mean")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEImageConverter(keras_hub.layers.ImageConverter):
+class ViTMoEImageConverter(
+    ImageNetConverterMixin, keras_hub.layers.ImageConverter
+):
     """Resizes and normalises images for a `ViTMoEBackbone`.
 
     A KerasHub `ImageConverter`; `ViTMoEImageConverter.imagenet(size)` gives
@@ -22,19 +23,6 @@ class ViTMoEImageConverter(keras_hub.layers.ImageConverter):
     """
 
     backbone_cls = ViTMoEBackbone
-
-    @classmethod
-    def imagenet(cls, image_size=(224, 224), **kwargs):
-        """Converter with ImageNet normalisation: `(x / 255 - mean) / std`."""
-        return cls(
-            image_size=image_size,
-            scale=[1.0 / (255.0 * std) for std in IMAGENET_STD],
-            offset=[
-                -mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)
-            ],
-            interpolation="bicubic",
-            **kwargs,
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
