@@ -25,4 +25,3 @@ class ConvNeXtMoEImageConverter(ImageNetConverterMixin, ImageConverter):
     """
 
     backbone_cls = ConvNeXtMoEBackbone
-
