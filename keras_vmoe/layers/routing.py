@@ -68,9 +68,23 @@ def top_k_gates(probs, top_k, normalize=False):
 
     Returns:
         `(gates, expert_index)`, both [S, K]; `gates` in descending order.
-        Ties choose the lower expert index.
+        Ties choose the lower expert index on every backend (K passes of
+        `argmax`, which returns the first maximum; torch's `topk` does not
+        promise an order among ties). K is small, so this costs little.
     """
-    gates, expert_index = ops.top_k(probs, top_k, sorted=True)
+    probs = ops.convert_to_tensor(probs)
+    num_experts = ops.shape(probs)[-1]
+    remaining = probs
+    gates, indices = [], []
+    for _ in range(top_k):
+        index = ops.argmax(remaining, axis=-1)
+        chosen = ops.one_hot(index, num_experts, dtype=probs.dtype)
+        gates.append(ops.sum(probs * chosen, axis=-1))
+        indices.append(index)
+        # Probabilities are >= 0: -1 removes the chosen expert.
+        remaining = remaining - 2.0 * chosen
+    gates = ops.stack(gates, axis=-1)
+    expert_index = ops.stack(indices, axis=-1)
     if normalize:
         gates = gates / ops.maximum(
             ops.sum(gates, axis=-1, keepdims=True), 1e-9

@@ -117,3 +117,11 @@ def test_expert_load_counts_kept_choices():
     np.testing.assert_allclose(
         _np(routing.expert_load(index, kept, 4)), [1 / 6, 1 / 6, 1 / 6, 0]
     )
+
+
+def test_top_k_ties_prefer_lower_experts_after_the_first_choice():
+    # Expert 2 is best; experts 0, 1 and 3 tie for second place.
+    probs = np.array([[0.2, 0.2, 0.4, 0.2]], "float32")
+    gates, index = routing.top_k_gates(probs, 3)
+    np.testing.assert_array_equal(_np(index), [[2, 0, 1]])
+    np.testing.assert_allclose(_np(gates), [[0.4, 0.2, 0.2]])
