@@ -2,6 +2,10 @@
 
 import keras
 
+from keras_vmoe.layers.quantization import QuantizedCallMixin
+from keras_vmoe.layers.quantization import sublayer_dtype
+from keras_vmoe.layers.quantization import unquantized_policy
+
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
@@ -19,7 +23,7 @@ def apply_activation(x, activation):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class FeedForward(keras.layers.Layer):
+class FeedForward(QuantizedCallMixin, keras.layers.Layer):
     """`fc2(dropout(act(fc1(x))))`, the dense FFN that experts replicate.
 
     It is the dense baseline of every MoE layer, the shared expert of
@@ -71,7 +75,7 @@ class FeedForward(keras.layers.Layer):
         )
         self.fc2 = None
         self.dropout_layer = keras.layers.Dropout(
-            dropout, dtype=self.dtype_policy, name="dropout"
+            dropout, dtype=unquantized_policy(self.dtype_policy), name="dropout"
         )
 
     def build(self, input_shape):
@@ -79,7 +83,7 @@ class FeedForward(keras.layers.Layer):
         self.fc2 = keras.layers.Dense(
             self.output_dim or input_shape[-1],
             kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
+            dtype=sublayer_dtype(self),
             name="fc2",
         )
         self.fc2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))

@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from keras_vmoe.layers import losses as moe_losses
+from keras_vmoe.layers import quantization
 from keras_vmoe.layers.dispatch import slot_dispatch
 from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.feed_forward import apply_activation
@@ -60,7 +61,7 @@ def _check_choice(name, value, choices):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class MoEFeedForward(keras.layers.Layer):
+class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
     """Mixture-of-Experts feed-forward layer with top-k routing.
 
     `y = E_s(x) + sum_{i in top-k} g_i(x) E_i(x)` where each expert `E_i` is
@@ -289,7 +290,7 @@ class MoEFeedForward(keras.layers.Layer):
             else None
         )
         self.dropout_layer = keras.layers.Dropout(
-            dropout, dtype=self.dtype_policy, name="dropout"
+            dropout, dtype=quantization.unquantized_policy(self.dtype_policy), name="dropout"
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._router_spec = router
@@ -331,22 +332,29 @@ class MoEFeedForward(keras.layers.Layer):
             )
         self.input_dim = d
         self.router.build((None, d))
-        self.expert_kernel_1 = self.add_weight(
-            name="expert_kernel_1",
-            shape=(e, d, h),
-            initializer=self.kernel_initializer,
-        )
-        self.expert_bias_1 = self.add_weight(
-            name="expert_bias_1", shape=(e, h), initializer="zeros"
-        )
-        self.expert_kernel_2 = self.add_weight(
-            name="expert_kernel_2",
-            shape=(e, h, d),
-            initializer=self.kernel_initializer,
-        )
-        self.expert_bias_2 = self.add_weight(
-            name="expert_bias_2", shape=(e, d), initializer="zeros"
-        )
+        mode = self.quantization_mode
+        if mode is not None:
+            quantization.check_mode(mode)
+        for index, (shape_in, shape_out) in enumerate(((d, h), (h, d)), 1):
+            if mode is None:
+                setattr(
+                    self,
+                    f"_expert_kernel_{index}",
+                    self.add_weight(
+                        name=f"expert_kernel_{index}",
+                        shape=(e, shape_in, shape_out),
+                        initializer=self.kernel_initializer,
+                    ),
+                )
+            setattr(
+                self,
+                f"expert_bias_{index}",
+                self.add_weight(
+                    name=f"expert_bias_{index}",
+                    shape=(e, shape_out),
+                    initializer="zeros",
+                ),
+            )
         if self.shared_ffn is not None:
             self.shared_ffn.build(input_shape)
         # Routing statistic, not a parameter: the fraction of all choices
@@ -360,6 +368,91 @@ class MoEFeedForward(keras.layers.Layer):
             trainable=False,
             dtype="float32",
         )
+        if mode is not None:
+            self._build_quantized_kernels(mode)
+
+    # === Quantization ===
+    def _build_quantized_kernels(self, mode):
+        """Stored kernels and per-expert, per-channel scales (after the
+        float weights, so a quantized layer saves and loads in one order)."""
+        e, d, h = self.num_experts, self.input_dim, self.hidden_dim
+        self._is_quantized = True  # Keras' marker: setting the policy is done
+        for index, (shape_in, shape_out) in enumerate(((d, h), (h, d)), 1):
+            setattr(
+                self,
+                f"_expert_kernel_{index}",
+                self.add_weight(
+                    name=f"expert_kernel_{index}",
+                    shape=(e, shape_in, shape_out),
+                    initializer="zeros",
+                    dtype=quantization.STORAGE_DTYPES[mode],
+                    trainable=False,
+                ),
+            )
+            setattr(
+                self,
+                f"expert_kernel_{index}_scale",
+                self.add_weight(
+                    name=f"expert_kernel_{index}_scale",
+                    shape=(e, 1, shape_out),
+                    initializer="ones",
+                    dtype="float32",
+                    trainable=False,
+                ),
+            )
+
+    @property
+    def expert_kernel_1(self):
+        """[E, d, h] first expert kernels (dequantized when quantized)."""
+        return self._expert_kernel(1)
+
+    @property
+    def expert_kernel_2(self):
+        """[E, h, d] second expert kernels (dequantized when quantized)."""
+        return self._expert_kernel(2)
+
+    def _expert_kernel(self, index):
+        stored = getattr(self, f"_expert_kernel_{index}")
+        mode = self.quantization_mode
+        if mode is None:
+            return stored
+        scale = getattr(self, f"expert_kernel_{index}_scale")
+        return quantization.dequantize_kernel(
+            stored, scale, mode, self.compute_dtype
+        )
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Weight-only quantization of the experts: "int8" or "float8".
+
+        Every routed expert kernel gets one scale per expert and output
+        channel (see `keras_vmoe.layers.quantization`); the shared expert's
+        `Dense` layers are quantized with Keras' own `Dense.quantize` (if
+        `model.quantize` has not done so already). Biases stay in float
+        and the router stays float32. `model.quantize(mode)` on keras-vmoe
+        models calls this for every MoE layer.
+        """
+        del type_check, config  # the experts take no quantizer config
+        quantization.check_mode(mode)
+        stored = {}
+        for index in (1, 2):
+            kernel = getattr(self, f"_expert_kernel_{index}")
+            stored[index] = quantization.quantize_kernel(
+                ops.convert_to_numpy(kernel), mode
+            )
+            delattr(self, f"_expert_kernel_{index}")
+        self._build_quantized_kernels(mode)
+        for index, (values, scale) in stored.items():
+            getattr(self, f"_expert_kernel_{index}").assign(values)
+            getattr(self, f"expert_kernel_{index}_scale").assign(scale)
+        if self.shared_ffn is not None:
+            for dense in (self.shared_ffn.fc1, self.shared_ffn.fc2):
+                if dense.quantization_mode is None:
+                    dense.quantize(mode)
+        if self.dtype_policy.quantization_mode is None:
+            self.dtype_policy = keras.dtype_policies.get(
+                f"{mode}_from_{self.dtype_policy.name}"
+            )
+
 
     # === Forward ===
     def _router_logits(self, router_input, training):

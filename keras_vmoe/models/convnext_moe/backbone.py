@@ -4,6 +4,7 @@ import keras
 from keras_hub.models import Backbone
 
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
+from keras_vmoe.models.quantization import ExpertQuantizationMixin
 
 MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
 
@@ -121,7 +122,7 @@ def _check_positive_ints(name, values):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEBackbone(Backbone):
+class ConvNeXtMoEBackbone(ExpertQuantizationMixin, Backbone):
     """ConvNeXt backbone whose chosen blocks have a Mixture-of-Experts MLP.
 
     Hierarchical ConvNeXt (Liu et al., 2022): a `patch_size` x `patch_size`

@@ -8,11 +8,14 @@ from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
     ConvNeXtMoEImageClassifierPreprocessor,
 )
+from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.training.metrics import RoutingMetricsMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEImageClassifier(RoutingMetricsMixin, ImageClassifier):
+class ConvNeXtMoEImageClassifier(
+    ExpertQuantizationMixin, RoutingMetricsMixin, ImageClassifier
+):
     """Image classifier on a `ConvNeXtMoEBackbone`.
 
     The ConvNeXt head (Liu et al., 2022): global average pooling of the

@@ -7,6 +7,7 @@ import keras
 import keras_hub
 
 from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
 
@@ -89,7 +90,7 @@ def resolve_moe_layers(moe_layers, num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEBackbone(keras_hub.models.Backbone):
+class ViTMoEBackbone(ExpertQuantizationMixin, keras_hub.models.Backbone):
     """DINOv2-style Vision Transformer with Mixture-of-Experts blocks.
 
     A ViT (Dosovitskiy et al., 2021) in the DINOv2 form (Oquab et al.,

@@ -5,6 +5,7 @@ import keras_hub
 from keras import ops
 
 from keras_vmoe.models.normalization import ImageNetConverterMixin
+from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.training.metrics import RoutingMetricsMixin
 
@@ -37,7 +38,7 @@ class ViTMoEImageClassifierPreprocessor(
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ViTMoEImageClassifier(
-    RoutingMetricsMixin, keras_hub.models.ImageClassifier
+    ExpertQuantizationMixin, RoutingMetricsMixin, keras_hub.models.ImageClassifier
 ):
     """Image classifier on a ViT-MoE backbone.
 

@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.layers.quantization import sublayer_dtype
 
 
 def _cubic(x, a=-0.5):
@@ -201,14 +202,14 @@ class ViTAttention(keras.layers.Layer):
             3 * width,
             use_bias=self.use_bias,
             kernel_initializer=initializer,
-            dtype=self.dtype_policy,
+            dtype=sublayer_dtype(self),
             name="qkv",
         )
         self.qkv.build(input_shape)
         self.proj = keras.layers.Dense(
             width,
             kernel_initializer=initializer,
-            dtype=self.dtype_policy,
+            dtype=sublayer_dtype(self),
             name="proj",
         )
         self.proj.build(input_shape)

@@ -1,0 +1,91 @@
+"""`model.quantize` that reaches the routed experts.
+
+Keras' `Model.quantize` only visits leaf layers; the stacked experts of
+`MoEFeedForward` sit in a layer with sublayers (router, shared expert), so
+plain Keras would leave them in float without a word. keras-vmoe backbones
+and tasks add this mixin: after Keras has quantized the leaves, every MoE
+layer that the filters select quantizes its experts too
+(`MoEFeedForward.quantize`).
+"""
+
+import re
+
+import keras
+
+
+from keras_vmoe.layers.moe import MoEFeedForward
+
+
+def _selected(layer, filters):
+    """Keras' filter rule: regex on the layer name, a list, or a callable."""
+    if filters is None:
+        return True
+    if isinstance(filters, str):
+        return bool(re.search(filters, layer.name))
+    if isinstance(filters, (list, tuple)):
+        return any(re.search(pattern, layer.name) for pattern in filters)
+    return bool(filters(layer))
+
+
+class ExpertQuantizationMixin:
+    """Adds the MoE experts to `quantize(mode)` ("int8" or "float8")."""
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        super().quantize(mode, config=config, filters=filters, **kwargs)
+        mode = mode if mode is not None else getattr(config, "mode", None)
+        changed = False
+        for layer in self._flatten_layers():
+            if (
+                isinstance(layer, MoEFeedForward)
+                and layer.quantization_mode is None
+                and _selected(layer, filters)
+            ):
+                layer.quantize(mode)
+                changed = True
+        if changed:
+            self.train_function = None
+            self.test_function = None
+            self.predict_function = None
+
+    # === Saving ===
+    def get_config(self):
+        config = super().get_config()
+        head = getattr(self, "output_dense", None)
+        if head is not None and head.quantization_mode is not None:
+            # The task rebuilds its head from `head_dtype`, which also
+            # drives weight-free layers; record the head's mode instead.
+            config["head_quantization"] = head.quantization_mode
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        head_mode = config.pop("head_quantization", None)
+        model = super().from_config(config)
+        if head_mode is not None:
+            head = model.output_dense
+            if isinstance(head.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+                # The backbone's map (a quantized backbone) has no entry for
+                # the head: give it the map's float policy to quantize from.
+                head._dtype_policy = head.dtype_policy.default_policy
+            head.quantize(head_mode)
+        return model
+
+    def save_to_preset(self, preset_dir, *args, **kwargs):
+        quantized = sorted(
+            {
+                layer.quantization_mode
+                for layer in self._flatten_layers()
+                if layer.quantization_mode is not None
+            }
+        )
+        if quantized:
+            raise ValueError(
+                "A quantized model cannot be saved as a KerasHub preset: "
+                "KerasHub's `from_preset` (0.32) drops the per-layer dtype "
+                "policies, so the preset would not load. Save it with "
+                "`model.save('model.keras')` and load it with "
+                "`keras.models.load_model`. Received: quantized layers "
+                f"({', '.join(quantized)}), preset_dir={preset_dir!r}"
+            )
+        return super().save_to_preset(preset_dir, *args, **kwargs)
