@@ -3,6 +3,7 @@
 import keras
 from keras_hub.models import Backbone
 
+from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 
 MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
@@ -121,7 +122,7 @@ def _check_positive_ints(name, values):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEBackbone(Backbone):
+class ConvNeXtMoEBackbone(preset_io.PresetSavingMixin, Backbone):
     """ConvNeXt backbone whose chosen blocks have a Mixture-of-Experts MLP.
 
     Hierarchical ConvNeXt (Liu et al., 2022): a `patch_size` x `patch_size`
@@ -375,7 +376,14 @@ class ConvNeXtMoEBackbone(Backbone):
 
         if isinstance(preset, str) and preset in presets.PRESETS:
             return presets.build_model(preset, None, load_weights, **kwargs)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        preset_io.check_preset_name(preset, "ConvNeXtMoE", cls.__name__)
+        preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
+        return preset_io._wrap_loading_errors(
+            preset,
+            lambda: super(ConvNeXtMoEBackbone, cls).from_preset(
+                preset, load_weights=load_weights, **kwargs
+            ),
+        )
 
     @property
     def blocks(self):

@@ -4,6 +4,7 @@ import keras
 from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
+from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
     ConvNeXtMoEImageClassifierPreprocessor,
@@ -12,7 +13,9 @@ from keras_vmoe.training.metrics import RoutingMetricsMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEImageClassifier(RoutingMetricsMixin, ImageClassifier):
+class ConvNeXtMoEImageClassifier(
+    RoutingMetricsMixin, preset_io.PresetSavingMixin, ImageClassifier
+):
     """Image classifier on a `ConvNeXtMoEBackbone`.
 
     The ConvNeXt head (Liu et al., 2022): global average pooling of the
@@ -104,8 +107,13 @@ class ConvNeXtMoEImageClassifier(RoutingMetricsMixin, ImageClassifier):
         from keras_vmoe.models.convnext_moe import presets
 
         if not (isinstance(preset, str) and preset in presets.PRESETS):
-            return super().from_preset(
-                preset, load_weights=load_weights, **kwargs
+            preset_io.check_preset_name(preset, "ConvNeXtMoE", cls.__name__)
+            preset_io.check_preset_dir(preset, True, load_weights, **kwargs)
+            return preset_io._wrap_loading_errors(
+                preset,
+                lambda: super(ConvNeXtMoEImageClassifier, cls).from_preset(
+                    preset, load_weights=load_weights, **kwargs
+                ),
             )
         if kwargs.get("num_classes") is None:
             raise ValueError(

@@ -36,6 +36,8 @@ ConvNeXt-T-4 Last-2 34.5 / 25.6 / 4.24 (4.2), ConvNeXt-T-8 Stage 47.4 /
 """
 
 from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
+from keras_vmoe.models.normalization import IMAGENET_MEAN
+from keras_vmoe.models.normalization import IMAGENET_STD
 
 TINY = {"depths": [3, 3, 9, 3], "hidden_dims": [96, 192, 384, 768]}
 SMALL = {"depths": [3, 3, 27, 3], "hidden_dims": [96, 192, 384, 768]}
@@ -320,7 +322,9 @@ def build_model(
             backbone,
             num_classes=num_classes,
             preprocessor=ConvNeXtMoEImageClassifierPreprocessor(
-                ConvNeXtMoEImageConverter.imagenet(image_size)
+                ConvNeXtMoEImageConverter.normalized(
+                    image_size, mean=preset["mean"], std=preset["std"]
+                )
             ),
         )
     if not load_weights:
@@ -380,6 +384,9 @@ def _preset(name):
         "description": description,
         "source": SOURCES.get(architecture),
         "config": config,
+        # keras.applications and timm ConvNeXt: ImageNet statistics.
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
         **_STATS[name],
         "paper": paper,
     }

@@ -27,6 +27,10 @@ top-1 the router then learns from the auxiliary loss only).
 
 import os
 
+from keras_vmoe.models.normalization import IMAGENET_MEAN
+from keras_vmoe.models.normalization import IMAGENET_STD
+from keras_vmoe.models.normalization import INCEPTION_MEAN
+from keras_vmoe.models.normalization import INCEPTION_STD
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.models.vit_moe.backbone import resolve_moe_layers
 
@@ -65,6 +69,13 @@ _SOURCES = {
     "dinov2_small": "timm/vit_small_patch14_dinov2.lvd142m",
     "vit_small": "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
     "vit_base": "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+}
+# Input statistics each source was trained with (timm's pretrained_cfg):
+# DINOv2 uses ImageNet's, the AugReg ViTs mean = std = 0.5.
+_NORMALIZATION = {
+    _SOURCES["dinov2_small"]: (IMAGENET_MEAN, IMAGENET_STD),
+    _SOURCES["vit_small"]: (INCEPTION_MEAN, INCEPTION_STD),
+    _SOURCES["vit_base"]: (INCEPTION_MEAN, INCEPTION_STD),
 }
 
 
@@ -176,10 +187,13 @@ def build_backbone(
 
 
 def _preset(description, source, config, stats):
+    mean, std = _NORMALIZATION[source]
     return {
         "description": description,
         "source": source,
         "config": config,
+        "mean": mean,
+        "std": std,
         "params": stats[0],
         "active_params": stats[1],
         "flops": stats[2],
