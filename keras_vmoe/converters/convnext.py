@@ -418,7 +418,8 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
         moe: the same kind of model with the same architecture and MoE
             blocks whose experts have the dense MLP's width.
         noise_std: relative noise added to each expert's copy.
-        seed: seed of that noise.
+        seed: seed of that noise; MoE block `i` (counted over all blocks)
+            uses `seed + i`, so blocks get different noise.
 
     Returns:
         `moe`, with its weights set.
@@ -457,8 +458,8 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
             (dense_classifier.head_norm, moe_classifier.head_norm),
             (dense_classifier.output_dense, moe_classifier.output_dense),
         ]
-    for dense_block, moe_block in zip(
-        dense_backbone.blocks, moe_backbone.blocks
+    for index, (dense_block, moe_block) in enumerate(
+        zip(dense_backbone.blocks, moe_backbone.blocks)
     ):
         pairs += [
             (dense_block.depthwise_conv, moe_block.depthwise_conv),
@@ -474,7 +475,10 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
                     f"{dense_block.mlp.hidden_dim}"
                 )
             upcycle_feed_forward(
-                dense_block.mlp, moe_block.mlp, noise_std=noise_std, seed=seed
+                dense_block.mlp,
+                moe_block.mlp,
+                noise_std=noise_std,
+                seed=None if seed is None else seed + index,
             )
             if moe_block.skip_scale is not None:
                 moe_block.skip_scale.assign(

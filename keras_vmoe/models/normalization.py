@@ -55,7 +55,18 @@ class ImageNetConverterMixin:
     `ImageConverter`.
 
     The converters map images in [0, 255] to `(x / 255 - mean) / std`.
+    Images are channels-last whatever `keras.config.image_data_format()`
+    says, as the models are.
     """
+
+    def __init__(self, *args, data_format=None, **kwargs):
+        if data_format not in (None, "channels_last"):
+            raise ValueError(
+                "keras-vmoe models take channels-last images: `data_format` "
+                "must be None or 'channels_last'. Received: "
+                f"data_format={data_format!r}"
+            )
+        super().__init__(*args, data_format="channels_last", **kwargs)
 
     @classmethod
     def normalized(cls, image_size=(224, 224), mean=None, std=None, **kwargs):

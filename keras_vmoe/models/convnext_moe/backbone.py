@@ -109,6 +109,14 @@ def _global_to_stage(depths, index, placement):
     )
 
 
+def _block_moe_config(moe_config, block_index):
+    """The MoE config of one block: a `seed` in `moe_kwargs` becomes
+    `seed + block_index`, so blocks draw different gating noise."""
+    if moe_config.get("seed") is None:
+        return moe_config
+    return dict(moe_config, seed=moe_config["seed"] + block_index)
+
+
 def _check_positive_ints(name, values):
     if (
         not isinstance(values, (list, tuple))
@@ -255,6 +263,7 @@ class ConvNeXtMoEBackbone(preset_io.PresetSavingMixin, Backbone):
             hidden_dims[0],
             kernel_size=patch_size,
             strides=patch_size,
+            data_format=data_format,
             dtype=dtype,
             name="stem_conv",
         )
@@ -283,6 +292,7 @@ class ConvNeXtMoEBackbone(preset_io.PresetSavingMixin, Backbone):
                         width,
                         kernel_size=2,
                         strides=2,
+                        data_format=data_format,
                         dtype=dtype,
                         name=f"stage_{stage}_downsample_conv",
                     )
@@ -299,7 +309,11 @@ class ConvNeXtMoEBackbone(preset_io.PresetSavingMixin, Backbone):
                     ConvNeXtBlock(
                         hidden_dim=width,
                         mlp_ratio=expert_ratio if is_moe else mlp_ratio,
-                        moe_config=moe_config if is_moe else None,
+                        moe_config=(
+                            _block_moe_config(moe_config, block_index)
+                            if is_moe
+                            else None
+                        ),
                         moe_skip_connection=moe_skip_connection,
                         layer_scale_init_value=layer_scale_init_value,
                         drop_path_rate=rate,

@@ -64,7 +64,7 @@ class ConvNeXtMoEImageClassifier(
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.pooler = keras.layers.GlobalAveragePooling2D(
-            dtype=head_dtype, name="pooler"
+            data_format="channels_last", dtype=head_dtype, name="pooler"
         )
         self.head_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=head_dtype, name="head_norm"
