@@ -14,10 +14,13 @@ Our weights have canonical names, mapped to each source's names below:
 `head_dense.bias`, ...
 """
 
+import os
+
 import keras
 import numpy as np
 
 from keras_vmoe.converters.common import WeightAssigner
+from keras_vmoe.converters.common import check_h5_file
 from keras_vmoe.converters.common import load_state_dict
 from keras_vmoe.converters.upcycle import upcycle_feed_forward
 
@@ -351,8 +354,8 @@ def convert_keras_applications_weights(
     Returns:
         `model`, with its weights set.
     """
-    if isinstance(source, str):
-        source = _keras_applications_model(source, model, variant)
+    if isinstance(source, (str, os.PathLike)):
+        source = _keras_applications_model(os.fspath(source), model, variant)
     state_dict = keras_applications_state_dict(source)
     # The head, or with `include_top=False` the final LayerNorm.
     head_keys = tuple(
@@ -397,7 +400,18 @@ def _keras_applications_model(path, model, variant):
         input_shape=(224, 224, 3) if include_top else None,
         classes=classifier.num_classes if include_top else 1000,
     )
-    source.load_weights(path)
+    if not os.path.exists(path):
+        raise ValueError(
+            f"Checkpoint file not found. Received: source={path!r}"
+        )
+    check_h5_file(path)
+    try:
+        source.load_weights(path)
+    except (OSError, KeyError) as error:
+        raise ValueError(
+            f"Cannot load {path!r} into keras.applications.{variant}: "
+            f"{error!r}"
+        ) from None
     return source
 
 

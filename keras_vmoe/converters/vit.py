@@ -23,7 +23,6 @@ import numpy as np
 from keras_vmoe.converters.common import WeightAssigner
 from keras_vmoe.converters.common import load_state_dict
 from keras_vmoe.converters.upcycle import upcycle_feed_forward
-from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.models.vit_moe.layers import bicubic_resize_matrix
 
 _SKIPPED_KEYS = ("mask_token",)
@@ -142,6 +141,8 @@ def convert_vit_checkpoint(source, model):
             `load_vit_checkpoint`, which upcycles).
     """
     backbone = getattr(model, "backbone", model)
+    from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+
     if not isinstance(backbone, ViTMoEBackbone):
         raise TypeError(
             "`model` must be a `ViTMoEBackbone` or a `ViTMoEImageClassifier`. "
@@ -258,6 +259,8 @@ def load_vit_checkpoint(source, model, noise_std=0.0, seed=None):
     backbone = getattr(model, "backbone", None)
     if backbone is None:
         backbone = model
+    from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+
     if not isinstance(backbone, ViTMoEBackbone):
         raise TypeError(
             "`model` must be a `ViTMoEBackbone` or a `ViTMoEImageClassifier`. "

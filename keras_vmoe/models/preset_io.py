@@ -26,7 +26,6 @@ CONFIG_FILE = "config.json"
 TASK_CONFIG_FILE = "task.json"
 TASK_WEIGHTS_FILE = "task.weights.h5"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
-_LFS_POINTER = b"version https://git-lfs"
 
 
 # === Names ===
@@ -157,27 +156,6 @@ def read_json(path):
         ) from None
 
 
-def check_h5_file(path):
-    """Raises a ValueError naming `path` unless it is a readable HDF5 file."""
-    import h5py
-
-    with open(path, "rb") as file:
-        head = file.read(len(_LFS_POINTER))
-    if head == _LFS_POINTER:
-        raise ValueError(
-            f"{path!r} is a Git LFS pointer, not the weights: run "
-            "`git lfs pull` (or download the file) first."
-        )
-    try:
-        with h5py.File(path, "r"):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"{path!r} is not a readable HDF5 weights file (truncated or "
-            f"corrupt?): {error}"
-        ) from None
-
-
 def _task_weights_needed(load_weights, kwargs):
     # KerasHub loads the head only when `num_classes` is not given.
     return load_weights and kwargs.get("num_classes") is None
@@ -200,6 +178,8 @@ def check_preset_dir(preset, task, load_weights=True, **kwargs):
             files when `config.json` and `task.json` describe different
             backbones.
     """
+    from keras_vmoe.converters.common import check_h5_file
+
     if not (isinstance(preset, str) and os.path.isdir(preset)):
         return
     config_path = os.path.join(preset, CONFIG_FILE)

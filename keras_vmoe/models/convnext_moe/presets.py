@@ -313,6 +313,11 @@ def build_model(
         ConvNeXtMoEImageConverter,
     )
 
+    if weights_path is not None and not load_weights:
+        raise ValueError(
+            "`weights_path` is only read with `load_weights=True`. Received: "
+            f"weights_path={weights_path!r}, load_weights={load_weights!r}"
+        )
     preset = PRESETS[name]
     backbone = ConvNeXtMoEBackbone(**dict(preset["config"], **overrides))
     model = backbone

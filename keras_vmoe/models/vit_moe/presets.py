@@ -176,6 +176,11 @@ def build_backbone(
     """
     from keras_vmoe.converters.vit import load_vit_checkpoint
 
+    if weights_path is not None and not load_weights:
+        raise ValueError(
+            "`weights_path` is only read with `load_weights=True`. Received: "
+            f"weights_path={weights_path!r}, load_weights={load_weights!r}"
+        )
     preset = PRESETS[name]
     backbone = ViTMoEBackbone(**dict(preset["config"], **overrides))
     if load_weights:
