@@ -305,6 +305,28 @@ class PresetSavingMixin:
             self, filepath=filepath, objects_to_skip=skipped
         )
 
+    def load_task_weights(self, filepath):
+        """Loads the task's own weights; an optimizer state in the file
+        (older presets) is ignored, the model's optimizer left as is."""
+        if not str(filepath).endswith(".weights.h5"):
+            raise ValueError(
+                "The filename must end in `.weights.h5`. Received: "
+                f"filepath={filepath}"
+            )
+        skipped = list(self.backbone._flatten_layers())
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None:
+            skipped.append(optimizer)
+        try:
+            keras.saving.load_weights(
+                self, filepath, objects_to_skip=skipped
+            )
+        except OSError as error:
+            raise ValueError(
+                f"Cannot read the task weights {os.fspath(filepath)!r}: "
+                f"{error}"
+            ) from None
+
 
 # keras-vmoe files that KerasHub does not write, kept across re-saves.
 CARRIED_FILES = ("labels.json",)
