@@ -13,7 +13,6 @@ any keras-vmoe classifier by name.
 
 import os
 
-
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
 from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
