@@ -374,6 +374,11 @@ def convert_keras_applications_weights(
 
 
 def _keras_applications_model(path, model, variant):
+    if not os.path.exists(path):
+        raise ValueError(
+            f"Checkpoint file not found. Received: source={path!r}"
+        )
+    check_h5_file(path)
     backbone, classifier = _split_model(model)
     if variant is None:
         matches = [
@@ -400,11 +405,6 @@ def _keras_applications_model(path, model, variant):
         input_shape=(224, 224, 3) if include_top else None,
         classes=classifier.num_classes if include_top else 1000,
     )
-    if not os.path.exists(path):
-        raise ValueError(
-            f"Checkpoint file not found. Received: source={path!r}"
-        )
-    check_h5_file(path)
     try:
         source.load_weights(path)
     except (OSError, KeyError) as error:
