@@ -247,12 +247,19 @@ def load_classifier(preset, **kwargs):
     """Loads a keras-vmoe classifier preset folder, with the checks above.
 
     The checked counterpart of `keras_hub.models.ImageClassifier.
-    from_preset(folder)`, for folders written by `save_to_preset`.
+    from_preset(folder)`, for folders written by `save_to_preset` (which
+    runs the checks only through our classes' `from_preset`). A preset name
+    goes to its family's `from_preset`.
     """
     import keras_hub
 
     if isinstance(preset, str) and not _is_handle_or_path(preset):
         preset_table_entry(preset)  # raises for an unknown name
+        for table, cls_name in _families().values():
+            if preset in table:
+                from keras_vmoe import models
+
+                return getattr(models, cls_name).from_preset(preset, **kwargs)
     check_preset_dir(preset, task=True, **kwargs)
     return _wrap_loading_errors(
         preset,

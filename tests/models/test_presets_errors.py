@@ -437,3 +437,19 @@ def test_shipped_presets_load_under_channels_first(folder, channels_first):
     np.testing.assert_allclose(
         model.predict(images, verbose=0), expected, atol=1e-5
     )
+
+
+def test_convnext_weights_path_of_an_unknown_type_is_named():
+    with pytest.raises(ValueError, match="weights_path='convnext.pth'"):
+        ConvNeXtMoEBackbone.from_preset(
+            "convnext_tiny", weights_path="convnext.pth"
+        )
+
+
+def test_load_classifier_dispatches_preset_names():
+    model = load_classifier(
+        "vit_small_patch16", load_weights=False, num_classes=2, num_layers=1
+    )
+    assert isinstance(model, ViTMoEImageClassifier)
+    with pytest.raises(ValueError, match="preset='vit_small_patch61'"):
+        load_classifier("vit_small_patch61")

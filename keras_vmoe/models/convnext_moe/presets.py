@@ -318,6 +318,14 @@ def build_model(
             "`weights_path` is only read with `load_weights=True`. Received: "
             f"weights_path={weights_path!r}, load_weights={load_weights!r}"
         )
+    if weights_path is not None and not str(weights_path).endswith(
+        (".safetensors", ".npz", ".h5")
+    ):
+        raise ValueError(
+            "`weights_path` must be a timm `.safetensors` / `.npz` or a "
+            "keras.applications `.weights.h5` file. Received: "
+            f"weights_path={weights_path!r}"
+        )
     preset = PRESETS[name]
     backbone = ConvNeXtMoEBackbone(**dict(preset["config"], **overrides))
     model = backbone
