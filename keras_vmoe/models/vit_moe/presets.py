@@ -17,6 +17,11 @@ built model).
   `vit_moe_{small,base}_patch16_e{4,8,16}_{every2,last2,last3}_top2`, plus
   the dense `vit_small_patch16` and `vit_base_patch16`.
 
+Each preset also records the input statistics of its checkpoint (`mean`,
+`std`, as timm's `pretrained_cfg`): ImageNet's for DINOv2, 0.5 / 0.5 for the
+timm AugReg ViT-S/16 and ViT-B/16; `from_preset` builds its preprocessor
+with them (`keras_vmoe.models.preset_normalization`).
+
 Pretrained weights are upcycled: every expert (and the shared expert) starts
 as the dense MLP, routers are new. The presets keep the papers' gates
 (`normalize_gates=False`, `y = E_s(x) + g(x) E(x)`), so MoE blocks start as
