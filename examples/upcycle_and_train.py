@@ -26,6 +26,7 @@ import numpy as np
 from keras_vmoe.converters.convnext import convert_timm_weights
 from keras_vmoe.converters.convnext import timm_backbone_config
 from keras_vmoe.models import ViTMoEImageClassifier
+from keras_vmoe.models import preset_normalization
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
 from keras_vmoe.training import create_optimizer
@@ -105,7 +106,10 @@ def main(argv=None):
     (x_train, y_train), (x_test, y_test) = load_mnist()
     n = args.max_examples
     common = dict(image_size=args.image_size, batch_size=args.batch_size,
-                  num_classes=num_classes, normalize="imagenet", crop_fraction=1.0)
+                  num_classes=num_classes, crop_fraction=1.0,
+                  # The statistics of the checkpoint (0.5 / 0.5 for timm AugReg ViTs).
+                  normalize=(preset_normalization(args.preset)
+                             if args.family == "vit" else "imagenet"))
     train = tf_data.array_dataset(x_train[:n], y_train[:n], training=True, **common)
     test = tf_data.array_dataset(x_test[:n], y_test[:n], training=False, **common)
     model.preprocessor = None  # the pipeline normalises

@@ -257,7 +257,9 @@ def train(args):
     train_seconds = time.time() - start
     preset_dir = os.path.join(output_dir, "preset")
     model.save_to_preset(preset_dir)
-    with open(os.path.join(preset_dir, "labels.json"), "w") as file:
+    from keras_vmoe.utils.io import atomic_file
+
+    with atomic_file(os.path.join(preset_dir, "labels.json"), "w") as file:
         json.dump(class_names or list(range(num_classes)), file)
 
     results = model.evaluate(test_data, return_dict=True, verbose=0)
@@ -288,11 +290,11 @@ def train(args):
 
 
 def _load_preset(path):
-    import keras_hub
-
     if not os.path.isdir(path):
         raise SystemExit(f"error: preset folder not found: {path!r}")
-    return keras_hub.models.ImageClassifier.from_preset(path)
+    from keras_vmoe.models import load_classifier
+
+    return load_classifier(path)
 
 
 def _labels(preset_dir):

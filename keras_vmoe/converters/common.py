@@ -12,6 +12,7 @@ loading never executes pickled code.
 """
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -26,25 +27,98 @@ def load_state_dict(source):
             `.safetensors` file, or a `.npz` file.
 
     Raises:
-        ValueError: for an unsupported file type or a missing file.
+        ValueError: for an unsupported file type or a missing file, and,
+            naming the file, for a Git LFS pointer or a corrupt / truncated
+            file (or a `.npz` holding pickled objects, which is refused).
     """
     if isinstance(source, dict):
         return {key: np.asarray(value) for key, value in source.items()}
-    path = os.fspath(source)
+    try:
+        path = os.fspath(source)
+    except TypeError:
+        raise TypeError(
+            "`source` must be a dict of arrays or the path of a "
+            f"`.safetensors` / `.npz` file. Received: source={source!r}"
+        ) from None
     if not os.path.exists(path):
         raise ValueError(f"Checkpoint file not found. Received: source={path!r}")
+    if path.endswith((".safetensors", ".npz")):
+        _check_not_lfs_pointer(path)
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(
+                f"{path!r} is not a readable `.safetensors` file (truncated "
+                f"or corrupt?): {error}"
+            ) from None
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+        return _load_npz(path)
     raise ValueError(
         "`source` must be a dict of arrays, a `.safetensors` or a `.npz` file "
         "(pickled PyTorch checkpoints are refused: loading them can run "
         f"arbitrary code). Received: source={path!r}"
     )
+
+
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _check_not_lfs_pointer(path):
+    with open(path, "rb") as file:
+        head = file.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        raise ValueError(
+            f"{path!r} is a Git LFS pointer, not the checkpoint: run "
+            "`git lfs pull` (or download the file) first."
+        )
+
+
+def check_h5_file(path):
+    """Raises a ValueError naming `path` unless it is a readable HDF5 file."""
+    import h5py
+
+    _check_not_lfs_pointer(path)
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{path!r} is not a readable HDF5 weights file (truncated or "
+            f"corrupt?): {error}"
+        ) from None
+
+
+def _load_npz(path):
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (`.npy`), not a `.npz` archive")
+        with data:
+            return {key: data[key] for key in data.files}
+    except ValueError as error:
+        if "allow_pickle" in str(error) or "pickle" in str(error).lower():
+            raise ValueError(
+                f"{path!r} holds pickled data, which is refused (loading it "
+                "could run arbitrary code); save plain arrays with "
+                "`numpy.savez`."
+            ) from None
+        raise ValueError(
+            f"{path!r} is not a readable `.npz` file: {error}"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise ValueError(
+            f"{path!r} is not a readable `.npz` file (truncated or "
+            f"corrupt?): {error!r}"
+        ) from None
+
+
+def _is_float(dtype):
+    # bfloat16 arrays (ml_dtypes) are not np.floating subclasses.
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 def _is_routing_statistic(variable):
@@ -100,8 +174,19 @@ class WeightAssigner:
         self.set(variable, value, key)
 
     def set(self, variable, value, key):
-        """Sets `variable` to `value` (derived from source `key`)."""
+        """Sets `variable` to `value` (derived from source `key`).
+
+        Floating-point values are cast to the variable's dtype (e.g.
+        float16 / bfloat16 / float64 checkpoints); anything else (integer,
+        boolean, object tensors) raises, naming the key and the dtype.
+        """
         value = np.asarray(value)
+        if not _is_float(value.dtype):
+            raise ValueError(
+                f"Source tensor {key!r} has dtype {value.dtype}, not a "
+                "floating-point dtype: it is not converted silently to "
+                f"{variable.dtype} (variable {variable.path!r})."
+            )
         if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(
                 f"Shape mismatch for source tensor {key!r} -> variable "

@@ -14,10 +14,13 @@ Our weights have canonical names, mapped to each source's names below:
 `head_dense.bias`, ...
 """
 
+import os
+
 import keras
 import numpy as np
 
 from keras_vmoe.converters.common import WeightAssigner
+from keras_vmoe.converters.common import check_h5_file
 from keras_vmoe.converters.common import load_state_dict
 from keras_vmoe.converters.upcycle import upcycle_feed_forward
 
@@ -351,8 +354,8 @@ def convert_keras_applications_weights(
     Returns:
         `model`, with its weights set.
     """
-    if isinstance(source, str):
-        source = _keras_applications_model(source, model, variant)
+    if isinstance(source, (str, os.PathLike)):
+        source = _keras_applications_model(os.fspath(source), model, variant)
     state_dict = keras_applications_state_dict(source)
     # The head, or with `include_top=False` the final LayerNorm.
     head_keys = tuple(
@@ -371,6 +374,11 @@ def convert_keras_applications_weights(
 
 
 def _keras_applications_model(path, model, variant):
+    if not os.path.exists(path):
+        raise ValueError(
+            f"Checkpoint file not found. Received: source={path!r}"
+        )
+    check_h5_file(path)
     backbone, classifier = _split_model(model)
     if variant is None:
         matches = [
@@ -397,7 +405,13 @@ def _keras_applications_model(path, model, variant):
         input_shape=(224, 224, 3) if include_top else None,
         classes=classifier.num_classes if include_top else 1000,
     )
-    source.load_weights(path)
+    try:
+        source.load_weights(path)
+    except (OSError, KeyError) as error:
+        raise ValueError(
+            f"Cannot load {path!r} into keras.applications.{variant}: "
+            f"{error!r}"
+        ) from None
     return source
 
 
@@ -418,7 +432,8 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
         moe: the same kind of model with the same architecture and MoE
             blocks whose experts have the dense MLP's width.
         noise_std: relative noise added to each expert's copy.
-        seed: seed of that noise.
+        seed: seed of that noise; MoE block `i` (counted over all blocks)
+            uses `seed + i`, so blocks get different noise.
 
     Returns:
         `moe`, with its weights set.
@@ -457,8 +472,8 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
             (dense_classifier.head_norm, moe_classifier.head_norm),
             (dense_classifier.output_dense, moe_classifier.output_dense),
         ]
-    for dense_block, moe_block in zip(
-        dense_backbone.blocks, moe_backbone.blocks
+    for index, (dense_block, moe_block) in enumerate(
+        zip(dense_backbone.blocks, moe_backbone.blocks)
     ):
         pairs += [
             (dense_block.depthwise_conv, moe_block.depthwise_conv),
@@ -474,7 +489,10 @@ def upcycle_convnext(dense, moe, noise_std=0.0, seed=None):
                     f"{dense_block.mlp.hidden_dim}"
                 )
             upcycle_feed_forward(
-                dense_block.mlp, moe_block.mlp, noise_std=noise_std, seed=seed
+                dense_block.mlp,
+                moe_block.mlp,
+                noise_std=noise_std,
+                seed=None if seed is None else seed + index,
             )
             if moe_block.skip_scale is not None:
                 moe_block.skip_scale.assign(

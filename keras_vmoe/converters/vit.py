@@ -141,6 +141,13 @@ def convert_vit_checkpoint(source, model):
             `load_vit_checkpoint`, which upcycles).
     """
     backbone = getattr(model, "backbone", model)
+    from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+
+    if not isinstance(backbone, ViTMoEBackbone):
+        raise TypeError(
+            "`model` must be a `ViTMoEBackbone` or a `ViTMoEImageClassifier`. "
+            f"Received: model={type(model).__name__}"
+        )
     if backbone.moe_layer_indices:
         raise ValueError(
             "`convert_vit_checkpoint` loads dense checkpoints into dense "
@@ -230,20 +237,55 @@ def upcycle_vit(dense, moe, noise_std=0.0, seed=None):
             target_weight.assign(source_weight)
 
 
-def load_vit_checkpoint(source, backbone, noise_std=0.0, seed=None):
-    """Loads a dense timm / DINOv2 checkpoint into any `ViTMoEBackbone`.
+def load_vit_checkpoint(source, model, noise_std=0.0, seed=None):
+    """Loads a dense timm / DINOv2 checkpoint into any ViT(-MoE) model.
 
-    A dense backbone is loaded directly (`convert_vit_checkpoint`); a MoE
-    backbone gets the checkpoint through a dense twin and `upcycle_vit`.
+    A dense model is loaded directly (`convert_vit_checkpoint`); a MoE
+    model gets the checkpoint through a dense twin and `upcycle_vit`. For a
+    `ViTMoEImageClassifier` the checkpoint's head (`head.weight`,
+    `head.bias`) is loaded into the output layer, so a timm classifier
+    becomes a MoE classifier in one call.
 
     Args:
         source: checkpoint file or `{name: array}` dict.
-        backbone: the target `ViTMoEBackbone`.
+        model: the target `ViTMoEBackbone` (a head in the checkpoint is
+            skipped) or `ViTMoEImageClassifier` (the checkpoint must have a
+            head of `num_classes` outputs and the classifier's `pooling`).
         noise_std, seed: upcycling noise, see `upcycle_vit`.
+
+    Returns:
+        `model`, with its weights set.
     """
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        backbone = model
+    from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+
+    if not isinstance(backbone, ViTMoEBackbone):
+        raise TypeError(
+            "`model` must be a `ViTMoEBackbone` or a `ViTMoEImageClassifier`. "
+            f"Received: model={type(model).__name__}"
+        )
     if not backbone.moe_layer_indices:
-        convert_vit_checkpoint(source, backbone)
-        return
-    dense = dense_twin(backbone)
+        convert_vit_checkpoint(source, model)
+        return model
+    dense_backbone = dense_twin(backbone)
+    if model is backbone:
+        convert_vit_checkpoint(source, dense_backbone)
+        upcycle_vit(dense_backbone, backbone, noise_std, seed)
+        return model
+    # A classifier: fill a dense classifier (backbone + head, coverage
+    # checked), upcycle its backbone, copy its head.
+    dense = type(model)(
+        dense_backbone,
+        num_classes=model.num_classes,
+        pooling=model.pooling,
+        activation=model.activation,
+    )
     convert_vit_checkpoint(source, dense)
-    upcycle_vit(dense, backbone, noise_std, seed)
+    upcycle_vit(dense_backbone, backbone, noise_std, seed)
+    for source_weight, target_weight in zip(
+        dense.output_dense.weights, model.output_dense.weights
+    ):
+        target_weight.assign(source_weight)
+    return model

@@ -13,8 +13,6 @@ any keras-vmoe classifier by name.
 
 import os
 
-import keras_hub
-
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
 from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
@@ -117,7 +115,9 @@ def build_classifier(name, num_classes, image_size=28, pretrained=False):
             name, load_weights=pretrained, num_classes=num_classes
         )
     if os.path.isdir(name):
-        return keras_hub.models.ImageClassifier.from_preset(name)
+        from keras_vmoe.models import load_classifier
+
+        return load_classifier(name)
     from keras_vmoe.models import list_presets
 
     raise ValueError(

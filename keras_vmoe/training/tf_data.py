@@ -43,14 +43,29 @@ def _check_args(image_size, batch_size, normalize):
             "`batch_size` must be a positive integer. Received: "
             f"batch_size={batch_size!r}"
         )
-    if normalize not in NORMALIZATIONS:
+    if isinstance(normalize, dict):
+        # {"mean", "std"} of `keras_vmoe.models.preset_normalization`.
+        from keras_vmoe.models.normalization import normalization_scale_offset
+
+        if set(normalize) != {"mean", "std"}:
+            raise ValueError(
+                "A `normalize` dict must have exactly the keys 'mean' and "
+                f"'std'. Received: normalize={normalize!r}"
+            )
+        normalization_scale_offset(normalize["mean"], normalize["std"])
+    elif normalize not in NORMALIZATIONS:
         raise ValueError(
-            f"`normalize` must be one of {NORMALIZATIONS}. Received: "
-            f"normalize={normalize!r}"
+            f"`normalize` must be one of {NORMALIZATIONS} or a "
+            "`{'mean': ..., 'std': ...}` dict (`keras_vmoe.models."
+            f"preset_normalization(name)`). Received: normalize={normalize!r}"
         )
 
 
 def _normalize(images, normalize):
+    if isinstance(normalize, dict):
+        mean = tuple(255.0 * float(value) for value in normalize["mean"])
+        std = tuple(255.0 * float(value) for value in normalize["std"])
+        return (images - mean) / std
     if normalize == "imagenet":
         return (images - IMAGENET_MEAN) / IMAGENET_STD
     if normalize == "unit":
@@ -153,8 +168,9 @@ def tfds_dataset(
         download: let tfds download and prepare missing data. False by
             default: a missing dataset then fails at once with a clear error
             instead of trying the network.
-        normalize: None (values in [0, 255]), "imagenet" (mean / std) or
-            "unit" ([0, 1]).
+        normalize: None (values in [0, 255]), "imagenet" (mean / std),
+            "unit" ([0, 1]), or a preset's statistics
+            `keras_vmoe.models.preset_normalization(name)`.
         channels: 3 (grayscale is converted to RGB) or 1.
         augment: optional function `(images, labels) -> (images, labels)`
             applied to training batches (see `augmentation`).

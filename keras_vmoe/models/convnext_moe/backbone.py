@@ -3,6 +3,7 @@
 import keras
 from keras_hub.models import Backbone
 
+from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 
@@ -109,6 +110,14 @@ def _global_to_stage(depths, index, placement):
     )
 
 
+def _block_moe_config(moe_config, block_index):
+    """The MoE config of one block: a `seed` in `moe_kwargs` becomes
+    `seed + block_index`, so blocks draw different gating noise."""
+    if moe_config.get("seed") is None:
+        return moe_config
+    return dict(moe_config, seed=moe_config["seed"] + block_index)
+
+
 def _check_positive_ints(name, values):
     if (
         not isinstance(values, (list, tuple))
@@ -122,7 +131,9 @@ def _check_positive_ints(name, values):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEBackbone(ExpertQuantizationMixin, Backbone):
+class ConvNeXtMoEBackbone(
+    ExpertQuantizationMixin, preset_io.PresetSavingMixin, Backbone
+):
     """ConvNeXt backbone whose chosen blocks have a Mixture-of-Experts MLP.
 
     Hierarchical ConvNeXt (Liu et al., 2022): a `patch_size` x `patch_size`
@@ -255,6 +266,7 @@ class ConvNeXtMoEBackbone(ExpertQuantizationMixin, Backbone):
             hidden_dims[0],
             kernel_size=patch_size,
             strides=patch_size,
+            data_format=data_format,
             dtype=dtype,
             name="stem_conv",
         )
@@ -283,6 +295,7 @@ class ConvNeXtMoEBackbone(ExpertQuantizationMixin, Backbone):
                         width,
                         kernel_size=2,
                         strides=2,
+                        data_format=data_format,
                         dtype=dtype,
                         name=f"stage_{stage}_downsample_conv",
                     )
@@ -299,7 +312,11 @@ class ConvNeXtMoEBackbone(ExpertQuantizationMixin, Backbone):
                     ConvNeXtBlock(
                         hidden_dim=width,
                         mlp_ratio=expert_ratio if is_moe else mlp_ratio,
-                        moe_config=moe_config if is_moe else None,
+                        moe_config=(
+                            _block_moe_config(moe_config, block_index)
+                            if is_moe
+                            else None
+                        ),
                         moe_skip_connection=moe_skip_connection,
                         layer_scale_init_value=layer_scale_init_value,
                         drop_path_rate=rate,
@@ -376,7 +393,14 @@ class ConvNeXtMoEBackbone(ExpertQuantizationMixin, Backbone):
 
         if isinstance(preset, str) and preset in presets.PRESETS:
             return presets.build_model(preset, None, load_weights, **kwargs)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        preset_io.check_preset_name(preset, "ConvNeXtMoE", cls.__name__)
+        preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
+        return preset_io._wrap_loading_errors(
+            preset,
+            lambda: super(ConvNeXtMoEBackbone, cls).from_preset(
+                preset, load_weights=load_weights, **kwargs
+            ),
+        )
 
     @property
     def blocks(self):

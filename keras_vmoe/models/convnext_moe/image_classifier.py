@@ -4,6 +4,7 @@ import keras
 from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
+from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
     ConvNeXtMoEImageClassifierPreprocessor,
@@ -14,7 +15,10 @@ from keras_vmoe.training.metrics import RoutingMetricsMixin
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEImageClassifier(
-    ExpertQuantizationMixin, RoutingMetricsMixin, ImageClassifier
+    ExpertQuantizationMixin,
+    RoutingMetricsMixin,
+    preset_io.PresetSavingMixin,
+    ImageClassifier,
 ):
     """Image classifier on a `ConvNeXtMoEBackbone`.
 
@@ -64,7 +68,7 @@ class ConvNeXtMoEImageClassifier(
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.pooler = keras.layers.GlobalAveragePooling2D(
-            dtype=head_dtype, name="pooler"
+            data_format="channels_last", dtype=head_dtype, name="pooler"
         )
         self.head_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=head_dtype, name="head_norm"
@@ -107,8 +111,13 @@ class ConvNeXtMoEImageClassifier(
         from keras_vmoe.models.convnext_moe import presets
 
         if not (isinstance(preset, str) and preset in presets.PRESETS):
-            return super().from_preset(
-                preset, load_weights=load_weights, **kwargs
+            preset_io.check_preset_name(preset, "ConvNeXtMoE", cls.__name__)
+            preset_io.check_preset_dir(preset, True, load_weights, **kwargs)
+            return preset_io._wrap_loading_errors(
+                preset,
+                lambda: super(ConvNeXtMoEImageClassifier, cls).from_preset(
+                    preset, load_weights=load_weights, **kwargs
+                ),
             )
         if kwargs.get("num_classes") is None:
             raise ValueError(

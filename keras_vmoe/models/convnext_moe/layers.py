@@ -103,6 +103,9 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.depthwise_conv = keras.layers.DepthwiseConv2D(
             kernel_size,
             padding="same",
+            # Independent of keras.config.image_data_format(): the block's
+            # LayerNorm and MLP act on the last axis.
+            data_format="channels_last",
             dtype=self.dtype_policy,
             name="depthwise_conv",
         )

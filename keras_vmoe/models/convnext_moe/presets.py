@@ -36,6 +36,8 @@ ConvNeXt-T-4 Last-2 34.5 / 25.6 / 4.24 (4.2), ConvNeXt-T-8 Stage 47.4 /
 """
 
 from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
+from keras_vmoe.models.normalization import IMAGENET_MEAN
+from keras_vmoe.models.normalization import IMAGENET_STD
 
 TINY = {"depths": [3, 3, 9, 3], "hidden_dims": [96, 192, 384, 768]}
 SMALL = {"depths": [3, 3, 27, 3], "hidden_dims": [96, 192, 384, 768]}
@@ -311,6 +313,19 @@ def build_model(
         ConvNeXtMoEImageConverter,
     )
 
+    if weights_path is not None and not load_weights:
+        raise ValueError(
+            "`weights_path` is only read with `load_weights=True`. Received: "
+            f"weights_path={weights_path!r}, load_weights={load_weights!r}"
+        )
+    if weights_path is not None and not str(weights_path).endswith(
+        (".safetensors", ".npz", ".h5")
+    ):
+        raise ValueError(
+            "`weights_path` must be a timm `.safetensors` / `.npz` or a "
+            "keras.applications `.weights.h5` file. Received: "
+            f"weights_path={weights_path!r}"
+        )
     preset = PRESETS[name]
     backbone = ConvNeXtMoEBackbone(**dict(preset["config"], **overrides))
     model = backbone
@@ -320,7 +335,9 @@ def build_model(
             backbone,
             num_classes=num_classes,
             preprocessor=ConvNeXtMoEImageClassifierPreprocessor(
-                ConvNeXtMoEImageConverter.imagenet(image_size)
+                ConvNeXtMoEImageConverter.normalized(
+                    image_size, mean=preset["mean"], std=preset["std"]
+                )
             ),
         )
     if not load_weights:
@@ -380,6 +397,9 @@ def _preset(name):
         "description": description,
         "source": SOURCES.get(architecture),
         "config": config,
+        # keras.applications and timm ConvNeXt: ImageNet statistics.
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
         **_STATS[name],
         "paper": paper,
     }

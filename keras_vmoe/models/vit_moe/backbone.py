@@ -7,6 +7,7 @@ import keras
 import keras_hub
 
 from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.models import preset_io
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
@@ -90,7 +91,11 @@ def resolve_moe_layers(moe_layers, num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEBackbone(ExpertQuantizationMixin, keras_hub.models.Backbone):
+class ViTMoEBackbone(
+    ExpertQuantizationMixin,
+    preset_io.PresetSavingMixin,
+    keras_hub.models.Backbone,
+):
     """DINOv2-style Vision Transformer with Mixture-of-Experts blocks.
 
     A ViT (Dosovitskiy et al., 2021) in the DINOv2 form (Oquab et al.,
@@ -361,7 +366,14 @@ class ViTMoEBackbone(ExpertQuantizationMixin, keras_hub.models.Backbone):
 
         if isinstance(preset, str) and preset in presets.PRESETS:
             return presets.build_backbone(preset, load_weights, **kwargs)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        preset_io.check_preset_name(preset, "ViTMoE", cls.__name__)
+        preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
+        return preset_io._wrap_loading_errors(
+            preset,
+            lambda: super(ViTMoEBackbone, cls).from_preset(
+                preset, load_weights=load_weights, **kwargs
+            ),
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -4,6 +4,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_vmoe.models import preset_io
 from keras_vmoe.models.normalization import ImageNetConverterMixin
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
@@ -18,9 +19,11 @@ class ViTMoEImageConverter(
 ):
     """Resizes and normalises images for a `ViTMoEBackbone`.
 
-    A KerasHub `ImageConverter`; `ViTMoEImageConverter.imagenet(size)` gives
-    the ImageNet mean/std normalisation of DINOv2 and timm checkpoints for
-    images in [0, 255].
+    A KerasHub `ImageConverter`; `ViTMoEImageConverter.normalized(size,
+    mean, std)` gives `(x / 255 - mean) / std` for images in [0, 255]
+    (`.imagenet(size)`: ImageNet statistics, as DINOv2; the timm AugReg
+    ViT-S/16 and ViT-B/16 use mean = std = 0.5, see
+    `keras_vmoe.models.preset_normalization`).
     """
 
     backbone_cls = ViTMoEBackbone
@@ -38,7 +41,10 @@ class ViTMoEImageClassifierPreprocessor(
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ViTMoEImageClassifier(
-    ExpertQuantizationMixin, RoutingMetricsMixin, keras_hub.models.ImageClassifier
+    ExpertQuantizationMixin,
+    RoutingMetricsMixin,
+    preset_io.PresetSavingMixin,
+    keras_hub.models.ImageClassifier,
 ):
     """Image classifier on a ViT-MoE backbone.
 
@@ -130,7 +136,8 @@ class ViTMoEImageClassifier(
 
         For a name from `keras_vmoe.models.list_presets()`, `num_classes` is
         required (the dense checkpoints have no head for the target task),
-        the head is new, the preprocessor normalises with ImageNet statistics,
+        the head is new, the preprocessor normalises with the statistics of
+        the preset's checkpoint (`keras_vmoe.models.preset_normalization`),
         and the other keyword arguments go to `ViTMoEBackbone.from_preset`
         except `pooling`, `activation`, `dropout` and `head_dtype`. Anything
         else is handled by KerasHub.
@@ -138,8 +145,13 @@ class ViTMoEImageClassifier(
         from keras_vmoe.models.vit_moe import presets
 
         if not (isinstance(preset, str) and preset in presets.PRESETS):
-            return super().from_preset(
-                preset, load_weights=load_weights, **kwargs
+            preset_io.check_preset_name(preset, "ViTMoE", cls.__name__)
+            preset_io.check_preset_dir(preset, True, load_weights, **kwargs)
+            return preset_io._wrap_loading_errors(
+                preset,
+                lambda: super(ViTMoEImageClassifier, cls).from_preset(
+                    preset, load_weights=load_weights, **kwargs
+                ),
             )
         if "num_classes" not in kwargs:
             raise ValueError(
@@ -161,7 +173,12 @@ class ViTMoEImageClassifier(
         }
         backbone = ViTMoEBackbone.from_preset(preset, load_weights, **kwargs)
         if "preprocessor" not in head_kwargs:
+            statistics = presets.PRESETS[preset]
             head_kwargs["preprocessor"] = ViTMoEImageClassifierPreprocessor(
-                ViTMoEImageConverter.imagenet(backbone.image_shape[:2])
+                ViTMoEImageConverter.normalized(
+                    backbone.image_shape[:2],
+                    mean=statistics["mean"],
+                    std=statistics["std"],
+                )
             )
         return cls(backbone=backbone, **head_kwargs)

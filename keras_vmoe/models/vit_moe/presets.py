@@ -17,6 +17,11 @@ built model).
   `vit_moe_{small,base}_patch16_e{4,8,16}_{every2,last2,last3}_top2`, plus
   the dense `vit_small_patch16` and `vit_base_patch16`.
 
+Each preset also records the input statistics of its checkpoint (`mean`,
+`std`, as timm's `pretrained_cfg`): ImageNet's for DINOv2, 0.5 / 0.5 for the
+timm AugReg ViT-S/16 and ViT-B/16; `from_preset` builds its preprocessor
+with them (`keras_vmoe.models.preset_normalization`).
+
 Pretrained weights are upcycled: every expert (and the shared expert) starts
 as the dense MLP, routers are new. The presets keep the papers' gates
 (`normalize_gates=False`, `y = E_s(x) + g(x) E(x)`), so MoE blocks start as
@@ -27,6 +32,10 @@ top-1 the router then learns from the auxiliary loss only).
 
 import os
 
+from keras_vmoe.models.normalization import IMAGENET_MEAN
+from keras_vmoe.models.normalization import IMAGENET_STD
+from keras_vmoe.models.normalization import INCEPTION_MEAN
+from keras_vmoe.models.normalization import INCEPTION_STD
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.models.vit_moe.backbone import resolve_moe_layers
 
@@ -65,6 +74,13 @@ _SOURCES = {
     "dinov2_small": "timm/vit_small_patch14_dinov2.lvd142m",
     "vit_small": "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
     "vit_base": "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+}
+# Input statistics each source was trained with (timm's pretrained_cfg):
+# DINOv2 uses ImageNet's, the AugReg ViTs mean = std = 0.5.
+_NORMALIZATION = {
+    _SOURCES["dinov2_small"]: (IMAGENET_MEAN, IMAGENET_STD),
+    _SOURCES["vit_small"]: (INCEPTION_MEAN, INCEPTION_STD),
+    _SOURCES["vit_base"]: (INCEPTION_MEAN, INCEPTION_STD),
 }
 
 
@@ -165,6 +181,11 @@ def build_backbone(
     """
     from keras_vmoe.converters.vit import load_vit_checkpoint
 
+    if weights_path is not None and not load_weights:
+        raise ValueError(
+            "`weights_path` is only read with `load_weights=True`. Received: "
+            f"weights_path={weights_path!r}, load_weights={load_weights!r}"
+        )
     preset = PRESETS[name]
     backbone = ViTMoEBackbone(**dict(preset["config"], **overrides))
     if load_weights:
@@ -176,10 +197,13 @@ def build_backbone(
 
 
 def _preset(description, source, config, stats):
+    mean, std = _NORMALIZATION[source]
     return {
         "description": description,
         "source": source,
         "config": config,
+        "mean": mean,
+        "std": std,
         "params": stats[0],
         "active_params": stats[1],
         "flops": stats[2],

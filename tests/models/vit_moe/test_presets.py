@@ -33,6 +33,8 @@ TINY_PRESET = {
         eval_capacity_factor=None,
         normalize_gates=True,
     ),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
 }
 
 # ViMoE Table 1 (ViT-S/14, 224x224): (N, L, shared) -> total params (M),
