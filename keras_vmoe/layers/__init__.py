@@ -7,6 +7,7 @@ from keras_vmoe.layers.moe import MoEFeedForward
 from keras_vmoe.layers.routers import CosineRouter
 from keras_vmoe.layers.routers import L2Router
 from keras_vmoe.layers.routers import LinearRouter
+from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
 
 __all__ = [
     "CosineRouter",
@@ -14,6 +15,7 @@ __all__ = [
     "L2Router",
     "LinearRouter",
     "MoEFeedForward",
+    "SoftMoEFeedForward",
     "losses",
     "routing",
 ]
