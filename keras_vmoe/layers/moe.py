@@ -11,12 +11,14 @@ gathered into an [E, C*P, d] buffer, all experts run as one batched matmul
 on their own slots, and each item gathers its K results back.
 """
 
+import math
 import numbers
 
 import keras
 from keras import ops
 
 from keras_vmoe.layers import losses as moe_losses
+from keras_vmoe.layers.dispatch import slot_dispatch
 from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.feed_forward import check_activation
@@ -24,6 +26,7 @@ from keras_vmoe.layers.routers import ROUTERS
 from keras_vmoe.layers.routers import get_router
 from keras_vmoe.layers.routing import compute_capacity
 from keras_vmoe.layers.routing import expert_load
+from keras_vmoe.layers.routing import group_items
 from keras_vmoe.layers.routing import route
 
 ROUTING_MODES = ("token", "image")
@@ -31,17 +34,21 @@ IMAGE_ROUTER_INPUTS = ("auto", "cls", "mean")
 EXPERT_LOAD_NAME = "expert_load"
 
 
+def _is_finite_number(value):
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
 def _check_capacity_factor(name, value):
     if value is None:
         return
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or value <= 0
-    ):
+    if not _is_finite_number(value) or value <= 0:
         raise ValueError(
-            f"`{name}` must be a number > 0, or None for dropless routing. "
-            f"Received: {name}={value!r}"
+            f"`{name}` must be a finite number > 0, or None for dropless "
+            f"routing. Received: {name}={value!r}"
         )
 
 
@@ -63,25 +70,45 @@ class MoEFeedForward(keras.layers.Layer):
     Routing granularity:
     - `routing="token"`: every token (patch, or spatial position of a
       [B, H, W, d] feature map) picks its own experts (V-MoE, Sweet-spot).
-      The routing group is the whole batch: capacity and batch-prioritized
-      routing work over all B*T tokens.
+      Capacity and batch-prioritized routing work per routing group:
+      the whole batch (B*T tokens) by default, or `group_size` tokens.
     - `routing="image"`: one decision per image from its CLS token (the
       first token) or the mean token; every token of the image follows it
       (ViMoE). Capacity is counted in images.
 
+    Routing groups: `group_size=None` routes the whole batch as one group.
+    With `group_size=n`, the flattened batch is cut into contiguous groups
+    of n items (tokens for token routing, images for image routing) and
+    capacity `C = ceil(K * n * capacity_factor / E)` and the priority order
+    are per group (vmoe's `group_size`). The routing of an item then
+    depends only on its own group, so it does not change with the number
+    of devices as long as every device holds whole groups (choose n to
+    divide the per-device item count). A batch whose item count is not a
+    multiple of n raises a `ValueError`.
+
     Capacity: each expert has `C = ceil(K * S * capacity_factor / E)` slots;
     choices beyond that are dropped and contribute zero (the item keeps the
     shared expert's output and the block's residual). With
-    `batch_prioritized_routing=True` the items with the largest top gate
-    claim slots first (Riquelme et al., 2021). `capacity_factor=None` is
+    `batch_prioritized_routing=True` the items with the largest router
+    probability claim slots first (Riquelme et al., 2021); the order uses
+    the raw probability also when `normalize_gates=True`. `capacity_factor=None` is
     dropless: image routing then runs each image through its own experts'
     gathered weights; token routing gives every expert S slots, which is
     exact but costs E/K times the compute of a balanced layer.
 
-    Auxiliary losses are added with `add_loss` at training time, weighted:
-    `load_balance` (ViMoE Eq. 2 / Switch / GShard, alpha = 0.01 by default),
-    `importance` and `load` (Shazeer et al., 2017; `load` needs noisy
-    gating) and `z` (router z-loss).
+    Samples never mix through padding: unclaimed slots hold zeros and
+    dropped choices contribute exact zeros, so a NaN or inf in one sample
+    cannot reach another sample's output. An item whose router input is
+    not finite claims no slot, gets a NaN routed output, and turns the
+    `expert_load` statistic (and the `<layer>_max_load` fit log) into NaN,
+    instead of showing a fake collapse onto expert 0.
+
+    Auxiliary losses are added with `add_loss` at training time, weighted,
+    computed per routing group and averaged: `load_balance` (ViMoE Eq. 2 /
+    Switch / GShard, counting first choices; alpha = 0.01 by default),
+    `importance` (on the clean router probabilities) and `load` (Shazeer
+    et al., 2017; `load` needs noisy gating) and `z` (router z-loss). See
+    `keras_vmoe.layers.losses` for the exact definitions.
 
     Args:
         num_experts: E, number of routed experts (>= 1).
@@ -93,6 +120,8 @@ class MoEFeedForward(keras.layers.Layer):
         router_dim: projection width of the cosine and L2 routers.
         shared_expert: add an always-on dense expert.
         capacity_factor: training capacity factor (> 0), None = dropless.
+        group_size: items per routing group (tokens for token routing,
+            images for image routing), or None for the whole batch.
         eval_capacity_factor: capacity factor at inference, None = dropless.
         batch_prioritized_routing: fill slots by descending top gate.
         normalize_gates: rescale the K chosen gates to sum to one.
@@ -130,6 +159,7 @@ class MoEFeedForward(keras.layers.Layer):
         shared_expert=False,
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
+        group_size=None,
         batch_prioritized_routing=True,
         normalize_gates=False,
         noisy_gating=False,
@@ -171,9 +201,21 @@ class MoEFeedForward(keras.layers.Layer):
             )
         _check_capacity_factor("capacity_factor", capacity_factor)
         _check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
-        if noise_std is not None and not noise_std > 0:
+        if group_size is not None and (
+            not isinstance(group_size, int)
+            or isinstance(group_size, bool)
+            or group_size < 1
+        ):
             raise ValueError(
-                f"`noise_std` must be > 0. Received: noise_std={noise_std!r}"
+                "`group_size` must be a positive integer, or None for one "
+                f"group per batch. Received: group_size={group_size!r}"
+            )
+        if noise_std is not None and (
+            not _is_finite_number(noise_std) or noise_std <= 0
+        ):
+            raise ValueError(
+                "`noise_std` must be a finite number > 0. Received: "
+                f"noise_std={noise_std!r}"
             )
         _check_choice(
             "image_router_input", image_router_input, IMAGE_ROUTER_INPUTS
@@ -190,9 +232,10 @@ class MoEFeedForward(keras.layers.Layer):
             "z": z_loss_weight,
         }
         for name, value in loss_weights.items():
-            if not isinstance(value, numbers.Real) or value < 0:
+            if not _is_finite_number(value) or value < 0:
                 raise ValueError(
-                    f"`{name}_loss_weight` must be a number >= 0. Received: "
+                    f"`{name}_loss_weight` must be a finite number >= 0. "
+                    "Received: "
                     f"{name}_loss_weight={value!r}"
                 )
         if load_loss_weight > 0 and not noisy_gating:
@@ -211,6 +254,7 @@ class MoEFeedForward(keras.layers.Layer):
         self.shared_expert = shared_expert
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
+        self.group_size = group_size
         self.batch_prioritized_routing = batch_prioritized_routing
         self.normalize_gates = normalize_gates
         self.noisy_gating = noisy_gating
@@ -333,13 +377,16 @@ class MoEFeedForward(keras.layers.Layer):
         return self.noise_std or 1.0 / self.num_experts
 
     def _add_aux_losses(self, logits, noisy_logits, probs, expert_index):
+        """Adds the weighted aux losses; all inputs are [G, S, ...]."""
         values = {}
         if self.loss_weights["load_balance"]:
             values["load_balance"] = moe_losses.load_balance_loss(
                 probs, expert_index
             )
         if self.loss_weights["importance"]:
-            values["importance"] = moe_losses.importance_loss(probs)
+            values["importance"] = moe_losses.importance_loss(
+                ops.softmax(logits, axis=-1)
+            )
         if self.loss_weights["load"]:
             values["load"] = moe_losses.load_loss(
                 logits, noisy_logits, self._noise_std, self.top_k
@@ -359,48 +406,11 @@ class MoEFeedForward(keras.layers.Layer):
         outputs = outputs + ops.expand_dims(self.expert_bias_2, 1)
         return self.dropout_layer(outputs, training=training)
 
-    def _dispatch_and_combine(self, items, plan, capacity, training):
-        """Capacity-based dispatch. items [S, P, d] -> [S, P, d]."""
-        e = self.num_experts
-        num_items = ops.shape(items)[0]
-        tokens_per_item, width = ops.shape(items)[1], ops.shape(items)[2]
-        num_slots = e * capacity
-        slot = plan["expert_index"] * capacity + plan["position"]  # [S, K]
-        # Which item fills each slot. Dropped choices write to one spare
-        # slot past the end; slots nobody claims keep item 0, whose results
-        # are never read back.
-        target = ops.where(plan["kept"], slot, num_slots)
-        item_ids = ops.broadcast_to(
-            ops.expand_dims(ops.arange(num_items, dtype="int32"), 1),
-            ops.shape(target),
-        )
-        slot_item = ops.scatter_update(
-            ops.zeros((num_slots + 1,), "int32"),
-            ops.reshape(target, (-1, 1)),
-            ops.reshape(item_ids, (-1,)),
-        )[:num_slots]
-        expert_inputs = ops.take(items, slot_item, axis=0)  # [E*C, P, d]
-        expert_outputs = self._run_experts(
-            ops.reshape(expert_inputs, (e, -1, width)), training
-        )
-        expert_outputs = ops.reshape(
-            expert_outputs, (num_slots, tokens_per_item, width)
-        )
-        # Gather each choice's result; dropped choices read a valid slot
-        # with a zero gate.
-        read = ops.minimum(slot, num_slots - 1)
-        gates = ops.cast(plan["gates"], expert_outputs.dtype)
-        if self.top_k == 1:
-            return ops.take(expert_outputs, read[:, 0], axis=0) * gates[
-                :, :, None
-            ]
-        gathered = ops.take(expert_outputs, read, axis=0)  # [S, K, P, d]
-        return ops.einsum("skpd,sk->spd", gathered, gates)
-
     def _dropless_image_experts(self, images, plan, training):
         """Dropless image routing: each image through its experts' weights.
 
-        images [B, T, d] -> [B, T, d], with weights gathered per image.
+        images [B, T, d] -> [B, T, d], with weights gathered per image;
+        `plan` holds [B, K] tensors.
         """
         index = plan["expert_index"]  # [B, K]
         kernel_1 = ops.take(self.expert_kernel_1, index, axis=0)
@@ -417,8 +427,26 @@ class MoEFeedForward(keras.layers.Layer):
         gates = ops.cast(plan["gates"], outputs.dtype)
         return ops.einsum("bktd,bk->btd", outputs, gates)
 
+    def _empty_call(self, inputs):
+        """A batch of zero samples: an empty output, like `Dense`."""
+        outputs = ops.zeros_like(inputs)
+        if not self.return_routing:
+            return outputs
+        shapes = self.compute_output_shape(inputs.shape)[1]
+        dtypes = self._routing_dtypes()
+        info = {
+            name: ops.zeros(
+                shape if name == "expert_load" else (0,) + tuple(shape[1:]),
+                dtypes[name],
+            )
+            for name, shape in shapes.items()
+        }
+        return outputs, info
+
     def call(self, inputs, training=None):
         self._check_input_shape(inputs.shape)
+        if inputs.shape[0] == 0:
+            return self._empty_call(inputs)
         input_shape = ops.shape(inputs)
         batch, width = input_shape[0], input_shape[-1]
         tokens = ops.reshape(inputs, (batch, -1, width))  # [B, T, d]
@@ -435,15 +463,17 @@ class MoEFeedForward(keras.layers.Layer):
                 tokens[:, 0] if use_cls else ops.mean(tokens, axis=1)
             )
 
-        logits, routing_logits = self._router_logits(router_input, training)
-        probs = ops.softmax(routing_logits, axis=-1)  # float32 [S, E]
+        # Routing groups: [N, ...] -> [G, S, ...].
+        logits, routing_logits = (
+            group_items(x, self.group_size)
+            for x in self._router_logits(router_input, training)
+        )
+        probs = ops.softmax(routing_logits, axis=-1)  # float32 [G, S, E]
         capacity_factor = (
             self.capacity_factor if training else self.eval_capacity_factor
         )
-        num_items = ops.shape(items)[0]
-        dropless_images = capacity_factor is None and self.routing == "image"
         capacity = compute_capacity(
-            num_items, self.num_experts, self.top_k, capacity_factor
+            ops.shape(probs)[1], self.num_experts, self.top_k, capacity_factor
         )
         plan = route(
             probs,
@@ -456,13 +486,29 @@ class MoEFeedForward(keras.layers.Layer):
             self._add_aux_losses(
                 logits, routing_logits, probs, plan["expert_index"]
             )
-        load = expert_load(plan["expert_index"], plan["kept"], self.num_experts)
+        load = expert_load(
+            plan["expert_index"], plan["kept"], self.num_experts, plan["valid"]
+        )
         self.expert_load.assign(load)
 
-        if dropless_images:
-            routed = self._dropless_image_experts(items, plan, training)
+        if capacity_factor is None and self.routing == "image":
+            flat_plan = {
+                name: ops.reshape(plan[name], (-1, self.top_k))
+                for name in ("expert_index", "gates")
+            }
+            routed = self._dropless_image_experts(items, flat_plan, training)
         else:
-            routed = self._dispatch_and_combine(items, plan, capacity, training)
+            routed = slot_dispatch(
+                group_items(items, self.group_size),
+                plan,
+                capacity,
+                self.num_experts,
+                lambda x: self._run_experts(x, training),
+            )
+        # Items with non-finite router input get NaN, never a fake expert.
+        valid = ops.reshape(plan["valid"], (-1, 1, 1))
+        routed = ops.reshape(routed, ops.shape(items))
+        routed = ops.where(valid, routed, ops.full_like(routed, float("nan")))
         outputs = ops.reshape(routed, input_shape)
         if self.shared_ffn is not None:
             outputs = outputs + self.shared_ffn(inputs, training=training)
@@ -522,18 +568,22 @@ class MoEFeedForward(keras.layers.Layer):
             "expert_load": (e,),
         }
 
-    def compute_output_spec(self, inputs, training=None):
-        output_shape = self.compute_output_shape(inputs.shape)
-        outputs = keras.KerasTensor(output_shape if not self.return_routing else output_shape[0], dtype=self.compute_dtype)
-        if not self.return_routing:
-            return outputs
-        dtypes = {
+    @staticmethod
+    def _routing_dtypes():
+        return {
             "expert_index": "int32",
             "gates": "float32",
             "dropped": "bool",
             "router_probs": "float32",
             "expert_load": "float32",
         }
+
+    def compute_output_spec(self, inputs, training=None):
+        output_shape = self.compute_output_shape(inputs.shape)
+        outputs = keras.KerasTensor(output_shape if not self.return_routing else output_shape[0], dtype=self.compute_dtype)
+        if not self.return_routing:
+            return outputs
+        dtypes = self._routing_dtypes()
         return outputs, {
             name: keras.KerasTensor(shape, dtype=dtypes[name])
             for name, shape in output_shape[1].items()
@@ -557,6 +607,7 @@ class MoEFeedForward(keras.layers.Layer):
                 "shared_expert": self.shared_expert,
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
+                "group_size": self.group_size,
                 "batch_prioritized_routing": self.batch_prioritized_routing,
                 "normalize_gates": self.normalize_gates,
                 "noisy_gating": self.noisy_gating,

@@ -1,14 +1,15 @@
-"""Routing math: top-k gates, expert capacity and slot assignment.
+"""Routing math: top-k gates, routing groups, expert capacity, slot plans.
 
 Pure functions of tensors, written with `keras.ops` only, so tests can call
 them directly on tiny hand-made inputs.
 
 Axis letters used in comments (see DESIGN.md):
-    S  items in the routing group (tokens for token routing, images for
+    G  routing groups (1 unless `group_size` is set)
+    S  items in one routing group (tokens for token routing, images for
        image routing)
     E  experts
     K  experts chosen per item (top-k)
-    C  capacity: slots per expert
+    C  capacity: slots per expert in one group
 """
 
 import math
@@ -57,17 +58,47 @@ def compute_capacity(num_items, num_experts, top_k, capacity_factor):
     return ops.clip(capacity, 1, num_items)
 
 
+def group_items(items, group_size, argument="group_size"):
+    """Splits [N, ...] items into [G, S, ...] routing groups of `group_size`.
+
+    Groups are contiguous runs of the flattened batch, so on a data-parallel
+    mesh every device holds whole groups and routing never depends on how
+    many devices run the model.
+
+    Args:
+        items: [N, ...] tensor.
+        group_size: S, items per group, or None for one group of all N.
+        argument: the name used in error messages.
+
+    Returns:
+        [G, S, ...] with G = N / S.
+
+    Raises:
+        ValueError: if N is static and not a multiple of `group_size`.
+    """
+    shape = ops.shape(items)
+    if group_size is None:
+        return ops.expand_dims(items, 0)
+    num_items = _as_int(shape[0])
+    if isinstance(num_items, int) and num_items % group_size:
+        raise ValueError(
+            f"The number of routed items ({num_items}) must be a multiple of "
+            f"`{argument}`. Received: {argument}={group_size}"
+        )
+    return ops.reshape(items, (-1, group_size) + tuple(shape[1:]))
+
+
 def top_k_gates(probs, top_k, normalize=False):
     """Chooses the `top_k` experts of every item.
 
     Args:
-        probs: [S, E] router probabilities (softmax over experts).
+        probs: [..., E] router probabilities (softmax over experts).
         top_k: K, number of experts per item.
         normalize: if True the K chosen gates are rescaled to sum to one
             (needed for exact parity when all experts are equal).
 
     Returns:
-        `(gates, expert_index)`, both [S, K]; `gates` in descending order.
+        `(gates, expert_index)`, both [..., K]; `gates` in descending order.
         Ties choose the lower expert index on every backend (K passes of
         `argmax`, which returns the first maximum; torch's `topk` does not
         promise an order among ties). K is small, so this costs little.
@@ -86,104 +117,138 @@ def top_k_gates(probs, top_k, normalize=False):
     gates = ops.stack(gates, axis=-1)
     expert_index = ops.stack(indices, axis=-1)
     if normalize:
-        gates = gates / ops.maximum(
-            ops.sum(gates, axis=-1, keepdims=True), 1e-9
-        )
+        gates = normalize_gates(gates)
     return gates, ops.cast(expert_index, "int32")
 
 
-def priority_order(top_gate, batch_prioritized):
-    """The order in which items claim expert slots.
+def normalize_gates(gates):
+    """Rescales the K gates of every item to sum to one ([..., K])."""
+    return gates / ops.maximum(ops.sum(gates, axis=-1, keepdims=True), 1e-9)
+
+
+def priority_order(priority, batch_prioritized):
+    """The order in which the items of each group claim expert slots.
 
     Batch-prioritized routing (Riquelme et al., 2021, "Scaling Vision with
-    Sparse Mixture of Experts", Sec. 3.1) lets the items with the largest top
-    gate claim slots first, so capacity drops hit the items the router is
-    least sure about. Otherwise items go in their position order.
+    Sparse Mixture of Experts", Sec. 3.1) lets the items with the largest
+    router probability claim slots first, so capacity drops hit the items
+    the router is least sure about. Otherwise items go in their position
+    order.
 
     Args:
-        top_gate: [S] the largest gate of every item.
+        priority: [..., S] the largest router probability of every item
+            (before any gate renormalisation).
         batch_prioritized: bool.
 
     Returns:
-        [S] int32 permutation; ties keep position order (`top_k` is stable on
-        every backend, unlike `argsort` on TensorFlow).
+        [..., S] int32 permutation per group; ties keep position order
+        (`top_k` is stable on every backend, unlike `argsort` on
+        TensorFlow).
     """
-    num_items = ops.shape(top_gate)[0]
+    shape = ops.shape(priority)
+    num_items = shape[-1]
     if not batch_prioritized:
-        return ops.arange(num_items, dtype="int32")
-    _, order = ops.top_k(top_gate, num_items, sorted=True)
+        return ops.broadcast_to(ops.arange(num_items, dtype="int32"), shape)
+    _, order = ops.top_k(priority, num_items, sorted=True)
     return ops.cast(order, "int32")
 
 
-def expert_positions(expert_index, order, num_experts):
-    """Position of every (item, choice) in its expert's queue.
+def expert_positions(expert_index, order, num_experts, valid=None):
+    """Position of every (item, choice) in its expert's queue, per group.
 
     Choices are served k-major: every item's first choice is placed before
     any item's second choice (as in vmoe), and within one k items follow
     `order`.
 
     Args:
-        expert_index: [S, K] int32 chosen experts.
-        order: [S] int32 permutation from `priority_order`.
+        expert_index: [G, S, K] int32 chosen experts.
+        order: [G, S] int32 permutation from `priority_order`.
         num_experts: E.
+        valid: optional [G, S] bool; invalid items take no place in any
+            queue (their position is -1).
 
     Returns:
-        [S, K] int32: 0 for the first item an expert receives, 1 for the
-        second, and so on.
+        [G, S, K] int32: 0 for the first item an expert receives in its
+        group, 1 for the second, and so on.
     """
-    num_items = ops.shape(expert_index)[0]
-    top_k = ops.shape(expert_index)[1]
-    # [K, S] in serving order.
-    served = ops.transpose(ops.take(expert_index, order, axis=0))
-    one_hot = ops.one_hot(ops.reshape(served, (-1,)), num_experts, dtype="int32")
-    # Running count per expert, read at each choice's own expert: [K*S].
-    position = ops.sum(ops.cumsum(one_hot, axis=0) * one_hot, axis=-1) - 1
-    position = ops.transpose(ops.reshape(position, (top_k, num_items)))
-    # Back from serving order to item order: inverse permutation of `order`.
-    inverse = ops.scatter_update(
-        ops.zeros((num_items,), "int32"),
-        ops.expand_dims(order, -1),
-        ops.arange(num_items, dtype="int32"),
+    shape = ops.shape(expert_index)
+    num_items, top_k = shape[1], shape[2]
+    # [G, K, S] in serving order, then flattened k-major to [G, K*S].
+    served = ops.take_along_axis(expert_index, order[:, :, None], axis=1)
+    served = ops.reshape(ops.transpose(served, (0, 2, 1)), (-1, top_k * num_items))
+    one_hot = ops.one_hot(served, num_experts, dtype="int32")
+    if valid is not None:
+        served_valid = ops.take_along_axis(valid, order, axis=1)
+        served_valid = ops.tile(ops.cast(served_valid, "int32"), (1, top_k))
+        one_hot = one_hot * served_valid[:, :, None]
+    # Running count per expert, read at each choice's own expert.
+    position = ops.sum(ops.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
+    position = ops.transpose(
+        ops.reshape(position, (-1, top_k, num_items)), (0, 2, 1)
     )
-    return ops.take(position, inverse, axis=0)
+    # Back from serving order to item order: the inverse permutation.
+    inverse = ops.cast(ops.argsort(order, axis=-1), "int32")
+    return ops.take_along_axis(position, inverse[:, :, None], axis=1)
 
 
 def route(probs, top_k, capacity, normalize=False, batch_prioritized=True):
     """Turns router probabilities into a dispatch plan.
 
+    Items whose probabilities are not finite (NaN or inf router input) claim
+    no slot and are marked dropped, so they can never take capacity from the
+    other items; `valid` reports them (see `expert_load`).
+
     Args:
-        probs: [S, E] float32 router probabilities.
+        probs: [S, E] or [G, S, E] float32 router probabilities; with a group
+            axis, capacity and priority are per group.
         top_k: K.
-        capacity: C, slots per expert (from `compute_capacity`).
-        normalize: renormalise the K gates to sum to one.
-        batch_prioritized: fill slots by descending top gate.
+        capacity: C, slots per expert in one group (`compute_capacity`).
+        normalize: renormalise the K gates to sum to one. Priority still
+            follows the raw router probability.
+        batch_prioritized: fill slots by descending top router probability.
 
     Returns:
-        A dict of [S, K] tensors:
+        A dict of [..., S, K] tensors shaped like `probs` without E:
             `gates` (float32, zero where the choice was dropped),
             `expert_index` (int32), `position` (int32 slot within the
-            expert, meaningless where dropped), `kept` (bool).
+            expert, meaningless where dropped), `kept` (bool);
+        and `valid` ([..., S] bool: the item's probabilities are finite).
     """
+    probs = ops.convert_to_tensor(probs)
+    ungrouped = len(probs.shape) == 2
+    if ungrouped:
+        probs = ops.expand_dims(probs, 0)
     num_experts = ops.shape(probs)[-1]
-    gates, expert_index = top_k_gates(probs, top_k, normalize)
-    order = priority_order(gates[:, 0], batch_prioritized)
-    position = expert_positions(expert_index, order, num_experts)
-    kept = position < capacity
-    return {
-        "gates": gates * ops.cast(kept, gates.dtype),
+    valid = ops.all(ops.isfinite(probs), axis=-1)  # [G, S]
+    safe_probs = ops.where(valid[:, :, None], probs, ops.zeros_like(probs))
+    raw_gates, expert_index = top_k_gates(safe_probs, top_k)
+    priority = ops.where(valid, raw_gates[:, :, 0], -ops.ones_like(valid, "float32"))
+    order = priority_order(priority, batch_prioritized)
+    position = expert_positions(expert_index, order, num_experts, valid)
+    kept = ops.logical_and(position < capacity, valid[:, :, None])
+    gates = normalize_gates(raw_gates) if normalize else raw_gates
+    plan = {
+        "gates": ops.where(kept, gates, ops.zeros_like(gates)),
         "expert_index": expert_index,
         "position": position,
         "kept": kept,
+        "valid": valid,
     }
+    if ungrouped:
+        plan = {name: value[0] for name, value in plan.items()}
+    return plan
 
 
-def expert_load(expert_index, kept, num_experts):
+def expert_load(expert_index, kept, num_experts, valid=None):
     """Fraction of all K*S choices that each expert received (after drops).
 
     Args:
         expert_index: [..., K] int32.
         kept: [..., K] bool.
         num_experts: E.
+        valid: optional [...] bool from `route`. If any item is invalid
+            (non-finite router input) every entry is NaN: bad data shows as
+            NaN load, never as a collapse onto one expert.
 
     Returns:
         [E] float32; sums to `1 - dropped fraction`.
@@ -192,4 +257,8 @@ def expert_load(expert_index, kept, num_experts):
         ops.reshape(expert_index, (-1,)), num_experts, dtype="float32"
     )
     kept = ops.cast(ops.reshape(kept, (-1, 1)), "float32")
-    return ops.mean(one_hot * kept, axis=0)
+    load = ops.mean(one_hot * kept, axis=0)
+    if valid is None:
+        return load
+    all_valid = ops.all(valid)
+    return ops.where(all_valid, load, ops.full_like(load, float("nan")))

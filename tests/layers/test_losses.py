@@ -28,12 +28,23 @@ def test_load_balance_loss_is_one_when_uniform():
     assert _value(losses.load_balance_loss(probs, index)) == pytest.approx(1.0)
 
 
-def test_load_balance_loss_counts_every_top_k_choice():
-    # Choices (0, 1) and (0, 1): f = [0.5, 0.5]; P = [0.7, 0.3].
+def test_load_balance_loss_counts_first_choices_only():
+    # GShard / vmoe: f counts first choices. Both items choose (0, 1):
+    # f = [1, 0] (counting all K choices would give [0.5, 0.5] -> 1.0).
     index = np.array([[0, 1], [0, 1]], "int32")
     assert _value(losses.load_balance_loss(PROBS, index)) == pytest.approx(
-        2 * (0.5 * 0.7 + 0.5 * 0.3)
+        2 * (1.0 * 0.7 + 0.0 * 0.3)
     )
+
+
+def test_losses_average_over_routing_groups():
+    # Group 0 is PROBS (f = [1, 0], P = [0.7, 0.3] -> 1.4); group 1 sends
+    # one item to each expert with P = [0.5, 0.5] -> 2 * 0.5 = 1.0.
+    probs = np.stack([PROBS, np.full((2, 2), 0.5, "float32")])
+    index = np.array([[[0], [0]], [[0], [1]]], "int32")
+    assert _value(losses.load_balance_loss(probs, index)) == pytest.approx(1.2)
+    # Importance per group: 0.16 and 0 -> mean 0.08.
+    assert _value(losses.importance_loss(probs)) == pytest.approx(0.08, rel=1e-5)
 
 
 def test_importance_loss_hand_value():
