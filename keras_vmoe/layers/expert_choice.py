@@ -30,8 +30,7 @@ from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.layers.routers import ROUTERS
 from keras_vmoe.layers.routers import get_router
 from keras_vmoe.layers.routing import compute_capacity
-
-ROUTING_GROUPS = ("batch", "image")
+from keras_vmoe.layers.routing import group_items
 
 
 def expert_choice_capacity(group_size, num_experts, capacity_factor):
@@ -56,8 +55,9 @@ def top_items_per_expert(probs, capacity):
         and their probabilities, which are the combine weights.
     """
     scores = ops.transpose(probs, (0, 2, 1))  # [G, E, S]
-    # Ascending sort of -p is stable on every backend (TensorFlow, JAX,
-    # torch): equal probabilities keep the lower index first.
+    # Ascending sort of -p keeps equal probabilities in index order on
+    # every backend: torch and JAX sort stably, TensorFlow's argsort is
+    # built on its stable `top_k` (the tests check ties on all three).
     order = ops.argsort(-scores, axis=-1)[..., :capacity]
     order = ops.cast(order, "int32")
     gates = ops.take_along_axis(scores, order, axis=-1)
@@ -101,17 +101,19 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
     the optional shared expert. A token no expert chose gets 0 from the
     routed experts (it keeps the shared expert and the block's residual).
 
-    Routing groups: `routing_group="image"` routes the T tokens of every
-    image on their own (`C = ceil(T * cf / E)`; an image's output does not
-    depend on the rest of the batch); `"batch"` routes all B*T tokens of
-    the batch together (`C = ceil(B*T * cf / E)`), as vmoe with one group.
+    Routing groups: `group_size="image"` (default) routes the T tokens of
+    every image on their own (`C = ceil(T * cf / E)`; an image's output
+    does not depend on the rest of the batch); `None` routes all B*T
+    tokens of the batch as one group (`C = ceil(B*T * cf / E)`); an int n
+    cuts the flattened B*T tokens into contiguous groups of n tokens, as
+    `MoEFeedForward`'s `group_size` (B*T must be a multiple of n).
 
     Args:
         num_experts: E, number of experts (>= 1).
         hidden_dim: h, hidden width of every expert (and the shared expert).
         capacity_factor: average experts per token (> 0); default 2.0, the
             paper's EC-CF2 (a compute cost equal to top-2 routing).
-        routing_group: "image" or "batch".
+        group_size: "image", None (the whole batch) or tokens per group.
         router: "linear", "cosine" or "l2" (see `keras_vmoe.layers`).
         router_dim: projection width of the cosine and L2 routers.
         noise_std: std of Gaussian noise added to the router logits in
@@ -140,7 +142,7 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         num_experts,
         hidden_dim,
         capacity_factor=2.0,
-        routing_group="image",
+        group_size="image",
         router="linear",
         router_dim=256,
         noise_std=0.0,
@@ -163,10 +165,14 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
                 "`capacity_factor` must be a number > 0. Received: "
                 f"capacity_factor={capacity_factor!r}"
             )
-        if routing_group not in ROUTING_GROUPS:
+        if group_size not in ("image", None) and (
+            not isinstance(group_size, int)
+            or isinstance(group_size, bool)
+            or group_size < 1
+        ):
             raise ValueError(
-                f"`routing_group` must be one of {ROUTING_GROUPS}. "
-                f"Received: routing_group={routing_group!r}"
+                "`group_size` must be 'image', None (the whole batch) or a "
+                f"positive integer. Received: group_size={group_size!r}"
             )
         if router not in ROUTERS:
             raise ValueError(
@@ -188,7 +194,7 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.capacity_factor = capacity_factor
-        self.routing_group = routing_group
+        self.group_size = group_size
         self.router_name = router
         self.router_dim = router_dim
         self.noise_std = noise_std
@@ -248,10 +254,12 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         check_input_shape(self, inputs.shape)
         input_shape = ops.shape(inputs)
         width, e = input_shape[-1], self.num_experts
-        if self.routing_group == "image":
+        if self.group_size == "image":
             groups = ops.reshape(inputs, (input_shape[0], -1, width))
         else:
-            groups = ops.reshape(inputs, (1, -1, width))
+            groups = group_items(
+                ops.reshape(inputs, (-1, width)), self.group_size
+            )
         num_groups, group_size = ops.shape(groups)[0], ops.shape(groups)[1]
         probs = self.router_probs(
             ops.reshape(groups, (-1, width)), training
@@ -359,7 +367,7 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
                 "num_experts": self.num_experts,
                 "hidden_dim": self.hidden_dim,
                 "capacity_factor": self.capacity_factor,
-                "routing_group": self.routing_group,
+                "group_size": self.group_size,
                 "router": self.router_name,
                 "router_dim": self.router_dim,
                 "noise_std": self.noise_std,

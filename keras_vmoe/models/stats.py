@@ -96,8 +96,8 @@ def _layer_flops(layer, input_shape, output_shape):
         return images * (routing + slots * _expert_macs(layer))
     if isinstance(layer, ExpertChoiceFeedForward):
         tokens = math.prod(input_shape[:-1])
-        group = tokens if layer.routing_group == "batch" else tokens // (
-            input_shape[0]
+        group = {"image": tokens // input_shape[0], None: tokens}.get(
+            layer.group_size, layer.group_size
         )
         capacity = expert_choice_capacity(
             group, layer.num_experts, layer.capacity_factor

@@ -73,8 +73,9 @@ def _numpy_expert_choice(moe, x):
     tokens = x.reshape(-1, x.shape[-1])
     probs = _np(moe.router_probs(tokens)).astype("float64")
     size = (
-        int(np.prod(x.shape[1:-1])) if moe.routing_group == "image"
-        else len(tokens)
+        {"image": int(np.prod(x.shape[1:-1])), None: len(tokens)}.get(
+            moe.group_size, moe.group_size
+        )
     )
     capacity = expert_choice_capacity(size, moe.num_experts, moe.capacity_factor)
     w = {v.path.split("/")[-1]: _np(v).astype("float64") for v in moe.weights}
@@ -92,10 +93,10 @@ def _numpy_expert_choice(moe, x):
     return outputs.reshape(x.shape)
 
 
-@pytest.mark.parametrize("group", ["image", "batch"])
+@pytest.mark.parametrize("group", ["image", None, 12])
 @pytest.mark.parametrize("inputs", [TOKENS, FEATURE_MAP], ids=["tokens", "map"])
 def test_output_equals_an_explicit_loop_over_experts(group, inputs):
-    moe = ExpertChoiceFeedForward(4, 8, capacity_factor=1.5, routing_group=group)
+    moe = ExpertChoiceFeedForward(4, 8, capacity_factor=1.5, group_size=group)
     moe.build(inputs.shape)
     for variable in moe.weights:
         variable.assign(RNG.standard_normal(variable.shape) * 0.5)
@@ -119,10 +120,10 @@ def test_equal_probabilities_pick_the_first_tokens():
     np.testing.assert_allclose(_np(info["gates"])[:, :capacity], 0.25)
 
 
-@pytest.mark.parametrize("group, capacity", [("image", 4), ("batch", 12)])
+@pytest.mark.parametrize("group, capacity", [("image", 4), (None, 12)])
 def test_capacity_is_respected(group, capacity):
     moe = ExpertChoiceFeedForward(
-        4, 8, capacity_factor=2.0, routing_group=group, return_routing=True
+        4, 8, capacity_factor=2.0, group_size=group, return_routing=True
     )
     moe.build(TOKENS.shape)
     moe.router.kernel.assign(RNG.standard_normal(moe.router.kernel.shape))
@@ -141,8 +142,14 @@ def test_capacity_is_respected(group, capacity):
     np.testing.assert_array_equal(gates[gates > 0], probs[gates > 0])
 
 
+def test_groups_of_tokens_need_a_divisible_batch():
+    moe = ExpertChoiceFeedForward(4, 8, group_size=5)
+    with pytest.raises(ValueError, match="group_size=5"):
+        moe(TOKENS)  # 24 tokens
+
+
 def test_image_groups_make_images_independent_of_the_batch():
-    moe = ExpertChoiceFeedForward(4, 8, routing_group="image", shared_expert=True)
+    moe = ExpertChoiceFeedForward(4, 8, group_size="image", shared_expert=True)
     together = _np(moe(TOKENS))
     for b in range(len(TOKENS)):
         np.testing.assert_allclose(
@@ -164,7 +171,7 @@ def test_noise_changes_routing_only_in_training():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(shared_expert=True), dict(routing_group="batch", router="cosine")],
+    [dict(shared_expert=True), dict(group_size=None, router="cosine")],
     ids=str,
 )
 def test_every_trainable_weight_receives_gradient(kwargs):
@@ -206,7 +213,7 @@ def test_mixed_bfloat16_keeps_routing_in_float32():
     "kwargs",
     [
         dict(capacity_factor=1.0, shared_expert=True, router="l2"),
-        dict(routing_group="batch", noise_std=0.5, seed=2, dropout=0.1),
+        dict(group_size=None, noise_std=0.5, seed=2, dropout=0.1),
     ],
     ids=str,
 )
@@ -223,7 +230,7 @@ def test_config_round_trip_gives_identical_outputs(kwargs):
 def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     inputs = keras.Input((8, 16))
     x = ExpertChoiceFeedForward(4, 8, shared_expert=True)(inputs)
-    outputs = ExpertChoiceFeedForward(2, 8, routing_group="batch")(x)
+    outputs = ExpertChoiceFeedForward(2, 8, group_size=None)(x)
     model = keras.Model(inputs, outputs)
     assert_keras_round_trip(model, TOKENS, tmp_path)
 
@@ -249,7 +256,7 @@ def test_tensorflow_and_jax_give_the_same_outputs(tmp_path):
         "    keras.utils.set_random_seed(0)\n"
         "    i = keras.Input((8, 16))\n"
         "    h = ExpertChoiceFeedForward(4, 8, shared_expert=True)(i)\n"
-        "    o = ExpertChoiceFeedForward(3, 8, routing_group='batch',\n"
+        "    o = ExpertChoiceFeedForward(3, 8, group_size=None,\n"
         "                                router='cosine')(h)\n"
         "    keras.Model(i, o).save(path + '/model.keras')\n"
         "m = keras.saving.load_model(path + '/model.keras')\n"
@@ -292,7 +299,8 @@ def test_routing_observers_see_the_routing_of_nested_layers():
     [
         (dict(num_experts=0), "num_experts=0"),
         (dict(num_experts=4, capacity_factor=0), "capacity_factor=0"),
-        (dict(num_experts=4, routing_group="token"), "routing_group='token'"),
+        (dict(num_experts=4, group_size="token"), "group_size='token'"),
+        (dict(num_experts=4, group_size=0), "group_size=0"),
         (dict(num_experts=4, router="softmax"), "router='softmax'"),
         (dict(num_experts=4, noise_std=-1.0), "noise_std=-1.0"),
         (dict(num_experts=4, activation="relu"), "activation='relu'"),
