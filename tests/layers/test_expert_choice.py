@@ -314,3 +314,26 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, message):
 def test_wrong_input_rank_is_rejected():
     with pytest.raises(ValueError, match=r"inputs.shape=\(4, 16\)"):
         ExpertChoiceFeedForward(4, 8)(np.zeros((4, 16), "float32"))
+
+
+# --- Upcycling ------------------------------------------------------------------
+
+
+def test_upcycled_layer_scales_the_dense_ffn_by_the_chosen_gates():
+    from keras_vmoe.converters import upcycle_feed_forward
+    from keras_vmoe.layers import FeedForward
+
+    dense = FeedForward(8)
+    dense.build((None, None, 16))
+    for variable in dense.weights:
+        variable.assign(RNG.standard_normal(variable.shape) * 0.3)
+    moe = ExpertChoiceFeedForward(
+        4, 8, shared_expert=True, return_routing=True
+    )
+    moe.build(TOKENS.shape)
+    upcycle_feed_forward(dense, moe)
+    outputs, info = moe(TOKENS)
+    gate_sum = _np(info["gates"]).sum(-1, keepdims=True)
+    # Shared and routed copies each carry half of fc2 (upcycle convention).
+    expected = (0.5 + 0.5 * gate_sum) * _np(dense(TOKENS))
+    np.testing.assert_allclose(_np(outputs), expected, rtol=1e-5, atol=1e-6)

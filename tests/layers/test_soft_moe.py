@@ -360,3 +360,27 @@ def test_mismatched_width_is_rejected():
     moe(TOKENS)
     with pytest.raises(ValueError, match=r"width 16.*inputs.shape=\(3, 7, 12\)"):
         moe(np.zeros((3, 7, 12), "float32"))
+
+
+# --- Upcycling ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_upcycled_layer_is_the_dense_ffn_on_constant_images(shared):
+    """Slots mix equal tokens into that token: y = FFN(x) for any router."""
+    from keras_vmoe.converters import upcycle_feed_forward
+    from keras_vmoe.layers import FeedForward
+
+    dense = FeedForward(8)
+    dense.build((None, None, 16))
+    for variable in dense.weights:
+        variable.assign(RNG.standard_normal(variable.shape) * 0.3)
+    moe = SoftMoEFeedForward(4, 8, slots_per_expert=2, shared_expert=shared)
+    moe.build(TOKENS.shape)
+    upcycle_feed_forward(dense, moe)
+    constant = np.repeat(TOKENS[:, :1], 7, axis=1)
+    np.testing.assert_allclose(
+        _np(moe(constant)), _np(dense(constant)), rtol=1e-5, atol=1e-6
+    )
+    # On varied tokens it is not the dense FFN (see converters.upcycle).
+    assert not np.allclose(_np(moe(TOKENS)), _np(dense(TOKENS)), atol=1e-3)
