@@ -90,11 +90,16 @@ def compiled_train_step(layer):
 
 
 def block(value):
-    """Waits for asynchronous results (JAX dispatch)."""
+    """Waits for asynchronous results (JAX dispatch, CUDA streams)."""
     leaves = keras.tree.flatten(value) if value is not None else []
     for leaf in leaves:
         if hasattr(leaf, "block_until_ready"):
             leaf.block_until_ready()
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     return value
 
 

@@ -49,6 +49,20 @@ PAIRS = [
         vit_preset("vimoe_small_patch14_e8_last2_shared"),
         0.88,
     ),
+    # Soft MoE paper, Table 8: ViT-S/16 0.5 ms/img, Soft MoE-S/16 0.7
+    # ms/img (TPUv3): a 0.71x speed ratio. 922M parameters (3.7 GB).
+    (
+        "ViT-S/16 vs Soft MoE-S/16 128E",
+        vit_preset("vit_small_patch16"),
+        vit_preset("soft_moe_small_patch16_128e"),
+        0.71,
+    ),
+    (
+        "ViT-S/16 vs Expert Choice E8 Every-2 cf2",
+        vit_preset("vit_small_patch16"),
+        vit_preset("expert_choice_vit_small_patch16_e8_every2_cf2"),
+        0.80,
+    ),
     (
         "ConvNeXt-T vs E8 Last-2 top-1 token",
         convnext_preset("convnext_tiny"),

@@ -8,9 +8,17 @@ Prints, for B=32, T=197, d=384, h=1536, E=8 and capacity factor 1.0 and
 1.25, the ratio of each MoE configuration's time to the dense baseline
 measured in the same run (forward, and forward + backward), and the peak
 memory of the compiled layer (XLA memory analysis; JAX backend only).
+
+Soft MoE runs with S = ceil(T / E) slots per expert, so its E*S slots
+match the T tokens of an image (200 for T=197, E=8) and its active cost
+is one dense FFN; it has no capacity factor and is printed once. Expert
+Choice (per-image groups) processes E*ceil(T*cf/E) tokens per image,
+about cf dense FFNs, and is compared with one.
+`--configs` picks lines by name, e.g. `--configs soft "expert choice"`.
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -23,7 +31,9 @@ from _timing import compiled_train_step  # noqa: E402
 from _timing import interleaved_median_times  # noqa: E402
 from _timing import random_inputs  # noqa: E402
 
+from keras_vmoe.layers import ExpertChoiceFeedForward  # noqa: E402
 from keras_vmoe.layers import FeedForward  # noqa: E402
+from keras_vmoe.layers import SoftMoEFeedForward  # noqa: E402
 from keras_vmoe.layers import MoEFeedForward  # noqa: E402
 
 # name: (MoE kwargs, number of dense FFNs with the same active parameters)
@@ -34,6 +44,23 @@ CONFIGS = {
     "image top-1 + shared": (
         dict(routing="image", top_k=1, shared_expert=True),
         2,
+    ),
+}
+# name: (layer factory of (args, capacity factor), dense FFNs of equal cost)
+OTHER_ROUTERS = {
+    "soft": (
+        lambda args, _: SoftMoEFeedForward(
+            args.experts,
+            args.hidden,
+            slots_per_expert=math.ceil(args.tokens / args.experts),
+        ),
+        1,
+    ),
+    "expert choice": (
+        lambda args, capacity_factor: ExpertChoiceFeedForward(
+            args.experts, args.hidden, capacity_factor=capacity_factor
+        ),
+        1,
     ),
 }
 
@@ -65,6 +92,12 @@ def main():
     parser.add_argument(
         "--capacity-factors", type=float, nargs="+", default=[1.0, 1.25]
     )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="names of the lines to run (default: all)",
+    )
     args = parser.parse_args()
 
     shape = (args.batch, args.tokens, args.width)
@@ -78,41 +111,58 @@ def main():
         layer = FeedForward(args.hidden * copies)
         layer.build(shape)
         dense[copies] = layer
-    for capacity_factor in args.capacity_factors:
-        for name, (kwargs, copies) in CONFIGS.items():
-            moe = MoEFeedForward(
+    factories = {
+        name: (
+            lambda args, cf, kwargs=kwargs: MoEFeedForward(
                 args.experts,
                 args.hidden,
-                capacity_factor=capacity_factor,
-                eval_capacity_factor=capacity_factor,
+                capacity_factor=cf,
+                eval_capacity_factor=cf,
                 **kwargs,
-            )
+            ),
+            copies,
+        )
+        for name, (kwargs, copies) in CONFIGS.items()
+    }
+    factories.update(OTHER_ROUTERS)
+    for index, capacity_factor in enumerate(args.capacity_factors):
+        for name, (factory, copies) in factories.items():
+            if args.configs is not None and name not in args.configs:
+                continue
+            if name == "soft" and index > 0:
+                continue  # no capacity factor: measured once
+            moe = factory(args, capacity_factor)
             moe.build(shape)
-            baseline = dense[copies]
             line = f"cf={capacity_factor:<5} {name:<22}"
-            for mode, compile_fn in (
-                ("fwd", compiled_forward),
-                ("fwd+bwd", compiled_train_step),
-            ):
-                times = interleaved_median_times(
-                    {"moe": compile_fn(moe), "dense": compile_fn(baseline)},
-                    inputs,
-                    rounds=args.rounds,
-                )
-                line += (
-                    f" {mode} {times['moe'] * 1e3:7.1f} ms / dense "
-                    f"{times['dense'] * 1e3:7.1f} ms = "
-                    f"{times['moe'] / times['dense']:.2f}x |"
-                )
-            memory = peak_memory_bytes(moe, inputs)
-            if memory is not None:
-                dense_memory = peak_memory_bytes(baseline, inputs)
-                line += (
-                    f" peak mem {memory / 2**20:.1f} MiB / dense "
-                    f"{dense_memory / 2**20:.1f} MiB = "
-                    f"{memory / dense_memory:.2f}x"
-                )
-            print(line, flush=True)
+            print(line + measure(moe, dense[copies], inputs, args), flush=True)
+
+
+def measure(moe, baseline, inputs, args):
+    """Times (and, on JAX, peak memory) of `moe` against `baseline`."""
+    line = ""
+    for mode, compile_fn in (
+        ("fwd", compiled_forward),
+        ("fwd+bwd", compiled_train_step),
+    ):
+        times = interleaved_median_times(
+            {"moe": compile_fn(moe), "dense": compile_fn(baseline)},
+            inputs,
+            rounds=args.rounds,
+        )
+        line += (
+            f" {mode} {times['moe'] * 1e3:7.1f} ms / dense "
+            f"{times['dense'] * 1e3:7.1f} ms = "
+            f"{times['moe'] / times['dense']:.2f}x |"
+        )
+    memory = peak_memory_bytes(moe, inputs)
+    if memory is not None:
+        dense_memory = peak_memory_bytes(baseline, inputs)
+        line += (
+            f" peak mem {memory / 2**20:.1f} MiB / dense "
+            f"{dense_memory / 2**20:.1f} MiB = "
+            f"{memory / dense_memory:.2f}x"
+        )
+    return line
 
 
 if __name__ == "__main__":

@@ -5,6 +5,19 @@ expert) starts as a copy of the dense FFN. With renormalised gates
 (`normalize_gates=True`) and no dropped tokens, the upcycled layer computes
 exactly the dense FFN, for any router.
 
+The same copy initialises `SoftMoEFeedForward` and
+`ExpertChoiceFeedForward` (same stacked expert weights; their routers, `phi`
+and `scale` or the router layer, keep their initialisation, as in vmoe's
+sparse upcycling), but neither then starts at the dense FFN:
+- Expert Choice: `y_t = (sum of the gates of the experts that chose t)
+  FFN(x_t)`, the dense output scaled by a token's total gate (0 for a
+  token no expert chose; at most 1, the router probabilities sum to 1).
+- Soft MoE: `y_t = sum_n C[t, n] FFN(slot_n)` with slots mixing the
+  image's tokens. A fresh router has logits of at most `scale` = 1 in
+  absolute value, so dispatch and combine weights are nearly uniform and
+  every token starts at about FFN(mean token of its image); the residual
+  branch keeps the tokens apart while the router learns.
+
 With a shared expert the output is `E_s(x) + sum_i g_i E_i(x)`; copying the
 FFN into both would double it, so the output projection (fc2 kernel and
 bias) of every copy is halved: `0.5 FFN(x) + 0.5 FFN(x) = FFN(x)`.
@@ -14,12 +27,13 @@ import numpy as np
 
 
 def upcycle_feed_forward(dense, moe, noise_std=0.0, seed=None):
-    """Copies a dense `FeedForward` into every expert of a `MoEFeedForward`.
+    """Copies a dense `FeedForward` into every expert of a MoE layer.
 
     Args:
         dense: a built `keras_vmoe.layers.FeedForward` (the source).
-        moe: a built `keras_vmoe.layers.MoEFeedForward` with the same input
-            width and `hidden_dim` (the target). Its router is left as is.
+        moe: a built `MoEFeedForward`, `SoftMoEFeedForward` or
+            `ExpertChoiceFeedForward` with the same input width and
+            `hidden_dim` (the target). Its router is left as is.
         noise_std: optional Gaussian noise, relative to each kernel's
             standard deviation, added to each routed expert's copy so
             experts can diverge (the shared expert gets no noise).

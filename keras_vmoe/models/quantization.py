@@ -9,9 +9,9 @@ layer that the filters select quantizes its experts too
 """
 
 import re
+import warnings
 
 import keras
-
 
 from keras_vmoe.layers.moe import MoEFeedForward
 
@@ -34,14 +34,24 @@ class ExpertQuantizationMixin:
         super().quantize(mode, config=config, filters=filters, **kwargs)
         mode = mode if mode is not None else getattr(config, "mode", None)
         changed = False
+        left_in_float = []
         for layer in self._flatten_layers():
-            if (
-                isinstance(layer, MoEFeedForward)
-                and layer.quantization_mode is None
-                and _selected(layer, filters)
+            if layer.quantization_mode is not None or not _selected(
+                layer, filters
             ):
+                continue
+            if isinstance(layer, MoEFeedForward):
                 layer.quantize(mode)
                 changed = True
+            elif hasattr(layer, "expert_kernel_1"):
+                left_in_float.append(f"{layer.name} ({type(layer).__name__})")
+        if left_in_float:
+            warnings.warn(
+                "These MoE layers have no expert quantization yet and keep "
+                f"their experts in float: {', '.join(left_in_float)}. "
+                f"Received: mode={mode!r}",
+                stacklevel=2,
+            )
         if changed:
             self.train_function = None
             self.test_function = None

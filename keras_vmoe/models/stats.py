@@ -15,7 +15,13 @@ with fvcore and fused attention):
   PyTorch counts as parameters); state such as BatchNorm moving statistics
   or a MoE layer's `expert_load` is not counted.
 - Active parameters leave out, in every `MoEFeedForward`, the E - K routed
-  experts an item does not use.
+  experts an item does not use. A `SoftMoEFeedForward` or
+  `ExpertChoiceFeedForward` runs every expert on part of every image, so
+  all its experts are active.
+- Soft MoE costs, per image of T tokens and N = E*S slots, the logits
+  `x phi` (T*d*N), the dispatch and combine einsums (2*T*N*d) and N expert
+  rows; Expert Choice its router and E*C expert rows per routing group
+  (C = ceil(S * capacity_factor / E)).
 
 Shapes come from one eager forward pass at batch 1, with every layer's
 `call` wrapped to record its input and output shapes, so nested layers
@@ -27,7 +33,10 @@ import math
 import keras
 import numpy as np
 
+from keras_vmoe.layers.expert_choice import ExpertChoiceFeedForward
+from keras_vmoe.layers.expert_choice import expert_choice_capacity
 from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
 from keras_vmoe.layers.routers import CosineRouter
 from keras_vmoe.layers.routers import L2Router
 from keras_vmoe.layers.routers import LinearRouter
@@ -79,6 +88,22 @@ def _layer_flops(layer, input_shape, output_shape):
     if isinstance(layer, MoEFeedForward):
         tokens = math.prod(input_shape[:-1])
         return tokens * layer.top_k * _expert_macs(layer)
+    if isinstance(layer, SoftMoEFeedForward):
+        images, width = input_shape[0], input_shape[-1]
+        tokens = math.prod(input_shape[1:-1])
+        slots = layer.num_slots
+        routing = 3 * tokens * width * slots
+        return images * (routing + slots * _expert_macs(layer))
+    if isinstance(layer, ExpertChoiceFeedForward):
+        tokens = math.prod(input_shape[:-1])
+        group = {"image": tokens // input_shape[0], None: tokens}.get(
+            layer.group_size, layer.group_size
+        )
+        capacity = expert_choice_capacity(
+            group, layer.num_experts, layer.capacity_factor
+        )
+        rows = (tokens // group) * layer.num_experts * capacity
+        return rows * _expert_macs(layer)
     if isinstance(layer, _ROUTERS):
         rows = math.prod(input_shape[:-1])
         return rows * sum(

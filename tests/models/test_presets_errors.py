@@ -41,6 +41,8 @@ def _expected_statistics(name):
         return HALF  # timm AugReg ViT-S/16, ViT-B/16
     if name.startswith(("vit_moe_small_patch16_", "vit_moe_base_patch16_")):
         return HALF
+    if name.startswith(("soft_moe_", "expert_choice_vit_")):
+        return HALF  # upcycled from the same AugReg ViTs
     if name.startswith(("vimoe_small_patch14_", "vit_small_patch14_dinov2")):
         return IMAGENET  # DINOv2
     if name.startswith("convnext_"):
@@ -58,7 +60,8 @@ def test_every_preset_records_the_statistics_of_its_checkpoint(name):
 def test_the_table_has_both_kinds():
     kinds = {_expected_statistics(name) for name in list_presets()}
     assert kinds == {IMAGENET, HALF}
-    assert sum(_expected_statistics(n) == HALF for n in VIT) == 2 + 2 * 9
+    # 2 dense, 2 x 9 Sweet-spot, 2 Soft MoE, 4 Expert Choice.
+    assert sum(_expected_statistics(n) == HALF for n in VIT) == 2 + 2 * 9 + 6
     assert all(CONVNEXT[n]["mean"] == IMAGENET[0] for n in CONVNEXT)
 
 

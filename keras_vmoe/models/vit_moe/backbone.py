@@ -6,13 +6,76 @@ import re
 import keras
 import keras_hub
 
-from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.layers.moe_types import build_moe_layer
+from keras_vmoe.layers.moe_types import check_router_type
 from keras_vmoe.models import preset_io
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
 
 _PLACEMENT = re.compile(r"^(last|every)-([1-9][0-9]*)$")
+# The backbone arguments each non-top-k router type passes to its layer;
+# the other MoE arguments must keep their defaults (`_DEFAULTS`).
+_ROUTER_TYPE_ARGUMENTS = {
+    "soft": ("num_experts", "slots_per_expert", "shared_expert"),
+    "expert_choice": (
+        "num_experts",
+        "capacity_factor",
+        "router",
+        "router_dim",
+        "shared_expert",
+    ),
+}
+_DEFAULTS = {
+    "capacity_factor": 1.25,
+    "router": "linear",
+    "router_dim": 256,
+    "load_balance_loss_weight": 0.01,
+    "top_k": 1,
+    "routing": "image",
+    "eval_capacity_factor": 2.0,
+    "batch_prioritized_routing": True,
+    "normalize_gates": False,
+    "noisy_gating": False,
+    "importance_loss_weight": 0.0,
+    "load_loss_weight": 0.0,
+    "z_loss_weight": 0.0,
+}
+
+
+def router_type_config(router_type, top_k_config, slots_per_expert):
+    """The `moe_config` of the MoE blocks for `router_type`.
+
+    Args:
+        router_type: "top_k", "soft" or "expert_choice".
+        top_k_config: the backbone's `MoEFeedForward` arguments.
+        slots_per_expert: Soft MoE slots per expert (1 unless "soft").
+
+    Raises:
+        ValueError: naming an argument that `router_type` does not use
+            but that was given a non-default value.
+    """
+    check_router_type(router_type)
+    if router_type != "soft" and slots_per_expert != 1:
+        raise ValueError(
+            "`slots_per_expert` applies to `router_type='soft'` only. "
+            f"Received: slots_per_expert={slots_per_expert!r}, "
+            f"router_type={router_type!r}"
+        )
+    if router_type == "top_k":
+        return dict(top_k_config)
+    values = dict(top_k_config, slots_per_expert=slots_per_expert)
+    used = _ROUTER_TYPE_ARGUMENTS[router_type]
+    for name, default in _DEFAULTS.items():
+        if name not in used and values[name] != default:
+            raise ValueError(
+                f"router_type={router_type!r} does not use `{name}`; leave "
+                f"it at its default {default!r}. Received: "
+                f"{name}={values[name]!r}"
+            )
+    config = {name: values[name] for name in used}
+    config["router_type"] = router_type
+    return config
 
 
 def resolve_moe_layers(moe_layers, num_layers):
@@ -141,6 +204,16 @@ class ViTMoEBackbone(
         normalize_gates, noisy_gating, load_balance_loss_weight,
         importance_loss_weight, load_loss_weight, z_loss_weight: passed to
             every `MoEFeedForward`, see its documentation.
+        router_type: the MoE layer of the MoE blocks: "top_k"
+            (`MoEFeedForward`, all the arguments above), "soft"
+            (`SoftMoEFeedForward`: uses `num_experts`, `slots_per_expert`
+            and `shared_expert`; normalised `phi` with learned scale) or
+            "expert_choice" (`ExpertChoiceFeedForward`, per-image groups:
+            uses `num_experts`, `capacity_factor`, `router`, `router_dim`
+            and `shared_expert`). With these two, the MoE arguments they
+            do not use must keep their defaults (neither adds an
+            auxiliary loss).
+        slots_per_expert: Soft MoE slots per expert.
         dtype: dtype policy of the model (e.g. "mixed_bfloat16").
 
     Example:
@@ -181,6 +254,8 @@ class ViTMoEBackbone(
         importance_loss_weight=0.0,
         load_loss_weight=0.0,
         z_loss_weight=0.0,
+        router_type="top_k",
+        slots_per_expert=1,
         dtype=None,
         **kwargs,
     ):
@@ -243,6 +318,7 @@ class ViTMoEBackbone(
                 "each MoE block builds its own. Received: "
                 f"router={router!r}"
             )
+        check_router_type(router_type)
         moe_indices = resolve_moe_layers(moe_layers, num_layers)
         moe_config = None
         if moe_indices:
@@ -263,9 +339,12 @@ class ViTMoEBackbone(
                 "load_loss_weight": load_loss_weight,
                 "z_loss_weight": z_loss_weight,
             }
+            moe_config = router_type_config(
+                router_type, moe_config, slots_per_expert
+            )
             # Validates the MoE arguments (num_experts, top_k, ...) early,
             # with the layer's own error messages.
-            MoEFeedForward(hidden_dim=mlp_dim, **moe_config)
+            build_moe_layer(moe_config, hidden_dim=mlp_dim)
 
         # === Layers ===
         self.embedding = ViTEmbedding(
@@ -339,6 +418,8 @@ class ViTMoEBackbone(
         self.importance_loss_weight = importance_loss_weight
         self.load_loss_weight = load_loss_weight
         self.z_loss_weight = z_loss_weight
+        self.router_type = router_type
+        self.slots_per_expert = slots_per_expert
 
     @property
     def num_prefix_tokens(self):
@@ -406,6 +487,8 @@ class ViTMoEBackbone(
                 "importance_loss_weight": self.importance_loss_weight,
                 "load_loss_weight": self.load_loss_weight,
                 "z_loss_weight": self.z_loss_weight,
+                "router_type": self.router_type,
+                "slots_per_expert": self.slots_per_expert,
             }
         )
         return config

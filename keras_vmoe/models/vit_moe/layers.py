@@ -11,7 +11,7 @@ import numpy as np
 from keras import ops
 
 from keras_vmoe.layers.feed_forward import FeedForward
-from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.layers.quantization import sublayer_dtype
 
 
@@ -276,8 +276,8 @@ class ViTBlock(keras.layers.Layer):
 
     Sublayers are attributes with fixed names (`norm1`, `attention`, `ls1`,
     `norm2`, `mlp`, `ls2`) so converters address them by name. `mlp` is a
-    `FeedForward`, or a `MoEFeedForward` when `moe_config` is given; its
-    layer name is `<block name>_mlp`.
+    `FeedForward`, or the MoE layer `moe_config` describes (see
+    `keras_vmoe.layers.moe_types`); its layer name is `<block name>_mlp`.
 
     Args:
         num_heads: attention heads.
@@ -287,7 +287,9 @@ class ViTBlock(keras.layers.Layer):
         drop_path_rate: stochastic depth rate of this block's branches.
         layer_norm_epsilon: epsilon of both LayerNorms.
         moe_config: None for a dense MLP, else the keyword arguments of
-            `MoEFeedForward` other than `hidden_dim`.
+            the MoE layer other than `hidden_dim`, plus an optional
+            `"router_type"` ("top_k", the default: `MoEFeedForward`;
+            "soft"; "expert_choice").
     """
 
     def __init__(
@@ -323,8 +325,8 @@ class ViTBlock(keras.layers.Layer):
         if moe_config is None:
             self.mlp = FeedForward(mlp_dim, dtype=dtype, name=mlp_name)
         else:
-            self.mlp = MoEFeedForward(
-                hidden_dim=mlp_dim, dtype=dtype, name=mlp_name, **moe_config
+            self.mlp = build_moe_layer(
+                moe_config, hidden_dim=mlp_dim, dtype=dtype, name=mlp_name
             )
         self.ls1, self.ls2 = (
             (

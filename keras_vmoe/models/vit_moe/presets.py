@@ -17,6 +17,14 @@ built model).
   `vit_moe_{small,base}_patch16_e{4,8,16}_{every2,last2,last3}_top2`, plus
   the dense `vit_small_patch16` and `vit_base_patch16`.
 
+- Soft MoE (Puigcerver et al., 2024): `soft_moe_{small,base}_patch16_128e`,
+  128 experts with 1 slot in the last half of the blocks, as the paper's
+  S/16 and B/16 (trained from scratch on JFT-4B there; no weights were
+  released, so `load_weights=True` upcycles the dense timm ViT).
+- Expert Choice (Zhou et al., 2022), routed per image:
+  `expert_choice_vit_{small,base}_patch16_e8_every2_cf2` and
+  `..._e128_last6_cf1` (the Soft MoE paper's placement and expert count).
+
 Each preset also records the input statistics of its checkpoint (`mean`,
 `std`, as timm's `pretrained_cfg`): ImageNet's for DINOv2, 0.5 / 0.5 for the
 timm AugReg ViT-S/16 and ViT-B/16; `from_preset` builds its preprocessor
@@ -32,6 +40,7 @@ top-1 the router then learns from the auxiliary loss only).
 
 import os
 
+from keras_vmoe.layers.expert_choice import expert_choice_capacity
 from keras_vmoe.models.normalization import IMAGENET_MEAN
 from keras_vmoe.models.normalization import IMAGENET_STD
 from keras_vmoe.models.normalization import INCEPTION_MEAN
@@ -114,7 +123,20 @@ def analytic_stats(config):
     flops += depth * tokens * (2 * 5 * d + 4 * d * d) + 5 * tokens * d
     flops += (depth - moe_blocks) * tokens * ffn_flops
     active = params
-    if moe_blocks:
+    router_type = config.get("router_type", "top_k")
+    shared = config.get("shared_expert", False)
+    if moe_blocks and router_type == "soft":
+        # Every expert runs on its slots of every image: all are active.
+        slots = experts * config.get("slots_per_expert", 1)
+        per_block = (experts + shared) * ffn_params + d * slots + 1
+        params += moe_blocks * per_block
+        active = params
+        flops += moe_blocks * (
+            3 * tokens * d * slots
+            + slots * ffn_flops
+            + shared * tokens * ffn_flops
+        )
+    elif moe_blocks:
         router = config.get("router", "linear")
         if router == "linear":
             router_params = router_flops = d * experts
@@ -123,12 +145,19 @@ def analytic_stats(config):
             router_flops = d * width_r + experts * width_r
             router_params = router_flops + (router == "cosine")
         router_rows = tokens if config.get("routing", "image") == "token" else 1
-        shared = config.get("shared_expert", False)
         per_block = experts * ffn_params + router_params + shared * ffn_params
         params += moe_blocks * per_block
         active = params - moe_blocks * (experts - top_k) * ffn_params
+        expert_rows = tokens * top_k
+        if router_type == "expert_choice":
+            # Per-image groups; every expert takes C tokens of each image.
+            router_rows, active = tokens, params
+            expert_rows = experts * expert_choice_capacity(
+                tokens, experts, config.get("capacity_factor", 1.25)
+            )
         flops += moe_blocks * (
-            tokens * (top_k + shared) * ffn_flops + router_rows * router_flops
+            (expert_rows + shared * tokens) * ffn_flops
+            + router_rows * router_flops
         )
     return {"params": params, "active_params": active, "flops": flops}
 
@@ -223,6 +252,27 @@ def _vimoe(num_experts, num_layers, shared):
 def _sweet_spot(base, num_experts, placement):
     return dict(
         base, moe_layers=placement, num_experts=num_experts, **_TOKEN_ROUTING
+    )
+
+
+def _soft_moe(base):
+    """Soft MoE paper (Sec. 3.4): 128 experts, 1 slot, last half of blocks."""
+    return dict(
+        base,
+        moe_layers=f"last-{base['num_layers'] // 2}",
+        num_experts=128,
+        router_type="soft",
+        slots_per_expert=1,
+    )
+
+
+def _expert_choice(base, num_experts, placement, capacity_factor):
+    return dict(
+        base,
+        moe_layers=placement,
+        num_experts=num_experts,
+        router_type="expert_choice",
+        capacity_factor=capacity_factor,
     )
 
 
@@ -475,6 +525,27 @@ PRESETS = {
         _sweet_spot(_VIT_SMALL, 16, "last-3"),
         (74854272, 25228416, 4951093632),
     ),
+    "soft_moe_small_patch16_128e": _preset(
+        "Soft MoE-S/16, 128 experts x 1 slot in the last 6 blocks (Soft "
+        "MoE paper Sec. 3.4). Weights: upcycled from the dense ViT-S/16.",
+        _SOURCES["vit_small"],
+        _soft_moe(_VIT_SMALL),
+        (922315014, 922315014, 3936209280),
+    ),
+    "expert_choice_vit_small_patch16_e8_every2_cf2": _preset(
+        "Expert Choice ViT-S/16, E=8, Every-2, capacity factor 2 (per "
+        "image). Weights: upcycled from the dense ViT-S/16.",
+        _SOURCES["vit_small"],
+        _expert_choice(_VIT_SMALL, 8, "every-2", 2.0),
+        (71309568, 71309568, 5690732928),
+    ),
+    "expert_choice_vit_small_patch16_e128_last6_cf1": _preset(
+        "Expert Choice ViT-S/16, E=128, last 6 blocks, capacity factor 1 "
+        "(per image). Weights: upcycled from the dense ViT-S/16.",
+        _SOURCES["vit_small"],
+        _expert_choice(_VIT_SMALL, 128, "last-6", 1.0),
+        (922315008, 922315008, 4725983616),
+    ),
     "vit_base_patch16": _preset(
         "Dense ViT-B/16, timm ImageNet-21k + 1k weights.",
         _SOURCES["vit_base"],
@@ -534,5 +605,26 @@ PRESETS = {
         _SOURCES["vit_base"],
         _sweet_spot(_VIT_BASE, 16, "last-3"),
         (298344192, 100002048, 19662594816),
+    ),
+    "soft_moe_base_patch16_128e": _preset(
+        "Soft MoE-B/16, 128 experts x 1 slot in the last 6 blocks (Soft "
+        "MoE paper Sec. 3.4). Weights: upcycled from the dense ViT-B/16.",
+        _SOURCES["vit_base"],
+        _soft_moe(_VIT_BASE),
+        (3684880902, 3684880902, 15261733632),
+    ),
+    "expert_choice_vit_base_patch16_e8_every2_cf2": _preset(
+        "Expert Choice ViT-B/16, E=8, Every-2, capacity factor 2 (per "
+        "image). Weights: upcycled from the dense ViT-B/16.",
+        _SOURCES["vit_base"],
+        _expert_choice(_VIT_BASE, 8, "every-2", 2.0),
+        (284176896, 284176896, 22621152000),
+    ),
+    "expert_choice_vit_base_patch16_e128_last6_cf1": _preset(
+        "Expert Choice ViT-B/16, E=128, last 6 blocks, capacity factor 1 "
+        "(per image). Weights: upcycled from the dense ViT-B/16.",
+        _SOURCES["vit_base"],
+        _expert_choice(_VIT_BASE, 128, "last-6", 1.0),
+        (3684880896, 3684880896, 18653221632),
     ),
 }
