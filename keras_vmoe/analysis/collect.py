@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_vmoe.analysis import statistics
+from keras_vmoe.analysis.statistics import to_numpy
 from keras_vmoe.training.metrics import moe_layers
 
 
@@ -276,7 +277,7 @@ def _batches(data, batch_size):
         for start in range(0, len(images), batch_size):
             stop = start + batch_size
             yield images[start:stop], (
-                None if labels is None else np.asarray(labels[start:stop])
+                None if labels is None else to_numpy(labels[start:stop])
             )
         return
     for batch in data:
@@ -392,7 +393,7 @@ def collect_routing(
                 outputs_width = outputs[0].shape[-1]
             image_shape = tuple(batch_images.shape[1:3])
             if keep_images:
-                images.append(np.asarray(batch_images))
+                images.append(to_numpy(batch_images))
             if batch_labels is not None:
                 if batch_labels.ndim == 2:
                     batch_labels = batch_labels.argmax(axis=-1)

@@ -7,6 +7,8 @@ needed) and returns the path. matplotlib is imported on first use.
 
 import numpy as np
 
+from keras_vmoe.analysis.statistics import to_numpy
+
 
 def _pyplot():
     import matplotlib
@@ -58,7 +60,7 @@ def plot_routing_heatmap(
     Returns:
         `path` as a string.
     """
-    counts = np.asarray(counts, dtype="float64")
+    counts = to_numpy(counts, dtype="float64")
     totals = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(
         counts, totals, out=np.zeros_like(counts), where=totals > 0
@@ -99,13 +101,13 @@ def gating_overlay(image, expert_map, num_experts, alpha=0.5):
     Returns:
         float array [H, W, 3] in [0, 1].
     """
-    image = np.asarray(image, dtype="float64")
+    image = to_numpy(image, dtype="float64")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     image = image[..., :3]
     low, high = image.min(), image.max()
     image = (image - low) / (high - low) if high > low else np.zeros_like(image)
-    expert_map = np.asarray(expert_map)
+    expert_map = to_numpy(expert_map)
     height, width = image.shape[:2]
     rows = np.arange(height) * expert_map.shape[0] // height
     columns = np.arange(width) * expert_map.shape[1] // width
@@ -142,7 +144,7 @@ def plot_gating_maps(
     Returns:
         `path` as a string.
     """
-    images = np.asarray(images)
+    images = to_numpy(images)
     count = len(images)
     plt = _pyplot()
     figure, axes = plt.subplots(
@@ -245,7 +247,7 @@ def plot_expert_load(loads, path, figsize=(6, 3), dpi=100):
     figure, axis = plt.subplots(figsize=figsize)
     width = 0.8 / max(len(loads), 1)
     for offset, (name, load) in enumerate(loads.items()):
-        load = np.asarray(load)
+        load = to_numpy(load)
         axis.bar(np.arange(len(load)) + offset * width, load, width, label=name)
         axis.axhline(
             1.0 / len(load), color="gray", linestyle="--", linewidth=0.8

@@ -10,11 +10,33 @@ per item · E experts · C classes.
 
 import math
 
+import keras
 import numpy as np
 
 
+def to_numpy(values, dtype=None):
+    """A numpy array from numpy data or a backend tensor of any backend.
+
+    Backend tensors go through `keras.ops.convert_to_numpy`, which moves
+    them to the host and detaches torch tensors that require grad (where
+    `np.asarray` raises).
+
+    Args:
+        values: array-like, Keras variable or backend tensor.
+        dtype: optional numpy dtype.
+
+    Returns:
+        numpy array.
+    """
+    if isinstance(values, keras.Variable) or (
+        not isinstance(values, np.ndarray) and keras.ops.is_tensor(values)
+    ):
+        values = keras.ops.convert_to_numpy(values)
+    return np.asarray(values, dtype=dtype)
+
+
 def _check_expert_index(expert_index, num_experts):
-    expert_index = np.asarray(expert_index)
+    expert_index = to_numpy(expert_index)
     if expert_index.size and (
         expert_index.min() < 0 or expert_index.max() >= num_experts
     ):
@@ -43,7 +65,7 @@ def expert_load(expert_index, num_experts, dropped=None):
     """
     expert_index = _check_expert_index(expert_index, num_experts)
     kept = (
-        expert_index if dropped is None else expert_index[~np.asarray(dropped)]
+        expert_index if dropped is None else expert_index[~to_numpy(dropped)]
     )
     counts = np.bincount(kept.ravel(), minlength=num_experts).astype("float64")
     total = counts.sum()
@@ -60,13 +82,13 @@ def expert_importance(router_probs):
         float array [E]: the mean router probability of every expert over
         all items (Shazeer et al., 2017, "importance"), summing to 1.
     """
-    router_probs = np.asarray(router_probs, dtype="float64")
+    router_probs = to_numpy(router_probs, dtype="float64")
     return router_probs.reshape(-1, router_probs.shape[-1]).mean(axis=0)
 
 
 def dropped_fraction(dropped):
     """Fraction of routing choices dropped for lack of capacity."""
-    dropped = np.asarray(dropped)
+    dropped = to_numpy(dropped)
     return float(dropped.mean()) if dropped.size else 0.0
 
 
@@ -80,7 +102,7 @@ def gate_entropy(router_probs):
         `mean(H(p)) / log(E)`: 1 for a uniform router, 0 for a router that
         is certain about every item (0 when E = 1).
     """
-    router_probs = np.asarray(router_probs, dtype="float64")
+    router_probs = to_numpy(router_probs, dtype="float64")
     num_experts = router_probs.shape[-1]
     if num_experts == 1:
         return 0.0
@@ -104,7 +126,7 @@ def class_expert_counts(labels, expert_index, num_classes, num_experts):
         int array [C, E]: entry (c, e) counts the choices of expert `e` by
         images (or tokens of images) of class `c`, all K choices included.
     """
-    labels = np.asarray(labels).astype("int64").ravel()
+    labels = to_numpy(labels).astype("int64").ravel()
     expert_index = _check_expert_index(expert_index, num_experts)
     if expert_index.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -158,7 +180,7 @@ def specialization_score(counts):
     >>> specialization_score(np.array([[5, 5], [5, 5]]))
     0.0
     """
-    counts = np.asarray(counts, dtype="float64")
+    counts = to_numpy(counts, dtype="float64")
     if counts.ndim != 2 or (counts < 0).any():
         raise ValueError(
             "`counts` must be a [classes, experts] table of non-negative "
@@ -228,7 +250,7 @@ def distinct_routes(expert_choices):
             "`expert_choices` must hold at least one layer. Received: "
             f"expert_choices={expert_choices!r}"
         )
-    arrays = [np.asarray(choice) for choice in expert_choices]
+    arrays = [to_numpy(choice) for choice in expert_choices]
     num_items = {array.shape[0] for array in arrays}
     if len(num_items) != 1:
         raise ValueError(
@@ -282,7 +304,7 @@ def patches_per_expert_cdf(counts):
     >>> patches_per_expert_cdf(np.array([[3, 1], [0, 4]]))
     (array([1, 3, 4]), array([0.333, 0.667, 1.]))
     """
-    counts = np.asarray(counts)
+    counts = to_numpy(counts)
     values = np.sort(counts[counts > 0])
     if not values.size:
         return values, np.zeros((0,))
@@ -318,7 +340,7 @@ def expert_similarity(counts, by="images"):
         raise ValueError(
             f"`by` must be 'images' or 'patches'. Received: by={by!r}"
         )
-    counts = np.asarray(counts, dtype="float64")
+    counts = to_numpy(counts, dtype="float64")
     if by == "images":
         counts = (counts > 0).astype("float64")
     # One expert at a time keeps memory at [N, E] for large datasets.

@@ -150,3 +150,57 @@ def test_weighted_jaccard_over_patches():
 def test_expert_similarity_rejects_unknown_mode():
     with pytest.raises(ValueError, match="by='tokens'"):
         statistics.expert_similarity(np.zeros((1, 2)), by="tokens")
+
+
+def _tracked_tensor(array):
+    """A backend tensor computed from a variable: on torch it requires
+    grad, where `np.asarray` raises."""
+    import keras
+
+    variable = keras.Variable(np.asarray(array, dtype="float32"))
+    return keras.ops.add(variable, 0.0)
+
+
+def test_statistics_accept_backend_tensors_that_require_grad():
+    import keras
+
+    index = np.array([[0, 1], [0, 2], [0, 1]])
+    probs = np.array([[0.5, 0.5], [1.0, 0.0]])
+    counts = np.array([[3, 1], [0, 4]])
+    as_index = keras.ops.cast(_tracked_tensor(index), "int32")
+    checks = [
+        (statistics.expert_load, (index, 4), (as_index, 4)),
+        (statistics.expert_importance, (probs,), (_tracked_tensor(probs),)),
+        (statistics.gate_entropy, (probs,), (_tracked_tensor(probs),)),
+        (
+            statistics.specialization_score,
+            (counts,),
+            (_tracked_tensor(counts),),
+        ),
+        (
+            statistics.expert_similarity,
+            (counts,),
+            (_tracked_tensor(counts),),
+        ),
+        (
+            statistics.class_expert_counts,
+            (np.array([0, 1, 1]), index, 2, 4),
+            (np.array([0, 1, 1]), as_index, 2, 4),
+        ),
+        (statistics.distinct_routes, ([index],), ([as_index],)),
+    ]
+    for function, numpy_args, tensor_args in checks:
+        expected = function(*numpy_args)
+        np.testing.assert_allclose(
+            function(*tensor_args), expected, err_msg=function.__name__
+        )
+    values, cdf = statistics.patches_per_expert_cdf(_tracked_tensor(counts))
+    np.testing.assert_array_equal(values, [1, 3, 4])
+
+
+def test_to_numpy_of_a_variable_and_a_list():
+    import keras
+
+    variable = keras.Variable(np.array([1.0, 2.0], dtype="float32"))
+    np.testing.assert_array_equal(statistics.to_numpy(variable), [1.0, 2.0])
+    assert statistics.to_numpy([1, 2], dtype="float64").dtype == np.float64
