@@ -98,11 +98,24 @@ class LayerRouting:
 
     @property
     def specialization(self):
-        """`statistics.specialization_score` of the layer, None without
-        labels."""
+        """`statistics.specialization_score` of the layer (NMI normalised
+        by min(H(c), H(e))), None without labels."""
         counts = self.class_expert_counts
         return (
             None if counts is None else statistics.specialization_score(counts)
+        )
+
+    @property
+    def specialization_arithmetic(self):
+        """The NMI normalised by the arithmetic mean (H(c) + H(e)) / 2
+        (scikit-learn's default), None without labels."""
+        counts = self.class_expert_counts
+        return (
+            None
+            if counts is None
+            else statistics.specialization_score(
+                counts, normalization="arithmetic"
+            )
         )
 
     @property
@@ -161,6 +174,8 @@ class LayerRouting:
             "dropped_fraction": self.dropped_fraction,
             "gate_entropy": self.gate_entropy,
             "specialization": self.specialization,
+            "specialization_normalization": "min",
+            "specialization_arithmetic": self.specialization_arithmetic,
             "experts_per_image": float((counts > 0).sum(axis=1).mean()),
             "class_expert_counts": (
                 None
@@ -172,6 +187,9 @@ class LayerRouting:
             ).tolist(),
             "expert_similarity_patches": statistics.expert_similarity(
                 counts, by="patches"
+            ).tolist(),
+            "expert_similarity_sweetspot": statistics.sweetspot_similarity(
+                counts
             ).tolist(),
         }
 

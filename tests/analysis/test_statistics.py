@@ -84,6 +84,23 @@ def test_specialization_score_partial_value():
     assert score == pytest.approx(expected)
 
 
+def test_specialization_arithmetic_normalization():
+    # 4 classes onto 2 experts, each class to one expert: I = H(e) = log 2,
+    # H(c) = log 4. min: log 2 / log 2; arithmetic: log 2 / (1.5 log 2).
+    counts = np.array([[5, 0], [5, 0], [0, 5], [0, 5]])
+    assert statistics.specialization_score(counts) == pytest.approx(1.0)
+    assert statistics.specialization_score(
+        counts, normalization="arithmetic"
+    ) == pytest.approx(2 / 3)
+    # H(c) = H(e): both normalisations agree.
+    square = np.array([[3, 1], [1, 3]])
+    assert statistics.specialization_score(
+        square, normalization="arithmetic"
+    ) == pytest.approx(statistics.specialization_score(square))
+    with pytest.raises(ValueError, match="normalization='max'"):
+        statistics.specialization_score(counts, normalization="max")
+
+
 def test_specialization_score_rejects_negative_counts():
     with pytest.raises(ValueError, match="counts"):
         statistics.specialization_score(np.array([[-1, 2]]))
@@ -125,6 +142,16 @@ def test_expert_counts_per_image_and_cdf():
     np.testing.assert_allclose(cdf, [1 / 3, 2 / 3, 1.0])
 
 
+def test_cdf_is_the_fraction_at_most_each_value_with_ties():
+    # Pairs with 3, 3 and 1 patches: F(1) = 1/3, F(3) = 3/3 (not 2/3 at
+    # the first of the tied threes).
+    values, cdf = statistics.patches_per_expert_cdf(np.array([[3, 3], [1, 0]]))
+    np.testing.assert_array_equal(values, [1, 3])
+    np.testing.assert_allclose(cdf, [1 / 3, 1.0])
+    lookup = dict(zip(values.tolist(), cdf.tolist()))
+    assert lookup[3] == pytest.approx(1.0)
+
+
 def test_cdf_of_nothing_is_empty():
     values, cdf = statistics.patches_per_expert_cdf(np.zeros((2, 3)))
     assert values.size == 0 and cdf.size == 0
@@ -145,6 +172,23 @@ def test_weighted_jaccard_over_patches():
     assert similarity[0, 1] == pytest.approx(1 / 6)
     assert similarity[1, 0] == pytest.approx(1 / 6)
     assert similarity[1, 1] == pytest.approx(1.0)
+
+
+def test_sweetspot_similarity_is_the_papers_weighted_dice():
+    # Expert 0 gets [2, 1, 0] patches per image, expert 1 [0, 3, 1]:
+    # the paper's sum over the shared image 1 is 1 + 3 - |1 - 3| = 2, over
+    # all images 3 + 4 = 7.
+    counts = np.array([[2, 0], [1, 3], [0, 1]])
+    similarity = statistics.sweetspot_similarity(counts)
+    np.testing.assert_allclose(similarity, [[1.0, 2 / 7], [2 / 7, 1.0]])
+    # Dice = 2J / (1 + J) with J the weighted Jaccard index (1/6 here).
+    jaccard = statistics.expert_similarity(counts, by="patches")[0, 1]
+    assert jaccard == pytest.approx(1 / 6)
+    assert similarity[0, 1] == pytest.approx(2 * jaccard / (1 + jaccard))
+    empty = statistics.sweetspot_similarity(np.zeros((2, 2)))
+    np.testing.assert_array_equal(empty, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="counts"):
+        statistics.sweetspot_similarity(np.array([[-1, 2]]))
 
 
 def test_expert_similarity_rejects_unknown_mode():
