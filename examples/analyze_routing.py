@@ -6,7 +6,7 @@ expert similarity, parameter / FLOPs breakdown, `report.json`,
 least specialised MoE layers by one dense FFN (ViMoE, Sec. 4.2) and
 reports what that does to accuracy and speed.
 
-    # seconds: a tiny random model on random images
+    # seconds: a tiny random model, trained one epoch on random images
     python examples/analyze_routing.py --smoke --out /tmp/routing_report
     # minutes on CPU: train a small ViMoE on MNIST, analyse, prune, merge
     python examples/analyze_routing.py --mnist --out mnist_report
@@ -65,6 +65,15 @@ def mnist_data(num_train, num_test):
         (prepare(x_train[:num_train]), y_train[:num_train]),
         (prepare(x_test[:num_test]), y_test[:num_test]),
     )
+
+
+def assert_trained(model):
+    """A run that trained nothing fails (e.g. no full training batch)."""
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if steps < 1:
+        raise RuntimeError("No training step ran: the training set gave no "
+                           "full batch.")
+    print(f"trained {steps} steps")
 
 
 def images_per_second(model, images, batch_size=256, repeats=3):
@@ -163,6 +172,7 @@ def main():
             routing=args.routing,
         )
         args.prune = min(args.prune, 1)
+        train, epochs = test, 1  # one epoch of two steps
     elif args.mnist:
         train, test = mnist_data(args.num_train, args.num_test)
         model = small_vimoe(
@@ -173,12 +183,16 @@ def main():
             moe_layers="last-6",
             routing=args.routing,
         )
+        epochs = args.epochs
+    if args.smoke or args.mnist:
         model.compile(
             optimizer=keras.optimizers.AdamW(1e-3),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
-        model.fit(*train, batch_size=128, epochs=args.epochs, verbose=2)
+        batch_size = 8 if args.smoke else 128
+        model.fit(*train, batch_size=batch_size, epochs=epochs, verbose=2)
+        assert_trained(model)
     else:
         if not args.data:
             parser.error("--model needs --data (an .npz of images and labels)")

@@ -24,6 +24,15 @@ from keras_vmoe.training import tf_data
 SMOKE_OVERRIDES = dict(depths=[1, 1, 1], hidden_dims=[16, 32, 48], image_shape=(32, 32, 3))
 
 
+def assert_trained(model):
+    """A run that trained nothing fails (e.g. no full training batch)."""
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if steps < 1:
+        raise RuntimeError("No training step ran: the training set gave no "
+                           "full batch.")
+    print(f"trained {steps} steps")
+
+
 def write_synthetic_folder(root, images_per_class=12, size=32, seed=0):
     """Four classes: a bright square in one of the four corners."""
     from PIL import Image
@@ -91,6 +100,7 @@ def main(argv=None):
     )
     model.fit(train, validation_data=validation, epochs=args.epochs, shuffle=False)
     results = model.evaluate(validation, return_dict=True, verbose=0)
+    assert_trained(model)
     print(f"validation accuracy: {results['accuracy']:.4f} ({class_names})")
     return results
 

@@ -42,6 +42,15 @@ SMOKE_VIT = dict(
 )
 
 
+def assert_trained(model):
+    """A run that trained nothing fails (e.g. no full training batch)."""
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if steps < 1:
+        raise RuntimeError("No training step ran: the training set gave no "
+                           "full batch.")
+    print(f"trained {steps} steps")
+
+
 def build_vit(args, num_classes, moe):
     overrides = dict(SMOKE_VIT) if args.smoke else {}
     if not moe:
@@ -121,6 +130,7 @@ def main(argv=None):
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
     model.fit(train, validation_data=test, epochs=args.epochs, shuffle=False)
+    assert_trained(model)
     return gap
 
 

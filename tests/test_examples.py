@@ -1,6 +1,7 @@
 """Every example script runs with --smoke; every notebook executes."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,10 @@ def test_example_script_smoke(script, tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Every smoke run trains: a run on zero batches must not pass.
+    assert re.search(r"^trained [1-9]\d* steps$", result.stdout, re.M), (
+        result.stdout[-3000:]
+    )
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from keras_vmoe.analysis.statistics import gate_entropy
 from keras_vmoe.analysis.statistics import patches_per_expert_cdf
 from keras_vmoe.analysis.statistics import routing_degree
 from keras_vmoe.analysis.statistics import specialization_score
+from keras_vmoe.analysis.statistics import sweetspot_similarity
 from keras_vmoe.analysis.surgery import fold_expert_weights
 from keras_vmoe.analysis.surgery import merge_experts
 from keras_vmoe.analysis.surgery import prune_moe_layers

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_vmoe.analysis import statistics
+from keras_vmoe.analysis.statistics import to_numpy
 from keras_vmoe.training.metrics import moe_layers
 
 
@@ -97,11 +98,24 @@ class LayerRouting:
 
     @property
     def specialization(self):
-        """`statistics.specialization_score` of the layer, None without
-        labels."""
+        """`statistics.specialization_score` of the layer (NMI normalised
+        by min(H(c), H(e))), None without labels."""
         counts = self.class_expert_counts
         return (
             None if counts is None else statistics.specialization_score(counts)
+        )
+
+    @property
+    def specialization_arithmetic(self):
+        """The NMI normalised by the arithmetic mean (H(c) + H(e)) / 2
+        (scikit-learn's default), None without labels."""
+        counts = self.class_expert_counts
+        return (
+            None
+            if counts is None
+            else statistics.specialization_score(
+                counts, normalization="arithmetic"
+            )
         )
 
     @property
@@ -160,6 +174,8 @@ class LayerRouting:
             "dropped_fraction": self.dropped_fraction,
             "gate_entropy": self.gate_entropy,
             "specialization": self.specialization,
+            "specialization_normalization": "min",
+            "specialization_arithmetic": self.specialization_arithmetic,
             "experts_per_image": float((counts > 0).sum(axis=1).mean()),
             "class_expert_counts": (
                 None
@@ -171,6 +187,9 @@ class LayerRouting:
             ).tolist(),
             "expert_similarity_patches": statistics.expert_similarity(
                 counts, by="patches"
+            ).tolist(),
+            "expert_similarity_sweetspot": statistics.sweetspot_similarity(
+                counts
             ).tolist(),
         }
 
@@ -276,7 +295,7 @@ def _batches(data, batch_size):
         for start in range(0, len(images), batch_size):
             stop = start + batch_size
             yield images[start:stop], (
-                None if labels is None else np.asarray(labels[start:stop])
+                None if labels is None else to_numpy(labels[start:stop])
             )
         return
     for batch in data:
@@ -392,7 +411,7 @@ def collect_routing(
                 outputs_width = outputs[0].shape[-1]
             image_shape = tuple(batch_images.shape[1:3])
             if keep_images:
-                images.append(np.asarray(batch_images))
+                images.append(to_numpy(batch_images))
             if batch_labels is not None:
                 if batch_labels.ndim == 2:
                     batch_labels = batch_labels.argmax(axis=-1)

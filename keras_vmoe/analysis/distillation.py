@@ -30,6 +30,22 @@ def distillation_loss(teacher_logits, student_logits, temperature=1.0):
     return kl * temperature**2
 
 
+def _check_unique_paths(variables):
+    """Raises if two variables share a path (the torch backend keys
+    parameters by path, so one would silently shadow the other)."""
+    seen = set()
+    duplicates = []
+    for variable in variables:
+        if variable.path in seen:
+            duplicates.append(variable.path)
+        seen.add(variable.path)
+    if duplicates:
+        raise ValueError(
+            "The student's variables must have unique paths. Received "
+            f"duplicated paths: {sorted(set(duplicates))[:5]}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class DistillationModel(keras.Model):
     """Trains a MoE student with `fit` against a dense teacher's logits.
@@ -42,6 +58,11 @@ class DistillationModel(keras.Model):
     model into it in one script (dense-to-experts distillation, as in
     RepMoE-style work). Calling the model returns the student's logits, so
     `evaluate` and `predict` measure the student.
+
+    The model's variables are the student's alone (their paths must be
+    unique): the teacher is not one of its tracked layers, so a teacher
+    built like the student cannot shadow the student's parameters on the
+    torch backend. Saving writes the teacher's weights all the same.
 
     Args:
         student: a Keras model returning logits [B, classes].
@@ -68,12 +89,25 @@ class DistillationModel(keras.Model):
             )
         super().__init__(**kwargs)
         self.student = student
-        self.teacher = teacher
-        self.teacher.trainable = False
+        # The teacher is kept out of the model's tracked layers, so the
+        # model's variables are the student's alone. Tracked, a teacher
+        # built like the student has the same variable paths; the torch
+        # backend keys parameters by path, so the teacher's entries would
+        # shadow the student's and their gradients would never be zeroed.
+        # `.keras` saving still writes and reads the teacher's weights: it
+        # walks every attribute, tracked or not (see `teacher`).
+        teacher.trainable = False
+        object.__setattr__(self, "_teacher", teacher)
+        _check_unique_paths(self.variables)
         self.temperature = temperature
         self.alpha = alpha
         self.distillation_tracker = keras.metrics.Mean(name="distillation_loss")
         self.label_tracker = keras.metrics.Mean(name="label_loss")
+
+    @property
+    def teacher(self):
+        """The frozen teacher; not one of the model's tracked layers."""
+        return self._teacher
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)

@@ -7,6 +7,8 @@ needed) and returns the path. matplotlib is imported on first use.
 
 import numpy as np
 
+from keras_vmoe.analysis.statistics import to_numpy
+
 
 def _pyplot():
     import matplotlib
@@ -38,34 +40,79 @@ def expert_colors(num_experts):
     return np.asarray(colors)[:, :3]
 
 
+MAX_CLASS_TICKS = 40
+
+
+def heatmap_class_order(counts, sort_classes=True):
+    """The class shown in each heatmap column, left to right.
+
+    Args:
+        counts: array [C, E] from `class_expert_counts`.
+        sort_classes: group classes by their most chosen expert (ties in
+            the top fraction: the larger fraction first, then the lower
+            class id); False keeps class-id order.
+
+    Returns:
+        int array [C]: column j shows class `order[j]`.
+    """
+    counts = to_numpy(counts, dtype="float64")
+    if not sort_classes:
+        return np.arange(counts.shape[0])
+    fractions = _row_fractions(counts)
+    return np.lexsort((-fractions.max(axis=1), fractions.argmax(axis=1)))
+
+
+def _row_fractions(counts):
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(
+        counts, totals, out=np.zeros_like(counts), where=totals > 0
+    )
+
+
 def plot_routing_heatmap(
-    counts, path, title=None, sort_classes=True, figsize=(6, 3), dpi=100
+    counts,
+    path,
+    title=None,
+    sort_classes=True,
+    figsize=(6, 3),
+    dpi=100,
+    class_names=None,
 ):
     """ViMoE routing heatmap: classes (x) against experts (y).
 
     Each column shows which fraction of a class's routing choices went to
     each expert (darker = more). As in ViMoE's Fig. 5, classes are
-    reordered by their most chosen expert for readability.
+    reordered by their most chosen expert for readability; the x ticks
+    name the class of each column (its name, or its class id), never the
+    column's position. With more than 40 classes every k-th column is
+    labelled.
 
     Args:
         counts: array [C, E] from `class_expert_counts`.
         path: where to write the PNG.
         title: figure title.
-        sort_classes: reorder classes by their top expert.
+        sort_classes: reorder classes by their top expert
+            (`heatmap_class_order`).
         figsize: (width, height) in inches.
         dpi: pixels per inch.
+        class_names: optional list of C class names for the ticks.
 
     Returns:
         `path` as a string.
     """
-    counts = np.asarray(counts, dtype="float64")
-    totals = counts.sum(axis=1, keepdims=True)
-    fractions = np.divide(
-        counts, totals, out=np.zeros_like(counts), where=totals > 0
-    )
-    if sort_classes:
-        order = np.lexsort((-fractions.max(axis=1), fractions.argmax(axis=1)))
-        fractions = fractions[order]
+    counts = to_numpy(counts, dtype="float64")
+    if class_names is not None and len(class_names) != counts.shape[0]:
+        raise ValueError(
+            f"`class_names` must name the {counts.shape[0]} classes of "
+            f"`counts`. Received {len(class_names)} names"
+        )
+    order = heatmap_class_order(counts, sort_classes)
+    fractions = _row_fractions(counts)[order]
+    labels = [
+        str(class_names[c]) if class_names is not None else str(c)
+        for c in order
+    ]
+    step = max(1, -(-len(order) // MAX_CLASS_TICKS))
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=figsize)
     image = axis.imshow(
@@ -76,7 +123,15 @@ def plot_routing_heatmap(
         vmax=1.0,
         interpolation="nearest",
     )
-    axis.set_xlabel("class (sorted)" if sort_classes else "class")
+    axis.set_xticks(range(0, len(order), step))
+    axis.set_xticklabels(
+        labels[::step],
+        rotation=90 if class_names is not None or len(order) > 10 else 0,
+        fontsize="x-small",
+    )
+    axis.set_xlabel(
+        "class (grouped by top expert)" if sort_classes else "class"
+    )
     axis.set_ylabel("expert")
     axis.set_yticks(range(counts.shape[1]))
     if title:
@@ -87,10 +142,16 @@ def plot_routing_heatmap(
 
 
 def gating_overlay(image, expert_map, num_experts, alpha=0.5):
-    """The image blended with one colour per expert over each patch.
+    """The image in grey, blended with one colour per expert over each
+    patch.
+
+    The image is turned to grey (its luminance) before blending: mixing a
+    colour with a grey keeps the colour's hue, so every patch shows the
+    hue of its expert in the legend, only lighter or darker.
 
     Args:
-        image: float array [H, W, C] (any range; rescaled to [0, 1]).
+        image: float array [H, W, C] (any range; grey, rescaled to
+            [0, 1]).
         expert_map: int array [rows, columns], the top expert of every
             patch; upsampled (nearest) to the image size.
         num_experts: E, to pick the colours.
@@ -99,13 +160,14 @@ def gating_overlay(image, expert_map, num_experts, alpha=0.5):
     Returns:
         float array [H, W, 3] in [0, 1].
     """
-    image = np.asarray(image, dtype="float64")
+    image = to_numpy(image, dtype="float64")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
-    image = image[..., :3]
+    image = image[..., :3] @ np.array([0.299, 0.587, 0.114])
     low, high = image.min(), image.max()
     image = (image - low) / (high - low) if high > low else np.zeros_like(image)
-    expert_map = np.asarray(expert_map)
+    image = np.repeat(image[..., None], 3, axis=-1)
+    expert_map = to_numpy(expert_map)
     height, width = image.shape[:2]
     rows = np.arange(height) * expert_map.shape[0] // height
     columns = np.arange(width) * expert_map.shape[1] // width
@@ -142,7 +204,7 @@ def plot_gating_maps(
     Returns:
         `path` as a string.
     """
-    images = np.asarray(images)
+    images = to_numpy(images)
     count = len(images)
     plt = _pyplot()
     figure, axes = plt.subplots(
@@ -244,12 +306,17 @@ def plot_expert_load(loads, path, figsize=(6, 3), dpi=100):
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=figsize)
     width = 0.8 / max(len(loads), 1)
+    num_experts = 0
     for offset, (name, load) in enumerate(loads.items()):
-        load = np.asarray(load)
-        axis.bar(np.arange(len(load)) + offset * width, load, width, label=name)
+        load = to_numpy(load)
+        num_experts = max(num_experts, len(load))
+        # Each expert's group of bars is centred on its tick.
+        shift = (offset - (len(loads) - 1) / 2) * width
+        axis.bar(np.arange(len(load)) + shift, load, width, label=name)
         axis.axhline(
             1.0 / len(load), color="gray", linestyle="--", linewidth=0.8
         )
+    axis.set_xticks(range(num_experts))
     axis.set_xlabel("expert")
     axis.set_ylabel("fraction of choices")
     if loads:

@@ -101,14 +101,17 @@ def write_report(
     num_classes=None,
     image_size=None,
     dpi=100,
+    class_names=None,
 ):
     """Writes every routing statistic and plot of `model` on `data`.
 
     `out_dir` receives:
     - `index.md`: the tables below and all the figures;
     - `report.json`: every number (per-layer load, importance, mean gate,
-      dropped fraction, gate entropy, specialization, experts per image,
-      class x expert counts, Jaccard similarities; routing degree and
+      dropped fraction, gate entropy, specialization (NMI normalised by
+      min(H(c), H(e)), and by the arithmetic mean), experts per image,
+      class x expert counts, Jaccard similarities and Sweet-spot's
+      weighted-Dice similarity; routing degree and
       distinct routes; the parameter / FLOPs breakdown);
     - `load.png`, `patches_per_expert_cdf.png` (token-routed layers
       only) and, for MoE layer `i`,
@@ -127,6 +130,8 @@ def write_report(
         num_classes: number of classes (default: from the model or labels).
         image_size: image size of the FLOPs count (default: the model's).
         dpi: resolution of the PNGs.
+        class_names: optional class names for the heatmaps' x ticks
+            (default: class ids).
 
     Returns:
         The dict written to `report.json`, plus `"files"`: the paths
@@ -175,8 +180,12 @@ def write_report(
             figures["heatmap"] = plots.plot_routing_heatmap(
                 r.class_expert_counts,
                 out(f"heatmap_layer_{r.index}.png"),
-                title=r.name,
+                title=(
+                    f"{r.name}: specialization "
+                    f"I(c;e)/min(H(c),H(e)) = {r.specialization:.3f}"
+                ),
                 dpi=dpi,
+                class_names=class_names,
             )
         if len(shown):
             figures["gating"] = plots.plot_gating_maps(
@@ -223,7 +232,8 @@ def write_report(
                 "dropped",
                 "gate entropy",
                 "experts / image",
-                "specialization",
+                "specialization (NMI, min)",
+                "NMI, arithmetic",
             ],
             [
                 [
@@ -237,6 +247,7 @@ def write_report(
                     _format(s["gate_entropy"]),
                     _format(s["experts_per_image"], 2),
                     _format(s["specialization"]),
+                    _format(s["specialization_arithmetic"]),
                 ]
                 for s in summaries
             ],
@@ -244,7 +255,13 @@ def write_report(
         "",
         "Specialization: normalised mutual information between class and "
         "expert, I(c; e) / min(H(c), H(e)) (1: the expert is a function of "
-        "the class; 0: independent).",
+        "the class, or the class of the expert; 0: independent). "
+        "\"NMI, arithmetic\" divides by (H(c) + H(e)) / 2 instead "
+        "(scikit-learn's default; 1 only when each determines the other). "
+        "Expert similarity figures show the Jaccard index over images; "
+        "`report.json` also holds the weighted Jaccard over patches and "
+        "Sweet-spot's own measure (a weighted Dice coefficient, "
+        "`expert_similarity_sweetspot`) to compare with its Fig. 7/8.",
         "",
         "![expert load](load.png)",
         "",

@@ -10,11 +10,33 @@ per item · E experts · C classes.
 
 import math
 
+import keras
 import numpy as np
 
 
+def to_numpy(values, dtype=None):
+    """A numpy array from numpy data or a backend tensor of any backend.
+
+    Backend tensors go through `keras.ops.convert_to_numpy`, which moves
+    them to the host and detaches torch tensors that require grad (where
+    `np.asarray` raises).
+
+    Args:
+        values: array-like, Keras variable or backend tensor.
+        dtype: optional numpy dtype.
+
+    Returns:
+        numpy array.
+    """
+    if isinstance(values, keras.Variable) or (
+        not isinstance(values, np.ndarray) and keras.ops.is_tensor(values)
+    ):
+        values = keras.ops.convert_to_numpy(values)
+    return np.asarray(values, dtype=dtype)
+
+
 def _check_expert_index(expert_index, num_experts):
-    expert_index = np.asarray(expert_index)
+    expert_index = to_numpy(expert_index)
     if expert_index.size and (
         expert_index.min() < 0 or expert_index.max() >= num_experts
     ):
@@ -43,7 +65,7 @@ def expert_load(expert_index, num_experts, dropped=None):
     """
     expert_index = _check_expert_index(expert_index, num_experts)
     kept = (
-        expert_index if dropped is None else expert_index[~np.asarray(dropped)]
+        expert_index if dropped is None else expert_index[~to_numpy(dropped)]
     )
     counts = np.bincount(kept.ravel(), minlength=num_experts).astype("float64")
     total = counts.sum()
@@ -60,13 +82,13 @@ def expert_importance(router_probs):
         float array [E]: the mean router probability of every expert over
         all items (Shazeer et al., 2017, "importance"), summing to 1.
     """
-    router_probs = np.asarray(router_probs, dtype="float64")
+    router_probs = to_numpy(router_probs, dtype="float64")
     return router_probs.reshape(-1, router_probs.shape[-1]).mean(axis=0)
 
 
 def dropped_fraction(dropped):
     """Fraction of routing choices dropped for lack of capacity."""
-    dropped = np.asarray(dropped)
+    dropped = to_numpy(dropped)
     return float(dropped.mean()) if dropped.size else 0.0
 
 
@@ -80,7 +102,7 @@ def gate_entropy(router_probs):
         `mean(H(p)) / log(E)`: 1 for a uniform router, 0 for a router that
         is certain about every item (0 when E = 1).
     """
-    router_probs = np.asarray(router_probs, dtype="float64")
+    router_probs = to_numpy(router_probs, dtype="float64")
     num_experts = router_probs.shape[-1]
     if num_experts == 1:
         return 0.0
@@ -104,7 +126,7 @@ def class_expert_counts(labels, expert_index, num_classes, num_experts):
         int array [C, E]: entry (c, e) counts the choices of expert `e` by
         images (or tokens of images) of class `c`, all K choices included.
     """
-    labels = np.asarray(labels).astype("int64").ravel()
+    labels = to_numpy(labels).astype("int64").ravel()
     expert_index = _check_expert_index(expert_index, num_experts)
     if expert_index.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -129,14 +151,24 @@ def _entropy(probabilities):
     return float(-np.sum(probabilities * np.log(probabilities)))
 
 
-def specialization_score(counts):
+SPECIALIZATION_NORMALIZATIONS = ("min", "arithmetic")
+
+
+def specialization_score(counts, normalization="min"):
     """How much the expert choice and the class determine each other.
 
     The normalised mutual information between the class c and the chosen
     expert e, with their joint distribution read from a class x expert
     count table (`class_expert_counts`):
 
-        score = I(c; e) / min(H(c), H(e))
+        score = I(c; e) / min(H(c), H(e))              ("min", the default)
+        score = I(c; e) / ((H(c) + H(e)) / 2)          ("arithmetic")
+
+    "arithmetic" is scikit-learn's default NMI
+    (`normalized_mutual_info_score`); it is <= the "min" score and reaches
+    1 only when class and expert determine each other both ways, so a layer
+    with fewer experts than classes stays below 1 even when each class
+    uses a single expert.
 
     It is 1 when every class goes to a single expert (or every expert
     serves a single class) — the "divide and conquer" routing ViMoE finds
@@ -148,6 +180,7 @@ def specialization_score(counts):
 
     Args:
         counts: array [C, E] of non-negative counts.
+        normalization: "min" or "arithmetic" (see above).
 
     Returns:
         float in [0, 1].
@@ -158,7 +191,12 @@ def specialization_score(counts):
     >>> specialization_score(np.array([[5, 5], [5, 5]]))
     0.0
     """
-    counts = np.asarray(counts, dtype="float64")
+    if normalization not in SPECIALIZATION_NORMALIZATIONS:
+        raise ValueError(
+            f"`normalization` must be one of {SPECIALIZATION_NORMALIZATIONS}."
+            f" Received: normalization={normalization!r}"
+        )
+    counts = to_numpy(counts, dtype="float64")
     if counts.ndim != 2 or (counts < 0).any():
         raise ValueError(
             "`counts` must be a [classes, experts] table of non-negative "
@@ -170,8 +208,11 @@ def specialization_score(counts):
     joint = counts / total
     class_entropy = _entropy(joint.sum(axis=1))
     expert_entropy = _entropy(joint.sum(axis=0))
-    normaliser = min(class_entropy, expert_entropy)
-    if normaliser <= 0:
+    if normalization == "min":
+        normaliser = min(class_entropy, expert_entropy)
+    else:
+        normaliser = (class_entropy + expert_entropy) / 2.0
+    if min(class_entropy, expert_entropy) <= 0:
         return 0.0
     mutual_information = (
         class_entropy + expert_entropy - _entropy(joint.ravel())
@@ -228,7 +269,7 @@ def distinct_routes(expert_choices):
             "`expert_choices` must hold at least one layer. Received: "
             f"expert_choices={expert_choices!r}"
         )
-    arrays = [np.asarray(choice) for choice in expert_choices]
+    arrays = [to_numpy(choice) for choice in expert_choices]
     num_items = {array.shape[0] for array in arrays}
     if len(num_items) != 1:
         raise ValueError(
@@ -275,18 +316,23 @@ def patches_per_expert_cdf(counts):
         counts: int array [N, E] from `expert_counts_per_image`.
 
     Returns:
-        `(values, cdf)`: the sorted patch counts and, for each, the
-        fraction of (image, expert) pairs with at most that many patches.
+        `(values, cdf)`: the distinct patch counts, ascending, and
+        `cdf[i] = F(values[i])`, the fraction of (image, expert) pairs
+        with at most `values[i]` patches (tied counts share one entry, so
+        a lookup at any value is F of that value; draw it as a step
+        function, `where="post"`).
 
     Example:
     >>> patches_per_expert_cdf(np.array([[3, 1], [0, 4]]))
     (array([1, 3, 4]), array([0.333, 0.667, 1.]))
+    >>> patches_per_expert_cdf(np.array([[3, 3], [1, 0]]))
+    (array([1, 3]), array([0.333, 1.]))
     """
-    counts = np.asarray(counts)
-    values = np.sort(counts[counts > 0])
+    counts = to_numpy(counts)
+    values, occurrences = np.unique(counts[counts > 0], return_counts=True)
     if not values.size:
         return values, np.zeros((0,))
-    return values, np.arange(1, values.size + 1) / values.size
+    return values, np.cumsum(occurrences) / occurrences.sum()
 
 
 def expert_similarity(counts, by="images"):
@@ -297,9 +343,10 @@ def expert_similarity(counts, by="images"):
     - `by="patches"`: the multisets of patches (counted per image), with
       the weighted Jaccard index
       `S_ij = sum_n min(c_ni, c_nj) / sum_n max(c_ni, c_nj)`, which is the
-      set Jaccard index when counts are 0 or 1. (Sweet-spot, Sec. 5,
-      writes a count-based variant that reduces to the Dice coefficient on
-      sets; we keep the Jaccard index proper.)
+      set Jaccard index when counts are 0 or 1. (The measure Sweet-spot,
+      Sec. 5, calls "derived from the Jaccard index" is a weighted Dice
+      coefficient: see `sweetspot_similarity` to compare with its Fig. 7
+      and 8.)
 
     Args:
         counts: int array [N, E] from `expert_counts_per_image`.
@@ -318,7 +365,7 @@ def expert_similarity(counts, by="images"):
         raise ValueError(
             f"`by` must be 'images' or 'patches'. Received: by={by!r}"
         )
-    counts = np.asarray(counts, dtype="float64")
+    counts = to_numpy(counts, dtype="float64")
     if by == "images":
         counts = (counts > 0).astype("float64")
     # One expert at a time keeps memory at [N, E] for large datasets.
@@ -330,4 +377,58 @@ def expert_similarity(counts, by="images"):
     )
     return np.divide(
         intersection, union, out=np.zeros_like(union), where=union > 0
+    )
+
+
+def sweetspot_similarity(counts):
+    """The expert similarity of Sweet-spot (Sec. 5, Fig. 7 and 8).
+
+    With `c_ni` the patches of image n routed to expert i, the paper
+    defines
+
+        S_ij = sum_{n in A_i ∩ A_j} (c_ni + c_nj - |c_ni - c_nj|)
+               / sum_{n in A_i ∪ A_j} (c_ni + c_nj)
+
+    (A_i: the images expert i is active on) and calls it "derived from the
+    Jaccard index". Since `c + c' - |c - c'| = 2 min(c, c')`, it is the
+    weighted Dice coefficient `2 sum_n min(c_ni, c_nj) / (sum_n c_ni +
+    sum_n c_nj)` — the Dice coefficient on sets, not the Jaccard index
+    (`expert_similarity`): D = 2J / (1 + J), so it reads higher. Use it to
+    compare with the paper's numbers.
+
+    Args:
+        counts: int array [N, E] from `expert_counts_per_image`.
+
+    Returns:
+        float array [E, E], symmetric, 1 on the diagonal for experts that
+        receive something, 0 for pairs where neither expert receives
+        anything.
+
+    Example:
+    >>> sweetspot_similarity(np.array([[2, 0], [1, 3], [0, 1]]))
+    array([[1., 0.286], [0.286, 1.]])
+    """
+    counts = to_numpy(counts, dtype="float64")
+    if counts.ndim != 2 or (counts < 0).any():
+        raise ValueError(
+            "`counts` must be an [images, experts] table of non-negative "
+            f"counts. Received: counts.shape={counts.shape}"
+        )
+    totals = counts.sum(axis=0)
+    # The paper's sums over A_i ∩ A_j and A_i ∪ A_j: images outside them
+    # add 0 to both.
+    numerator = np.stack(
+        [
+            (column[:, None] + counts - np.abs(column[:, None] - counts)).sum(
+                axis=0
+            )
+            for column in counts.T
+        ]
+    )
+    denominator = totals[:, None] + totals[None, :]
+    return np.divide(
+        numerator,
+        denominator,
+        out=np.zeros_like(denominator),
+        where=denominator > 0,
     )

@@ -42,6 +42,7 @@ import numpy as np
 
 from keras_vmoe.analysis.collect import _resolve_layer_index
 from keras_vmoe.analysis.collect import collect_routing
+from keras_vmoe.analysis.statistics import to_numpy
 from keras_vmoe.training.metrics import moe_layers
 
 STRATEGIES = ("most_used", "load_weighted", "shared_expert")
@@ -62,8 +63,8 @@ def fold_expert_weights(
         dict with numpy `fc1_kernel` [d, h], `fc1_bias` [h], `fc2_kernel`
         [h, d] and `fc2_bias` [d] (see the module docstring).
     """
-    input_mix = np.asarray(input_mix, dtype="float64")
-    output_mix = np.asarray(output_mix, dtype="float64")
+    input_mix = to_numpy(input_mix, dtype="float64")
+    output_mix = to_numpy(output_mix, dtype="float64")
     num_experts = np.shape(kernel_1)[0]
     for name, mix in (("input_mix", input_mix), ("output_mix", output_mix)):
         if mix.shape != (num_experts,):
@@ -73,7 +74,7 @@ def fold_expert_weights(
             )
 
     def mix(weights, coefficients):
-        weights = np.asarray(weights, dtype="float64")
+        weights = to_numpy(weights, dtype="float64")
         return np.tensordot(coefficients, weights, axes=1).astype("float32")
 
     return {

@@ -15,6 +15,8 @@ import re
 
 import keras
 
+from keras_vmoe.training.devices import has_gpu
+
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 # Variables never weight-decayed: norms, biases, position embeddings,
 # class / register tokens, LayerScale and the stacked expert biases (rank 2,
@@ -237,15 +239,6 @@ def create_optimizer(
     return optimizer
 
 
-def _has_gpu():
-    # `list_devices()` names every device of the backend; asking it for
-    # "gpu" directly raises on JAX when there is none.
-    return any(
-        device.lower().startswith(("gpu", "cuda"))
-        for device in keras.distribution.list_devices()
-    )
-
-
 def set_precision(precision):
     """Sets the global dtype policy.
 
@@ -265,6 +258,6 @@ def set_precision(precision):
             f"precision={precision!r}"
         )
     if precision == "auto":
-        precision = "mixed_float16" if _has_gpu() else "mixed_bfloat16"
+        precision = "mixed_float16" if has_gpu() else "mixed_bfloat16"
     keras.config.set_dtype_policy(precision)
     return precision

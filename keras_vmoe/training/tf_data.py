@@ -95,6 +95,24 @@ def _prepare_image(image, image_size, training, channels, crop_fraction):
     return tf.image.resize_with_crop_or_pad(image, image_size, image_size)
 
 
+def _one_hot(labels, num_classes):
+    """One-hot labels; a label outside [0, num_classes) raises (tf.one_hot
+    would silently give it an all-zero row)."""
+    labels = tf.cast(labels, "int32")
+    in_range = tf.reduce_all((labels >= 0) & (labels < num_classes))
+    check = tf.debugging.Assert(
+        in_range,
+        [
+            f"Labels must be in [0, num_classes) with num_classes="
+            f"{num_classes}. Received labels:",
+            labels,
+        ],
+        summarize=16,
+    )
+    with tf.control_dependencies([check]):
+        return tf.one_hot(labels, num_classes)
+
+
 def _finish(
     dataset,
     image_size,
@@ -125,9 +143,7 @@ def _finish(
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=bool(training))
     if num_classes is not None:
-        dataset = dataset.map(
-            lambda x, y: (x, tf.one_hot(tf.cast(y, "int32"), num_classes))
-        )
+        dataset = dataset.map(lambda x, y: (x, _one_hot(y, num_classes)))
     if augment is not None and training:
         dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.map(

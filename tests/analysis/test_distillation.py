@@ -48,6 +48,105 @@ def test_fit_lowers_kl_to_the_teacher():
     assert distiller.predict(images, verbose=0).shape == (16, NUM_CLASSES)
 
 
+class RecordingSGD(keras.optimizers.SGD):
+    """SGD that keeps the last gradient of each variable in an optimizer
+    variable (so it works inside compiled and stateless train steps)."""
+
+    def build(self, variables):
+        super().build(variables)
+        self.last_gradients = [
+            self.add_variable_from_reference(variable, "last_gradient")
+            for variable in variables
+        ]
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        self.assign(self.last_gradients[index], gradient)
+        super().update_step(gradient, variable, learning_rate)
+
+    def gradients(self):
+        return [keras.ops.convert_to_numpy(g) for g in self.last_gradients]
+
+
+def test_variables_are_the_students_with_unique_paths():
+    student = tiny_classifier(seed=2)
+    # Built like the student: every teacher path equals a student path.
+    teacher = tiny_classifier(seed=1)
+    assert {v.path for v in teacher.weights} == {
+        v.path for v in student.weights
+    }
+    distiller = DistillationModel(student, teacher)
+    distiller(tiny_data(2)[0])
+    paths = [v.path for v in distiller.variables]
+    assert len(paths) == len(set(paths))
+    assert [id(v) for v in distiller.trainable_weights] == [
+        id(v) for v in student.trainable_weights
+    ]
+    assert distiller.teacher is teacher and not teacher.trainable
+
+
+def test_gradients_are_identical_across_consecutive_steps():
+    # With a zero learning rate the weights never move, so every step must
+    # see the same gradients; gradients accumulated across steps (a teacher
+    # shadowing the student's parameters on torch) would double them.
+    images, labels = tiny_data(8)
+    student = tiny_classifier(seed=2)
+    teacher = tiny_classifier(seed=1)
+    distiller = DistillationModel(student, teacher, temperature=2.0)
+    optimizer = RecordingSGD(learning_rate=0.0)
+    distiller.compile(optimizer=optimizer)
+    recorded = []
+    for _ in range(2):  # one step each
+        distiller.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+        recorded.append(optimizer.gradients())
+    assert int(optimizer.iterations) == 2
+    first, second = recorded
+    assert len(first) == len(student.trainable_weights)
+    assert sum(float(np.abs(grad).sum()) for grad in first) > 0
+    for grad_1, grad_2 in zip(first, second):
+        np.testing.assert_allclose(grad_2, grad_1, rtol=1e-5, atol=1e-7)
+
+
+def test_fit_moves_the_student_and_not_the_teacher():
+    images, labels = tiny_data(8)
+    student = tiny_classifier(seed=2)
+    teacher = tiny_classifier(seed=1)
+    distiller = DistillationModel(student, teacher)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1))
+    student_before = [
+        keras.ops.convert_to_numpy(w) for w in student.trainable_weights
+    ]
+    teacher_before = [keras.ops.convert_to_numpy(w) for w in teacher.weights]
+    distiller.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    moved = [
+        not np.array_equal(before, keras.ops.convert_to_numpy(weight))
+        for before, weight in zip(student_before, student.trainable_weights)
+    ]
+    # Every trainable student weight moves (the router included).
+    assert sum(moved) == len(student.trainable_weights)
+    for before, weight in zip(teacher_before, teacher.weights):
+        if weight.path.endswith("expert_load"):
+            continue  # a statistic of the last batch, not a parameter
+        np.testing.assert_array_equal(
+            before, keras.ops.convert_to_numpy(weight)
+        )
+
+
+def _functional():
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, keras.layers.Dense(4, name="dense")(inputs))
+
+
+def test_duplicate_student_paths_are_refused():
+    # Functional models add no name scope: both kernels are "dense/kernel".
+    inputs = keras.Input((4,))
+    outputs = _functional()(_functional()(inputs))
+    student = keras.Model(inputs, outputs)
+    teacher = tiny_classifier(moe_layers=None)
+    with pytest.raises(ValueError, match="dense/kernel"):
+        DistillationModel(student, teacher)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"temperature": 0}, "temperature=0"), ({"alpha": 1.5}, "alpha=1.5")],
@@ -70,5 +169,11 @@ def test_distillation_model_saves_and_loads(tmp_path):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded(images)),
         keras.ops.convert_to_numpy(distiller(images)),
+        atol=1e-6,
+    )
+    # The untracked teacher is saved and loaded too.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded.teacher(images)),
+        keras.ops.convert_to_numpy(distiller.teacher(images)),
         atol=1e-6,
     )

@@ -8,12 +8,15 @@ import sys
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
 
-def test_smoke_example_writes_report_and_surgery(tmp_path, monkeypatch):
+def test_smoke_example_writes_report_and_surgery(
+    tmp_path, monkeypatch, capsys
+):
     script = os.path.join(EXAMPLES, "analyze_routing.py")
     monkeypatch.setattr(
         sys, "argv", [script, "--smoke", "--out", str(tmp_path)]
     )
     runpy.run_path(script, run_name="__main__")
+    assert "trained 2 steps" in capsys.readouterr().out
     assert (tmp_path / "index.md").exists()
     surgery = json.loads((tmp_path / "surgery.json").read_text())
     assert set(surgery["variants"]) == {

@@ -4,6 +4,7 @@ import json
 import os
 
 import matplotlib.image
+import numpy as np
 
 from keras_vmoe.analysis import parameter_breakdown
 from keras_vmoe.analysis import write_report
@@ -58,10 +59,17 @@ def test_write_report_writes_plots_numbers_and_index(tmp_path):
         numbers = json.load(handle)
     assert numbers["routing"]["routing_degree"] == 16
     assert len(numbers["routing"]["layers"]) == 2
-    assert numbers["routing"]["layers"][0]["specialization"] is not None
+    layer = numbers["routing"]["layers"][0]
+    assert layer["specialization"] is not None
+    # The normalisation is named; the arithmetic-mean NMI is never above
+    # the min-normalised one.
+    assert layer["specialization_normalization"] == "min"
+    assert layer["specialization_arithmetic"] <= layer["specialization"] + 1e-12
+    assert np.shape(layer["expert_similarity_sweetspot"]) == (4, 4)
     assert numbers["parameters"]["total"]["params"] > 0
     index = (tmp_path / "index.md").read_text()
     assert "heatmap_layer_0.png" in index and "Routing degree" in index
+    assert "I(c; e) / min(H(c), H(e))" in index and "NMI, arithmetic" in index
     assert set(report["files"]) == {str(tmp_path / name) for name in names}
     assert "patches_per_expert_cdf.png" not in names  # image routing
 

@@ -84,6 +84,23 @@ def test_specialization_score_partial_value():
     assert score == pytest.approx(expected)
 
 
+def test_specialization_arithmetic_normalization():
+    # 4 classes onto 2 experts, each class to one expert: I = H(e) = log 2,
+    # H(c) = log 4. min: log 2 / log 2; arithmetic: log 2 / (1.5 log 2).
+    counts = np.array([[5, 0], [5, 0], [0, 5], [0, 5]])
+    assert statistics.specialization_score(counts) == pytest.approx(1.0)
+    assert statistics.specialization_score(
+        counts, normalization="arithmetic"
+    ) == pytest.approx(2 / 3)
+    # H(c) = H(e): both normalisations agree.
+    square = np.array([[3, 1], [1, 3]])
+    assert statistics.specialization_score(
+        square, normalization="arithmetic"
+    ) == pytest.approx(statistics.specialization_score(square))
+    with pytest.raises(ValueError, match="normalization='max'"):
+        statistics.specialization_score(counts, normalization="max")
+
+
 def test_specialization_score_rejects_negative_counts():
     with pytest.raises(ValueError, match="counts"):
         statistics.specialization_score(np.array([[-1, 2]]))
@@ -125,6 +142,16 @@ def test_expert_counts_per_image_and_cdf():
     np.testing.assert_allclose(cdf, [1 / 3, 2 / 3, 1.0])
 
 
+def test_cdf_is_the_fraction_at_most_each_value_with_ties():
+    # Pairs with 3, 3 and 1 patches: F(1) = 1/3, F(3) = 3/3 (not 2/3 at
+    # the first of the tied threes).
+    values, cdf = statistics.patches_per_expert_cdf(np.array([[3, 3], [1, 0]]))
+    np.testing.assert_array_equal(values, [1, 3])
+    np.testing.assert_allclose(cdf, [1 / 3, 1.0])
+    lookup = dict(zip(values.tolist(), cdf.tolist()))
+    assert lookup[3] == pytest.approx(1.0)
+
+
 def test_cdf_of_nothing_is_empty():
     values, cdf = statistics.patches_per_expert_cdf(np.zeros((2, 3)))
     assert values.size == 0 and cdf.size == 0
@@ -147,6 +174,77 @@ def test_weighted_jaccard_over_patches():
     assert similarity[1, 1] == pytest.approx(1.0)
 
 
+def test_sweetspot_similarity_is_the_papers_weighted_dice():
+    # Expert 0 gets [2, 1, 0] patches per image, expert 1 [0, 3, 1]:
+    # the paper's sum over the shared image 1 is 1 + 3 - |1 - 3| = 2, over
+    # all images 3 + 4 = 7.
+    counts = np.array([[2, 0], [1, 3], [0, 1]])
+    similarity = statistics.sweetspot_similarity(counts)
+    np.testing.assert_allclose(similarity, [[1.0, 2 / 7], [2 / 7, 1.0]])
+    # Dice = 2J / (1 + J) with J the weighted Jaccard index (1/6 here).
+    jaccard = statistics.expert_similarity(counts, by="patches")[0, 1]
+    assert jaccard == pytest.approx(1 / 6)
+    assert similarity[0, 1] == pytest.approx(2 * jaccard / (1 + jaccard))
+    empty = statistics.sweetspot_similarity(np.zeros((2, 2)))
+    np.testing.assert_array_equal(empty, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="counts"):
+        statistics.sweetspot_similarity(np.array([[-1, 2]]))
+
+
 def test_expert_similarity_rejects_unknown_mode():
     with pytest.raises(ValueError, match="by='tokens'"):
         statistics.expert_similarity(np.zeros((1, 2)), by="tokens")
+
+
+def _tracked_tensor(array):
+    """A backend tensor computed from a variable: on torch it requires
+    grad, where `np.asarray` raises."""
+    import keras
+
+    variable = keras.Variable(np.asarray(array, dtype="float32"))
+    return keras.ops.add(variable, 0.0)
+
+
+def test_statistics_accept_backend_tensors_that_require_grad():
+    import keras
+
+    index = np.array([[0, 1], [0, 2], [0, 1]])
+    probs = np.array([[0.5, 0.5], [1.0, 0.0]])
+    counts = np.array([[3, 1], [0, 4]])
+    as_index = keras.ops.cast(_tracked_tensor(index), "int32")
+    checks = [
+        (statistics.expert_load, (index, 4), (as_index, 4)),
+        (statistics.expert_importance, (probs,), (_tracked_tensor(probs),)),
+        (statistics.gate_entropy, (probs,), (_tracked_tensor(probs),)),
+        (
+            statistics.specialization_score,
+            (counts,),
+            (_tracked_tensor(counts),),
+        ),
+        (
+            statistics.expert_similarity,
+            (counts,),
+            (_tracked_tensor(counts),),
+        ),
+        (
+            statistics.class_expert_counts,
+            (np.array([0, 1, 1]), index, 2, 4),
+            (np.array([0, 1, 1]), as_index, 2, 4),
+        ),
+        (statistics.distinct_routes, ([index],), ([as_index],)),
+    ]
+    for function, numpy_args, tensor_args in checks:
+        expected = function(*numpy_args)
+        np.testing.assert_allclose(
+            function(*tensor_args), expected, err_msg=function.__name__
+        )
+    values, cdf = statistics.patches_per_expert_cdf(_tracked_tensor(counts))
+    np.testing.assert_array_equal(values, [1, 3, 4])
+
+
+def test_to_numpy_of_a_variable_and_a_list():
+    import keras
+
+    variable = keras.Variable(np.array([1.0, 2.0], dtype="float32"))
+    np.testing.assert_array_equal(statistics.to_numpy(variable), [1.0, 2.0])
+    assert statistics.to_numpy([1, 2], dtype="float64").dtype == np.float64

@@ -40,6 +40,21 @@ def test_training_batches_drop_the_remainder_and_one_hot():
     np.testing.assert_array_equal(labels.sum(-1), 1.0)
 
 
+@pytest.mark.parametrize("bad_label", [3, -1])
+def test_labels_outside_num_classes_raise(bad_label):
+    # tf.one_hot alone would give such a label an all-zero row.
+    import tensorflow as tf
+
+    labels = LABELS.copy()
+    labels[1] = bad_label
+    dataset = tf_data.array_dataset(
+        IMAGES, labels, image_size=12, batch_size=4, num_classes=3,
+        training=False,
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_classes=3"):
+        _first_batch(dataset)
+
+
 def test_imagenet_normalisation():
     images = np.full((2, 4, 4, 3), 255, "uint8")
     dataset = tf_data.array_dataset(
