@@ -331,6 +331,37 @@ def distribute_model(model, distribution):
     return clone
 
 
+def distribute_for_training(model, devices=None, expert_shards=None):
+    """Sets a global distribution and re-creates `model` under it.
+
+    `expert_shards` given: `expert_parallel(model, devices=devices,
+    expert_shards=expert_shards)`; otherwise `DataParallel` over the first
+    `devices` devices (all by default). The distribution stays set
+    (`keras.distribution.set_distribution`) for compile, fit and evaluate.
+    This is what `keras-vmoe train --devices/--expert-parallel` calls.
+    """
+    _require_jax("Distributed training")
+    if expert_shards is not None:
+        distribution = expert_parallel(
+            model, devices=devices, expert_shards=expert_shards
+        )
+    else:
+        available = keras.distribution.list_devices()
+        count = len(available) if devices is None else devices
+        _check_positive_int("devices", count)
+        if count > len(available):
+            raise ValueError(
+                f"`devices` asks for {count} devices but only "
+                f"{len(available)} are visible. Received: devices={count}"
+            )
+        distribution = keras.distribution.DataParallel(
+            devices=available[:count]
+        )
+    model = distribute_model(model, distribution)
+    keras.distribution.set_distribution(distribution)
+    return model
+
+
 def dispatch_constraint(layer):
     """The `constrain` hook of `slot_dispatch` for `layer`, or None.
 
@@ -377,6 +408,7 @@ __all__ = [
     "ExpertParallel",
     "check_layout_map",
     "dispatch_constraint",
+    "distribute_for_training",
     "distribute_model",
     "expert_parallel",
     "expert_shardings",
