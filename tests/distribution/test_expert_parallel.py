@@ -134,6 +134,24 @@ def test_expert_parallel_needs_the_jax_backend():
         vmoe_distribution.expert_parallel(model)
 
 
+def test_cli_train_has_device_flags():
+    from keras_vmoe import cli
+
+    args = cli.build_parser().parse_args(
+        ["train", "--devices", "8", "--expert-parallel", "4"]
+    )
+    assert (args.devices, args.expert_parallel) == (8, 4)
+
+
+@pytest.mark.skipif(ON_JAX, reason="checks the error on TF and torch")
+def test_distributed_training_needs_the_jax_backend():
+    model = _moe_model(4)
+    with pytest.raises(ValueError, match="needs the JAX backend"):
+        vmoe_distribution.distribute_for_training(model, expert_shards=2)
+    with pytest.raises(ValueError, match="needs the JAX backend"):
+        vmoe_distribution.distribute_for_training(model, devices=2)
+
+
 # --- Parity with one device -------------------------------------------------
 
 
