@@ -79,7 +79,8 @@ def measure(model, x, distribution=None, repeats=5):
 def shape_bytes(text):
     total = 0
     for dtype, dims in re.findall(r"(f32|bf16|f16|s32)\[([\d,]*)\]", text):
-        total += BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+        sizes = [int(d) for d in dims.split(",") if d]
+        total += BYTES[dtype] * int(np.prod(sizes))
     return total
 
 
@@ -133,7 +134,8 @@ def main():
     padded = E * capacity * (tokens // GROUP) * D * 4
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}, "
           f"B={B} T={T} d={D} h={H} E={E} K={K} cf={CF} group={GROUP} tokens")
-    print(f"train step 1 device : {1e3 * one_time:8.1f} ms | memory {memory(one)}")
+    print(f"train step 1 device : {1e3 * one_time:8.1f} ms | "
+          f"memory {memory(one)}")
     print(f"train step {DEVICES} devices: {1e3 * eight_time:8.1f} ms | "
           f"per device {memory(eight)} | mesh {dist.device_mesh.shape}")
     print(f"collectives in the {DEVICES}-device step: {counts}")

@@ -20,9 +20,11 @@ this expert parallelism.
 The layout of a variable is fixed when the variable is created, so the
 model must be created under the distribution:
 
->>> distribution = expert_parallel(model)       # a template, any device
->>> model = distribute_model(model, distribution)  # re-created, weights copied
->>> model.compile(...); model.fit(...)           # inside or outside the scope
+    distribution = expert_parallel(model)  # model: a template, any device
+    model = distribute_model(model, distribution)  # re-created, copied
+    keras.distribution.set_distribution(distribution)
+    model.compile(...)
+    model.fit(...)
 
 or, with a preset: `with distribution.scope(): model = from_preset(...)`
 (the layout keys are regexes over variable paths, so they match the fresh
@@ -257,7 +259,8 @@ def expert_parallel(
         An `ExpertParallel` (a `keras.distribution.ModelParallel`).
 
     Raises:
-        ValueError: a backend other than JAX; no MoE layer; an MoE layer without `group_size`; E not
+        ValueError: a backend other than JAX; no MoE layer; an MoE layer
+            without `group_size`; E not
             divisible by the expert shards; a layout key that matches no
             variable.
     """
