@@ -6,6 +6,7 @@ Importing the package registers every layer and model class with Keras, so
 """
 
 from keras_vmoe import analysis
+from keras_vmoe import distribution
 from keras_vmoe import layers
 from keras_vmoe import models
 

@@ -80,6 +80,20 @@ def build_parser():
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="data-parallel over the first N devices (JAX backend)",
+    )
+    train.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shard every MoE layer's experts over N devices (JAX backend; "
+        "MoE layers need group_size)",
+    )
+    train.add_argument(
         "--output-dir",
         default=None,
         help="where the preset, logs and plots go (default: runs/<model>)",
@@ -214,6 +228,12 @@ def train(args):
     model = build_classifier(
         args.model, num_classes, image_size=image_size, pretrained=args.pretrained
     )
+    if args.devices or args.expert_parallel:
+        from keras_vmoe.distribution import distribute_for_training
+
+        model = distribute_for_training(
+            model, devices=args.devices, expert_shards=args.expert_parallel
+        )
     steps_per_epoch = int(train_data.cardinality())
     if steps_per_epoch < 1:
         steps_per_epoch = sum(1 for _ in train_data)

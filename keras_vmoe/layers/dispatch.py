@@ -18,20 +18,14 @@ turn a neighbour's NaN or inf into NaN).
 from keras import ops
 
 
-def _scatter_rows(num_rows, index, values):
-    """A [num_rows + 1] int32 vector with `values` written at `index`.
-
-    Row `num_rows` is a spare row that absorbs writes nobody reads.
-    """
-    return ops.scatter_update(
-        ops.zeros((num_rows + 1,), "int32"),
-        ops.reshape(index, (-1, 1)),
-        ops.reshape(values, (-1,)),
-    )
-
-
 def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=None):
-    """Capacity-based dispatch through an [E, G*C*P, d] slot buffer.
+    """Capacity-based dispatch through a [G, E, C, P, d] slot buffer.
+
+    Every index operation is batched over the group axis G (no index ever
+    points into another group), so when G is sharded over devices each
+    device fills and reads only its own groups' slots, and the only data
+    that crosses devices is the [G, E, ...] <-> [E, G, ...] exchange
+    (an all-to-all under expert parallelism).
 
     Args:
         items: [G, S, P, d] routed items.
@@ -53,24 +47,34 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     shape = ops.shape(items)
     groups, num_items, per_item, width = shape[0], shape[1], shape[2], shape[3]
     e = num_experts
-    num_slots = e * capacity
     kept = plan["kept"]
-    slot = plan["expert_index"] * capacity + plan["position"]  # [G, S, K]
-    group_ids = ops.arange(groups, dtype="int32")[:, None, None]
-    # Flat slot id over all groups; dropped choices write a spare row.
-    spare = groups * num_slots
-    target = ops.where(kept, group_ids * num_slots + slot, spare)
-    item_ids = group_ids * num_items + ops.broadcast_to(
-        ops.arange(num_items, dtype="int32")[None, :, None], ops.shape(slot)
-    )
-    slot_item = _scatter_rows(spare, target, item_ids)[:spare]
-    slot_used = _scatter_rows(spare, target, ops.ones_like(item_ids))[:spare]
-    flat_items = ops.reshape(items, (-1, per_item, width))
-    expert_inputs = ops.take(flat_items, slot_item, axis=0)  # [G*E*C, P, d]
+    top_k = kept.shape[-1]
+    expert_index = plan["expert_index"]
+    position = plan["position"]
+    # Kept choices sorted by (expert, position): expert e's choices then
+    # form one run, in slot order (positions of kept choices are 0, 1, ...
+    # without gaps and < C <= S). Dropped choices sort last.
+    key = ops.where(kept, expert_index * num_items + position, e * num_items)
+    order = ops.argsort(ops.reshape(key, (groups, -1)), axis=-1)  # [G, S*K]
+    kept_int = ops.cast(kept, "int32")
+    counts = ops.sum(
+        ops.one_hot(expert_index, e, dtype="int32") * kept_int[..., None],
+        axis=(1, 2),
+    )  # [G, E]
+    starts = ops.cumsum(counts, axis=-1) - counts
+    slots = ops.arange(capacity, dtype="int32")[None, None, :]
+    used = slots < counts[:, :, None]  # [G, E, C]
+    rank = ops.where(used, starts[:, :, None] + slots, 0)
+    choice = ops.take_along_axis(
+        order, ops.reshape(rank, (groups, -1)), axis=1
+    )  # [G, E*C]: the flat (item, k) id of each slot's occupant
+    slot_item = ops.cast(choice // top_k, "int32")
+    expert_inputs = ops.take_along_axis(
+        items, slot_item[:, :, None, None], axis=1
+    )  # [G, E*C, P, d]
+    used = ops.reshape(used, (groups, -1))[:, :, None, None]
     expert_inputs = ops.where(
-        ops.cast(slot_used, "bool")[:, None, None],
-        expert_inputs,
-        ops.zeros_like(expert_inputs),
+        used, expert_inputs, ops.zeros_like(expert_inputs)
     )
     buffer = ops.reshape(expert_inputs, (groups, e, capacity, per_item, width))
     buffer = constrain(buffer, "dispatch_groups")
@@ -79,11 +83,15 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     outputs = ops.reshape(outputs, (e, groups, capacity, per_item, width))
     outputs = constrain(outputs, "combine_experts")
     outputs = constrain(ops.transpose(outputs, (1, 0, 2, 3, 4)), "combine_groups")
-    outputs = ops.reshape(outputs, (-1, per_item, width))  # [G*E*C, P, d]
-    # Each choice reads its own slot; dropped choices read slot 0 of their
-    # group and are replaced by an exact zero.
-    read = group_ids * num_slots + ops.where(kept, slot, 0)
-    gathered = ops.take(outputs, read, axis=0)  # [G, S, K, P, d]
+    outputs = ops.reshape(outputs, (groups, -1, per_item, width))
+    # Each choice reads its own slot of its group; dropped choices read
+    # slot 0 and are replaced by an exact zero.
+    read = ops.where(kept, expert_index * capacity + position, 0)
+    read = ops.reshape(read, (groups, -1))[:, :, None, None]
+    gathered = ops.take_along_axis(outputs, read, axis=1)  # [G, S*K, P, d]
+    gathered = ops.reshape(
+        gathered, (groups, num_items, top_k, per_item, width)
+    )
     gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
     kept_mask = kept[:, :, :, None, None]
     weighted = ops.where(kept_mask, gathered * gates, ops.zeros_like(gathered))

@@ -17,6 +17,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_vmoe.distribution import dispatch_constraint
 from keras_vmoe.layers import losses as moe_losses
 from keras_vmoe.layers import quantization
 from keras_vmoe.layers.dispatch import slot_dispatch
@@ -597,6 +598,7 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
                 capacity,
                 self.num_experts,
                 lambda x: self._run_experts(x, training),
+                constrain=dispatch_constraint(self),
             )
         # Items with non-finite router input get NaN, never a fake expert.
         valid = ops.reshape(plan["valid"], (-1, 1, 1))

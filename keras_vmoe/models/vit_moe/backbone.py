@@ -200,8 +200,8 @@ class ViTMoEBackbone(
             list of indices.
         router: "linear", "cosine" or "l2"; each MoE block gets its own.
         num_experts, top_k, routing, router_dim, shared_expert,
-        capacity_factor, eval_capacity_factor, batch_prioritized_routing,
-        normalize_gates, noisy_gating, load_balance_loss_weight,
+        capacity_factor, eval_capacity_factor, group_size,
+        batch_prioritized_routing, normalize_gates, noisy_gating, load_balance_loss_weight,
         importance_loss_weight, load_loss_weight, z_loss_weight: passed to
             every `MoEFeedForward`, see its documentation.
         router_type: the MoE layer of the MoE blocks: "top_k"
@@ -247,6 +247,7 @@ class ViTMoEBackbone(
         shared_expert=False,
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
+        group_size=None,
         batch_prioritized_routing=True,
         normalize_gates=False,
         noisy_gating=False,
@@ -331,6 +332,7 @@ class ViTMoEBackbone(
                 "shared_expert": shared_expert,
                 "capacity_factor": capacity_factor,
                 "eval_capacity_factor": eval_capacity_factor,
+                "group_size": group_size,
                 "batch_prioritized_routing": batch_prioritized_routing,
                 "normalize_gates": normalize_gates,
                 "noisy_gating": noisy_gating,
@@ -411,6 +413,7 @@ class ViTMoEBackbone(
         self.shared_expert = shared_expert
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
+        self.group_size = group_size
         self.batch_prioritized_routing = batch_prioritized_routing
         self.normalize_gates = normalize_gates
         self.noisy_gating = noisy_gating
@@ -480,6 +483,7 @@ class ViTMoEBackbone(
                 "shared_expert": self.shared_expert,
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
+                "group_size": self.group_size,
                 "batch_prioritized_routing": self.batch_prioritized_routing,
                 "normalize_gates": self.normalize_gates,
                 "noisy_gating": self.noisy_gating,
