@@ -34,7 +34,9 @@ def _split(structure, start, end):
     )
 
 
-def shuffled_array_dataset(x, y=None, sample_weight=None, batch_size=None):
+def shuffled_array_dataset(
+    x, y=None, sample_weight=None, batch_size=None, shuffle=True
+):
     """A `tf.data.Dataset` of batches of `(x, y, sample_weight)` in a new
     random order every time it is iterated (every epoch).
 
@@ -42,6 +44,7 @@ def shuffled_array_dataset(x, y=None, sample_weight=None, batch_size=None):
         x, y, sample_weight: arrays (or nested dicts / tuples of arrays)
             with the same first dimension.
         batch_size: batch size (default 32, as Keras).
+        shuffle: False keeps the order (for validation data).
 
     Returns:
         A batched `tf.data.Dataset`; the last batch may be smaller.
@@ -77,11 +80,11 @@ def shuffled_array_dataset(x, y=None, sample_weight=None, batch_size=None):
             tensors,
         )
 
-    return (
-        tf.data.Dataset.range(length)
-        .shuffle(length, reshuffle_each_iteration=True)
-        .batch(batch_size)
-        .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    indices = tf.data.Dataset.range(length)
+    if shuffle:
+        indices = indices.shuffle(length, reshuffle_each_iteration=True)
+    return indices.batch(batch_size).map(
+        gather, num_parallel_calls=tf.data.AUTOTUNE
     )
 
 
@@ -128,6 +131,15 @@ class ShuffledFitMixin:
                     for part in (x, y, sample_weight)
                 )
             x = shuffled_array_dataset(x, y, sample_weight, batch_size)
+            if validation_data is not None and _arrays_only(validation_data):
+                # Batched like the training data, as Keras does.
+                validation_data = shuffled_array_dataset(
+                    *keras.utils.unpack_x_y_sample_weight(
+                        tuple(validation_data)
+                    ),
+                    batch_size=batch_size,
+                    shuffle=False,
+                )
             y = sample_weight = batch_size = None
             # Done here: Keras would warn that it ignores it for a dataset.
             validation_split, shuffle = None, False
