@@ -6,6 +6,9 @@ from keras_hub.models import Backbone
 from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
+from keras_vmoe.validation import check_int
+from keras_vmoe.validation import check_no_unknown_kwargs
+from keras_vmoe.validation import check_number
 
 MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
 
@@ -130,6 +133,85 @@ def _check_positive_ints(name, values):
         )
 
 
+def _check_moe_kwargs(moe_kwargs, explicit):
+    """`moe_kwargs` as a dict that repeats none of the explicit arguments."""
+    if moe_kwargs is None:
+        return {}
+    if not isinstance(moe_kwargs, dict):
+        raise ValueError(
+            "`moe_kwargs` must be a dict of MoEFeedForward arguments or "
+            f"None. Received: moe_kwargs={moe_kwargs!r}"
+        )
+    overlap = sorted(set(moe_kwargs) & set(explicit))
+    if overlap:
+        raise ValueError(
+            f"`moe_kwargs` repeats {overlap}, which are arguments of "
+            "ConvNeXtMoEBackbone itself: pass them there only. Received: "
+            f"moe_kwargs={moe_kwargs!r}"
+        )
+    return moe_kwargs
+
+
+def _check_convnext_numbers(
+    patch_size,
+    mlp_ratio,
+    expert_mlp_ratio,
+    layer_scale_init_value,
+    drop_path_rate,
+    layer_norm_epsilon,
+):
+    check_int("patch_size", patch_size)
+    check_number("mlp_ratio", mlp_ratio, minimum=0, min_inclusive=False)
+    check_number(
+        "expert_mlp_ratio",
+        expert_mlp_ratio,
+        minimum=0,
+        min_inclusive=False,
+        allow_none=True,
+    )
+    check_number(
+        "layer_scale_init_value", layer_scale_init_value, allow_none=True
+    )
+    check_number(
+        "drop_path_rate", drop_path_rate, minimum=0, maximum=1,
+        max_inclusive=False,
+    )
+    check_number(
+        "layer_norm_epsilon", layer_norm_epsilon, minimum=0,
+        min_inclusive=False,
+    )
+
+
+def _check_convnext_image_shape(image_shape, patch_size, num_stages):
+    """(H, W, C) with H and W None or at least the total stride."""
+    stride = patch_size * 2 ** (num_stages - 1)
+    if (
+        not isinstance(image_shape, (list, tuple))
+        or len(image_shape) != 3
+        or not all(
+            size is None
+            or (isinstance(size, int) and not isinstance(size, bool))
+            for size in image_shape
+        )
+        or image_shape[2] is None
+        or image_shape[2] < 1
+    ):
+        raise ValueError(
+            "`image_shape` must be (height, width, channels) with known "
+            "channels; height and width may be None. Received: "
+            f"image_shape={image_shape!r}"
+        )
+    for size in image_shape[:2]:
+        if size is not None and size < stride:
+            raise ValueError(
+                f"`image_shape` is too small: the stem (patch_size="
+                f"{patch_size}) and {num_stages - 1} downsampling layers "
+                f"reduce each side by {stride}, so height and width must be "
+                f"at least {stride}. Received: image_shape={image_shape!r}"
+            )
+    return tuple(image_shape)
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEBackbone(
     ExpertQuantizationMixin, preset_io.PresetSavingMixin, Backbone
@@ -221,14 +303,13 @@ class ConvNeXtMoEBackbone(
         dtype=None,
         **kwargs,
     ):
-        unknown = sorted(set(kwargs) - {"name", "trainable"})
-        if unknown:
-            # keras.Model would silently ignore them (a misspelt argument, or
-            # a MoE option that belongs in `moe_kwargs`).
-            raise ValueError(
-                "Unknown arguments (MoEFeedForward options go in "
-                f"`moe_kwargs`). Received: {unknown}"
-            )
+        # keras.Model would silently ignore them (a misspelt argument, or
+        # a MoE option that belongs in `moe_kwargs`).
+        check_no_unknown_kwargs(
+            type(self).__name__,
+            kwargs,
+            hint=" (MoEFeedForward options go in `moe_kwargs`)",
+        )
         _check_positive_ints("depths", depths)
         _check_positive_ints("hidden_dims", hidden_dims)
         if len(depths) != len(hidden_dims):
@@ -236,6 +317,17 @@ class ConvNeXtMoEBackbone(
                 "`depths` and `hidden_dims` must have the same length. "
                 f"Received: depths={depths!r}, hidden_dims={hidden_dims!r}"
             )
+        _check_convnext_numbers(
+            patch_size,
+            mlp_ratio,
+            expert_mlp_ratio,
+            layer_scale_init_value,
+            drop_path_rate,
+            layer_norm_epsilon,
+        )
+        image_shape = _check_convnext_image_shape(
+            image_shape, patch_size, len(depths)
+        )
         if (
             not isinstance(num_experts, int)
             or isinstance(num_experts, bool)
@@ -255,8 +347,8 @@ class ConvNeXtMoEBackbone(
             capacity_factor=capacity_factor,
             eval_capacity_factor=eval_capacity_factor,
             normalize_gates=normalize_gates,
-            **(moe_kwargs or {}),
         )
+        moe_config.update(_check_moe_kwargs(moe_kwargs, moe_config))
         expert_ratio = expert_mlp_ratio or mlp_ratio
         total_blocks = sum(depths)
         data_format = "channels_last"

@@ -70,7 +70,7 @@ def test_placements_select_the_papers_blocks(depths, placement, expected):
         (dict(hidden_dims=[8, 16, 24]), "hidden_dims=[8, 16, 24]"),
         (dict(depths=[1, 0, 1, 1]), "depths=[1, 0, 1, 1]"),
         (dict(moe_placement="last-2", top_k=3, num_experts=2), "top_k=3"),
-        (dict(router_dim=8), "Received: ['router_dim']"),
+        (dict(router_dim=8), "router_dim=8"),
     ],
 )
 def test_bad_configs_raise_naming_the_value(kwargs, message):
