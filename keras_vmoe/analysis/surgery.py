@@ -470,6 +470,7 @@ def merge_experts(
             gates / total if total else np.full_like(gates, 1 / len(gates))
         )
         folded[block_index] = _beside_shared_expert(
-            layer, fold_expert_weights(*_expert_weights(layer), input_mix, gates)
+            layer,
+            fold_expert_weights(*_expert_weights(layer), input_mix, gates),
         )
     return _replace_with_dense(model, folded)

@@ -159,7 +159,9 @@ def test_shared_expert_layers_are_refused_by_the_folding_strategies():
     with pytest.raises(ValueError, match="shared_expert=True"):
         merge_experts(model, tiny_data(2))
     with pytest.raises(ValueError, match="shared_expert=False"):
-        prune_moe_layers(tiny_classifier(), tiny_data(2), layers=[0], strategy="shared_expert")
+        prune_moe_layers(
+            tiny_classifier(), layers=[0], strategy="shared_expert"
+        )
 
 
 def test_shared_expert_strategy_keeps_the_shared_expert_alone():

@@ -135,7 +135,8 @@ def test_merging_identical_experts_keeps_outputs():
     model = tiny_convnext(identical_experts=True, top_k=2)
     merged = merge_experts(model, (images, labels))
     assert moe_block_indices(merged) == ()
-    assert [b.mlp.hidden_dim for b in merged.backbone.blocks] == [32, 16, 64, 32]
+    widths = [block.mlp.hidden_dim for block in merged.backbone.blocks]
+    assert widths == [32, 16, 64, 32]
     assert merged.backbone.dense_skip_blocks == [1, 3]
     np.testing.assert_allclose(
         outputs(merged, images), outputs(model, images), atol=1e-5
