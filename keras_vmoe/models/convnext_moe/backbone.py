@@ -212,6 +212,52 @@ def _check_convnext_image_shape(image_shape, patch_size, num_stages):
     return tuple(image_shape)
 
 
+def _check_block_mlp_dims(block_mlp_dims, total_blocks):
+    """`block_mlp_dims` as a list of `total_blocks` items (None = from the
+    ratio)."""
+    if block_mlp_dims is None:
+        return [None] * total_blocks
+    if (
+        not isinstance(block_mlp_dims, (list, tuple))
+        or len(block_mlp_dims) != total_blocks
+        or not all(
+            v is None
+            or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+            for v in block_mlp_dims
+        )
+    ):
+        raise ValueError(
+            "`block_mlp_dims` must be None or a list with one item per block "
+            f"({total_blocks}), each None or a positive integer. Received: "
+            f"block_mlp_dims={block_mlp_dims!r}"
+        )
+    return list(block_mlp_dims)
+
+
+def _check_dense_skip_blocks(dense_skip_blocks, depths, moe_positions):
+    """`dense_skip_blocks` as a set of global indices of dense blocks."""
+    if dense_skip_blocks is None:
+        return set()
+    total_blocks = sum(depths)
+    moe_indices = {
+        sum(depths[:stage]) + block for stage, block in moe_positions
+    }
+    if not isinstance(dense_skip_blocks, (list, tuple)) or not all(
+        isinstance(v, int)
+        and not isinstance(v, bool)
+        and 0 <= v < total_blocks
+        and v not in moe_indices
+        for v in dense_skip_blocks
+    ):
+        raise ValueError(
+            "`dense_skip_blocks` must be None or a list of global indices "
+            f"(0..{total_blocks - 1}) of dense blocks; the MoE blocks are "
+            f"{sorted(moe_indices)}. Received: "
+            f"dense_skip_blocks={dense_skip_blocks!r}"
+        )
+    return set(dense_skip_blocks)
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEBackbone(
     ExpertQuantizationMixin, preset_io.PresetSavingMixin, Backbone
@@ -261,6 +307,14 @@ class ConvNeXtMoEBackbone(
         moe_skip_connection: the Sweet-spot skip connection around the MoE.
         moe_kwargs: further `MoEFeedForward` arguments (loss weights,
             noisy gating, `router_dim`, ...), or None.
+        block_mlp_dims: None, or one item per block (global order, all
+            stages): None to take the width from `mlp_ratio` /
+            `expert_mlp_ratio`, or the MLP's (every expert's) hidden width
+            in units. Model surgery sets it for the blocks it folds, whose
+            dense MLP gets the experts' width.
+        dense_skip_blocks: None, or global indices of dense blocks that
+            keep the Sweet-spot skip connection around their MLP (MoE
+            blocks that surgery folded into a dense MLP).
         image_shape: input shape (H, W, C); H and W may be None.
         dtype: dtype policy of the layers.
 
@@ -299,6 +353,8 @@ class ConvNeXtMoEBackbone(
         normalize_gates=False,
         moe_skip_connection=True,
         moe_kwargs=None,
+        block_mlp_dims=None,
+        dense_skip_blocks=None,
         image_shape=(None, None, 3),
         dtype=None,
         **kwargs,
@@ -351,6 +407,10 @@ class ConvNeXtMoEBackbone(
         moe_config.update(_check_moe_kwargs(moe_kwargs, moe_config))
         expert_ratio = expert_mlp_ratio or mlp_ratio
         total_blocks = sum(depths)
+        block_mlp_dims = _check_block_mlp_dims(block_mlp_dims, total_blocks)
+        dense_skip_blocks = _check_dense_skip_blocks(
+            dense_skip_blocks, depths, moe_positions
+        )
         data_format = "channels_last"
 
         # === Layers ===
@@ -404,6 +464,10 @@ class ConvNeXtMoEBackbone(
                     ConvNeXtBlock(
                         hidden_dim=width,
                         mlp_ratio=expert_ratio if is_moe else mlp_ratio,
+                        mlp_dim=block_mlp_dims[block_index],
+                        dense_skip_connection=(
+                            block_index in dense_skip_blocks
+                        ),
                         moe_config=(
                             _block_moe_config(moe_config, block_index)
                             if is_moe
@@ -462,6 +526,10 @@ class ConvNeXtMoEBackbone(
         self.normalize_gates = normalize_gates
         self.moe_skip_connection = moe_skip_connection
         self.moe_kwargs = moe_kwargs
+        self.block_mlp_dims = (
+            None if all(v is None for v in block_mlp_dims) else block_mlp_dims
+        )
+        self.dense_skip_blocks = sorted(dense_skip_blocks) or None
         self.image_shape = tuple(image_shape)
         self.data_format = data_format
         self.moe_positions = sorted(moe_positions)
@@ -523,6 +591,8 @@ class ConvNeXtMoEBackbone(
                 "normalize_gates": self.normalize_gates,
                 "moe_skip_connection": self.moe_skip_connection,
                 "moe_kwargs": self.moe_kwargs,
+                "block_mlp_dims": self.block_mlp_dims,
+                "dense_skip_blocks": self.dense_skip_blocks,
                 "image_shape": self.image_shape,
             }
         )
