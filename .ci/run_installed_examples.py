@@ -6,8 +6,8 @@ outside the repository, with keras-vmoe installed from a built wheel:
     python run_installed_examples.py EXAMPLES_DIR SITE_PACKAGES
 
 Every `examples/*.py` runs with `--smoke` and every `examples/*.ipynb`
-executes (copied into a scratch folder first, so nothing relative to the
-repository can be found). Each notebook gets one cell prepended that fails
+executes (copied into a scratch folder first, with only tests/fixtures
+beside them, so nothing else relative to the repository can be found). Each notebook gets one cell prepended that fails
 unless `keras_vmoe` is imported from SITE_PACKAGES, so the kernel provably
 runs the installed wheel and not the source tree. Prints one line per item
 with its time; exits 1 if any failed.
@@ -71,6 +71,11 @@ def main(examples, site_packages):
     root = tempfile.mkdtemp(prefix="keras-vmoe-examples-")
     copied = os.path.join(root, "examples")
     shutil.copytree(examples, copied)
+    # upcycle_and_train.py --smoke reads the tiny dense checkpoints of
+    # ../tests/fixtures (a user's copy of the repository has them); only
+    # that folder of the repository travels with the examples.
+    fixtures = os.path.join(os.path.dirname(examples), "tests", "fixtures")
+    shutil.copytree(fixtures, os.path.join(root, "tests", "fixtures"))
     for name in scripts + notebooks:
         scratch = tempfile.mkdtemp(dir=root)
         start = time.time()
