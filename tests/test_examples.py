@@ -22,7 +22,6 @@ def _environment():
         os.environ,
         KERAS_VMOE_SMOKE="1",
         KERAS_VMOE_NOTEBOOK_EXAMPLES="64",
-        KERAS_VMOE_WEIGHTS=os.path.join(ROOT, "weights"),
         MPLBACKEND="Agg",
         PYTHONPATH=ROOT,
     )

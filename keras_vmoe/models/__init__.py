@@ -8,6 +8,9 @@ from keras_vmoe.models.convnext_moe.presets import (
 from keras_vmoe.models.preset_io import check_preset_dir
 from keras_vmoe.models.preset_io import load_classifier
 from keras_vmoe.models.preset_io import preset_normalization
+from keras_vmoe.models.shipped import SHIPPED_PRESETS as _SHIPPED_PRESETS
+from keras_vmoe.models.shipped import register_with_keras_hub
+from keras_vmoe.models.shipped import shipped_preset_dir
 from keras_vmoe.models.stats import layer_stats
 from keras_vmoe.models.stats import model_stats
 from keras_vmoe.models.vit_moe import ViTMoEBackbone
@@ -19,10 +22,19 @@ from keras_vmoe.models.vit_moe.presets import PRESETS as _VIT_MOE_PRESETS
 _PRESET_TABLES = (_VIT_MOE_PRESETS, _CONVNEXT_MOE_PRESETS)
 
 
+# The trained presets installed with the package load by name through
+# KerasHub too: `keras_hub.models.ImageClassifier.from_preset("vimoe_mnist")`.
+register_with_keras_hub()
+
+
 def list_presets():
     """Names of all keras-vmoe presets, sorted.
 
-    Each name loads with the `from_preset` of its family, e.g.
+    The shipped, trained presets (`vimoe_mnist`, `convnext_moe_mnist`)
+    load with `keras_hub.models.ImageClassifier.from_preset(name)` or
+    their family's `from_preset(name)`; the architecture presets with the
+    `from_preset` of their family, e.g.
     `ViTMoEImageClassifier.from_preset(name, num_classes=...)`.
     """
-    return sorted(name for table in _PRESET_TABLES for name in table)
+    names = {name for table in _PRESET_TABLES for name in table}
+    return sorted(names | set(_SHIPPED_PRESETS))

@@ -20,6 +20,8 @@ import os
 
 import keras
 
+from keras_vmoe.models.shipped import SHIPPED_PRESETS
+from keras_vmoe.models.shipped import shipped_preset_dir
 from keras_vmoe.utils.io import atomic_directory
 
 CONFIG_FILE = "config.json"
@@ -60,6 +62,16 @@ def check_preset_name(preset, family, cls_name):
     table, _ = families[family]
     if preset in table:
         return
+    if preset in SHIPPED_PRESETS:
+        other = SHIPPED_PRESETS[preset][0]
+        if other == family:
+            return
+        raise ValueError(
+            f"{preset!r} is a shipped {other} preset, not a {family} one: "
+            f"use `keras_vmoe.models.{families[other][1]}.from_preset("
+            f"{preset!r})` or `keras_hub.models.ImageClassifier.from_preset("
+            f"{preset!r})`. Received: preset={preset!r} for {cls_name}"
+        )
     for other, (other_table, other_cls) in families.items():
         if other != family and preset in other_table:
             raise ValueError(
@@ -110,12 +122,14 @@ def preset_normalization(preset):
 
     Args:
         preset: a name from `keras_vmoe.models.list_presets()`, or a preset
-            folder (its `image_converter.json` is read).
+            folder (its `image_converter.json` is read; so is a shipped
+            preset's).
 
     Raises:
         ValueError: for an unknown name, or a folder without a readable
             image converter (naming the file).
     """
+    preset = shipped_preset_dir(preset) or preset
     if isinstance(preset, str) and os.path.isdir(preset):
         return _folder_normalization(preset)
     entry = preset_table_entry(preset)
@@ -180,6 +194,7 @@ def check_preset_dir(preset, task, load_weights=True, **kwargs):
     """
     from keras_vmoe.converters.common import check_h5_file
 
+    preset = shipped_preset_dir(preset) or preset
     if not (isinstance(preset, str) and os.path.isdir(preset)):
         return
     config_path = os.path.join(preset, CONFIG_FILE)
@@ -248,11 +263,13 @@ def load_classifier(preset, **kwargs):
 
     The checked counterpart of `keras_hub.models.ImageClassifier.
     from_preset(folder)`, for folders written by `save_to_preset` (which
-    runs the checks only through our classes' `from_preset`). A preset name
-    goes to its family's `from_preset`.
+    runs the checks only through our classes' `from_preset`). A shipped
+    preset name (`vimoe_mnist`, ...) loads its installed folder; a preset
+    name of the architecture tables goes to its family's `from_preset`.
     """
     import keras_hub
 
+    preset = shipped_preset_dir(preset) or preset
     if isinstance(preset, str) and not _is_handle_or_path(preset):
         preset_table_entry(preset)  # raises for an unknown name
         for table, cls_name in _families().values():
