@@ -18,7 +18,10 @@ import keras
 from keras import ops
 
 from keras_vmoe.layers import losses as moe_losses
+from keras_vmoe.layers.dispatch import DISPATCH_MODES
+from keras_vmoe.layers.dispatch import resolve_dispatch
 from keras_vmoe.layers.dispatch import slot_dispatch
+from keras_vmoe.layers.dispatch import sorted_dispatch
 from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.feed_forward import check_activation
@@ -174,6 +177,7 @@ class MoEFeedForward(keras.layers.Layer):
         return_routing=False,
         kernel_initializer=None,
         seed=None,
+        dispatch="auto",
         **kwargs,
     ):
         for name, value in (
@@ -221,6 +225,7 @@ class MoEFeedForward(keras.layers.Layer):
             "image_router_input", image_router_input, IMAGE_ROUTER_INPUTS
         )
         check_activation(activation)
+        _check_choice("dispatch", dispatch, DISPATCH_MODES)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(
                 f"`dropout` must be in [0, 1). Received: dropout={dropout!r}"
@@ -269,6 +274,7 @@ class MoEFeedForward(keras.layers.Layer):
             or keras.initializers.TruncatedNormal(stddev=0.02)
         )
         self.seed = seed
+        self.dispatch = dispatch
 
         # === Layers ===
         self.router = (
@@ -406,6 +412,14 @@ class MoEFeedForward(keras.layers.Layer):
         outputs = outputs + ops.expand_dims(self.expert_bias_2, 1)
         return self.dropout_layer(outputs, training=training)
 
+    def _run_expert_rows(self, rows, matmul, training):
+        """[R, d] -> [R, d] for the sorted dispatch; `matmul` picks experts."""
+        hidden = matmul(rows, self.expert_kernel_1, self.expert_bias_1)
+        hidden = apply_activation(hidden, self.activation)
+        hidden = self.dropout_layer(hidden, training=training)
+        outputs = matmul(hidden, self.expert_kernel_2, self.expert_bias_2)
+        return self.dropout_layer(outputs, training=training)
+
     def _dropless_image_experts(self, images, plan, training):
         """Dropless image routing: each image through its experts' weights.
 
@@ -491,7 +505,16 @@ class MoEFeedForward(keras.layers.Layer):
         )
         self.expert_load.assign(load)
 
-        if capacity_factor is None and self.routing == "image":
+        dispatch = resolve_dispatch(self.dispatch)
+        if dispatch == "sorted":
+            routed = sorted_dispatch(
+                group_items(items, self.group_size),
+                plan,
+                capacity,
+                self.num_experts,
+                lambda x, matmul: self._run_expert_rows(x, matmul, training),
+            )
+        elif capacity_factor is None and self.routing == "image":
             flat_plan = {
                 name: ops.reshape(plan[name], (-1, self.top_k))
                 for name in ("expert_index", "gates")
@@ -624,6 +647,7 @@ class MoEFeedForward(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "seed": self.seed,
+                "dispatch": self.dispatch,
             }
         )
         return config
