@@ -16,7 +16,7 @@ Two paths:
   every expert only on its own rows: exactly the routed rows where shapes
   may be dynamic (TensorFlow without XLA, torch), and under XLA a static
   number of tiles, each expert's rows padded to a whole tile (MegaBlocks'
-  block-sparse layout), with unused tiles skipped at run time.
+  block-sparse layout): at most K*S + E*(tile-1) rows.
 
 Samples never mix through padding: slots no item claims hold exact zeros
 (not a copy of another item), and a dropped choice contributes an exact
@@ -152,40 +152,21 @@ def tile_items(num_choices, num_experts, per_item):
     """
     tokens = num_choices * per_item / (16 * num_experts)
     tokens = 2 ** int(math.log2(max(tokens, 1)))
-    tokens = min(max(tokens, 8), 256)
+    tokens = min(max(tokens, 128), 512)
     return max(1, tokens // per_item)
 
 
-def _tile_matmul(rows, kernels, biases, tile_expert, tile_used, num_tiles):
+def _tile_matmul(rows, kernels, biases, tile_expert, num_tiles):
     """[R, a] rows in tiles, each tile through its expert's kernel and bias.
 
-    Unused tiles (past the last expert's padded segment) are skipped at run
-    time and return zeros.
+    One batched matmul over the tiles with the kernels gathered per tile
+    ([num_tiles, a, c]): static shapes, differentiable on every backend
+    (Keras' TensorFlow `scan` cannot be differentiated under XLA).
     """
     width = kernels.shape[-1]
     tiles = ops.reshape(rows, (num_tiles, -1, rows.shape[-1]))
-    tile_rows = tiles.shape[1]
-
-    def step(carry, inputs):
-        tile, expert, used = inputs
-
-        def compute():
-            kernel = ops.take(kernels, expert, axis=0)
-            return ops.matmul(tile, kernel) + ops.take(biases, expert, axis=0)
-
-        def skip():
-            return ops.zeros((tile_rows, width), tile.dtype)
-
-        output = ops.cond(used, compute, skip)
-        return output, output
-
-    # The carry is unused; it has the output's shape and dtype because
-    # Keras' TensorFlow `scan` requires that of every output.
-    _, outputs = ops.scan(
-        step,
-        ops.zeros((tile_rows, width), rows.dtype),
-        (tiles, tile_expert, tile_used),
-    )
+    outputs = ops.matmul(tiles, ops.take(kernels, tile_expert, axis=0))
+    outputs = outputs + ops.take(biases, tile_expert, axis=0)[:, None, :]
     return ops.reshape(outputs, (-1, width))
 
 
@@ -267,12 +248,9 @@ def sorted_dispatch(
             axis=1,
         )
         tile_expert = ops.minimum(tile_expert, e - 1)
-        tile_used = tile_start < padded_ends[-1]
 
         def matmul(x, kernels, biases):
-            return _tile_matmul(
-                x, kernels, biases, tile_expert, tile_used, num_tiles
-            )
+            return _tile_matmul(x, kernels, biases, tile_expert, num_tiles)
 
     else:
         counts = totals * per_item
