@@ -52,20 +52,29 @@ def segment_matmul(rows, kernels, biases, counts):
     """
     backend = keras.backend.backend()
     num_experts = kernels.shape[0]
+    # Unstacked (not indexed) weights: the gradient of an unstack is one
+    # stack, while E indexing ops would each write a full [E, a, c] zero
+    # tensor in the backward pass.
     if backend == "tensorflow":
         import tensorflow as tf
 
         parts = tf.split(rows, counts, axis=0, num=num_experts)
+        kernels = tf.unstack(kernels, num=num_experts)
+        biases = tf.unstack(biases, num=num_experts)
     elif backend == "torch":
         import torch
 
         sizes = counts.detach().cpu().tolist()
         parts = torch.split(rows, sizes, dim=0)
+        kernels = torch.unbind(kernels, 0)
+        biases = torch.unbind(biases, 0)
     else:
         sizes = np.cumsum(keras.ops.convert_to_numpy(counts))[:-1].tolist()
         parts = keras.ops.split(rows, sizes, axis=0)
+        kernels = keras.ops.unstack(kernels, num_experts)
+        biases = keras.ops.unstack(biases, num_experts)
     outputs = [
-        keras.ops.matmul(part, kernels[e]) + biases[e]
-        for e, part in enumerate(parts)
+        keras.ops.matmul(part, kernel) + bias
+        for part, kernel, bias in zip(parts, kernels, biases)
     ]
     return keras.ops.concatenate(outputs, axis=0)
