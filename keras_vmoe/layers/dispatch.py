@@ -106,18 +106,24 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     return ops.sum(weighted, axis=2)
 
 
-def resolve_dispatch(dispatch):
+def resolve_dispatch(dispatch, dropless_tokens=False):
     """The path `dispatch` ("auto", "slots" or "sorted") runs in this trace.
 
     "auto" takes the sorted path where shapes may be dynamic (TensorFlow
-    without XLA, torch): experts run on exactly the routed rows. Under XLA
-    (JAX; TensorFlow with `jit_compile=True`) it takes the slot path: on a
-    CPU the tiled sorted path does not beat one batched matmul over the
-    slots, and `jax.lax.ragged_dot` is a dense masked matmul there.
+    without XLA, the Keras default on a CPU; torch): experts run on exactly
+    the routed rows. Under XLA (JAX; TensorFlow with `jit_compile=True`)
+    the static sorted layout gathers a kernel per tile, which on a CPU
+    beats the slot path only for dropless token routing (every expert
+    would otherwise get S slots, E/K times the compute), so "auto" takes
+    it only there (`dropless_tokens=True`) and the slot path otherwise.
+    `jax.lax.ragged_dot` is never used: on a CPU it is a dense masked
+    matmul.
     """
     if dispatch != "auto":
         return dispatch
-    return "slots" if dispatch_backend.in_xla_context() else "sorted"
+    if not dispatch_backend.in_xla_context():
+        return "sorted"
+    return "sorted" if dropless_tokens else "slots"
 
 
 def _sorted_rows(plan, num_experts, tile):

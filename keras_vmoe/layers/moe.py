@@ -8,7 +8,9 @@ Axis letters (DESIGN.md glossary):
 
 Dispatch never runs an expert on an item it was not routed to: items are
 gathered into an [E, C*P, d] buffer, all experts run as one batched matmul
-on their own slots, and each item gathers its K results back.
+on their own slots, and each item gathers its K results back; or (sorted
+dispatch) the routed items are sorted by expert and each expert runs on
+its own rows only (`keras_vmoe.layers.dispatch`).
 """
 
 import math
@@ -95,9 +97,28 @@ class MoEFeedForward(keras.layers.Layer):
     `batch_prioritized_routing=True` the items with the largest router
     probability claim slots first (Riquelme et al., 2021); the order uses
     the raw probability also when `normalize_gates=True`. `capacity_factor=None` is
-    dropless: image routing then runs each image through its own experts'
-    gathered weights; token routing gives every expert S slots, which is
-    exact but costs E/K times the compute of a balanced layer.
+    dropless: no choice is ever dropped.
+
+    Dispatch (`dispatch`): "slots" computes every capacity slot (E*C rows,
+    used or not; dropless image routing gathers each image's expert
+    weights). "sorted" sorts the kept choices by expert and runs each
+    expert on its own rows only: exactly the routed rows where shapes may
+    be dynamic (TensorFlow without XLA, which is what `fit` compiles on a
+    CPU-only machine; torch), and under XLA (JAX; TensorFlow with
+    `jit_compile=True`) a static number of row tiles, each expert padded
+    to a whole tile (at most K*S + E*(tile-1) rows). Both give the same
+    routing and outputs (to float rounding). "auto" (default) picks
+    "sorted" on the dynamic-shape backends and, under XLA, "sorted" for
+    dropless token routing and "slots" otherwise (on a CPU the tiled
+    layout is slower than one batched slot matmul at capacity <= ~1.25).
+
+    When to use dropless token routing (`capacity_factor=None`): with
+    "auto" on TensorFlow's default (non-XLA) mode or torch it costs about
+    what capacity 1.0 costs, and no token loses its expert, so it is the
+    better choice for fine-tuning and for MoE-ConvNeXt / ViT-MoE token
+    routing on CPU or small batches, and for evaluation
+    (`eval_capacity_factor=None`). Under XLA it remains about 2x the dense
+    cost on a CPU; keep a capacity factor there.
 
     Samples never mix through padding: unclaimed slots hold zeros and
     dropped choices contribute exact zeros, so a NaN or inf in one sample
@@ -144,6 +165,8 @@ class MoEFeedForward(keras.layers.Layer):
         kernel_initializer: initializer of the expert kernels (default
             truncated normal, stddev 0.02, as ViT).
         seed: seed of the gating noise.
+        dispatch: "auto", "slots" or "sorted": how items reach their
+            experts (see Dispatch above); never changes the results.
 
     Example:
     >>> moe = MoEFeedForward(num_experts=4, hidden_dim=64, top_k=2)
@@ -505,7 +528,10 @@ class MoEFeedForward(keras.layers.Layer):
         )
         self.expert_load.assign(load)
 
-        dispatch = resolve_dispatch(self.dispatch)
+        dispatch = resolve_dispatch(
+            self.dispatch,
+            dropless_tokens=capacity_factor is None and self.routing == "token",
+        )
         if dispatch == "sorted":
             routed = sorted_dispatch(
                 group_items(items, self.group_size),

@@ -299,6 +299,7 @@ def test_auto_resolves_per_backend_and_compile_mode():
     assert resolve_dispatch("sorted") == "sorted"
     expected = "slots" if BACKEND == "jax" else "sorted"
     assert resolve_dispatch("auto") == expected
+    assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
 
 
 def test_dispatch_is_validated_and_stored_in_config():
