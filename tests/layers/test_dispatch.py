@@ -50,7 +50,11 @@ CASES = {
     # Expert 0 gets every first choice: capacity drops, experts 2-3 empty.
     "drops_and_empty_experts": ([[[5, 1, 0.5, 0.5]] * 6], 1, 1.0),
     # Ties between experts (lower index wins) and between items.
-    "ties": ([[[1, 1, 1, 1], [2, 2, 1, 1], [1, 1, 1, 1], [1, 3, 3, 1]]], 2, 1.0),
+    "ties": (
+        [[[1, 1, 1, 1], [2, 2, 1, 1], [1, 1, 1, 1], [1, 3, 3, 1]]],
+        2,
+        1.0,
+    ),
     # Dropless: one expert receives every token, top-2.
     "one_expert_takes_all": ([[[9, 1, 1, 1]] * 5], 2, None),
     # Two routing groups with different loads and drops.
@@ -75,7 +79,10 @@ def _case(name, per_item):
     return items.astype("float32"), plan, capacity
 
 
-@pytest.mark.parametrize("static,tile", [(False, None), (True, 1), (True, 2), (True, 3), (True, None)])
+@pytest.mark.parametrize(
+    "static,tile",
+    [(False, None), (True, 1), (True, 2), (True, 3), (True, None)],
+)
 @pytest.mark.parametrize("per_item", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sorted_dispatch_equals_slot_dispatch(case, per_item, static, tile):
@@ -215,9 +222,12 @@ def test_every_dispatch_gives_the_same_gradients(kwargs):
 
     expected = _dense(gradients(layers["slots"], INPUTS, loss))
     got = _dense(gradients(layers["sorted"], INPUTS, loss))
-    for variable, e, g in zip(layers["slots"].trainable_variables, expected, got):
+    variables = layers["slots"].trainable_variables
+    for variable, e, g in zip(variables, expected, got):
         assert g is not None and np.any(g), variable.path
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6, err_msg=variable.path)
+        np.testing.assert_allclose(
+            g, e, rtol=1e-4, atol=1e-6, err_msg=variable.path
+        )
 
 
 def _toy_model(dispatch):
@@ -267,7 +277,9 @@ def test_tensorflow_xla_compiles_the_static_path(dispatch):
         tape.watch(x)
         expected = layers["slots"](x, training=True)[0]
         loss = tf.reduce_mean(tf.square(expected))
-    np.testing.assert_allclose(_np(outputs), _np(expected), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _np(outputs), _np(expected), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(
         _np(grad), _np(tape.gradient(loss, x)), rtol=1e-4, atol=1e-6
     )
