@@ -106,7 +106,7 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     return ops.sum(weighted, axis=2)
 
 
-def resolve_dispatch(dispatch, dropless_tokens=False):
+def resolve_dispatch(dispatch, dropless_tokens=False, static_shape=True):
     """The path `dispatch` ("auto", "slots" or "sorted") runs in this trace.
 
     "auto" takes the sorted path where shapes may be dynamic (TensorFlow
@@ -118,11 +118,20 @@ def resolve_dispatch(dispatch, dropless_tokens=False):
     it only there (`dropless_tokens=True`) and the slot path otherwise.
     `jax.lax.ragged_dot` is never used: on a CPU it is a dense masked
     matmul.
+
+    The static layout needs the number of items at trace time: under XLA
+    with `static_shape=False` (TensorFlow traces `fit` steps with an
+    unknown batch size) both "auto" and "sorted" run the slot path, which
+    gives the same results.
     """
-    if dispatch != "auto":
+    if dispatch == "slots":
         return dispatch
     if not dispatch_backend.in_xla_context():
         return "sorted"
+    if not static_shape:
+        return "slots"
+    if dispatch == "sorted":
+        return dispatch
     return "sorted" if dropless_tokens else "slots"
 
 

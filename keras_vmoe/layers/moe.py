@@ -111,6 +111,9 @@ class MoEFeedForward(keras.layers.Layer):
     "sorted" on the dynamic-shape backends and, under XLA, "sorted" for
     dropless token routing and "slots" otherwise (on a CPU the tiled
     layout is slower than one batched slot matmul at capacity <= ~1.25).
+    Under XLA with a batch size unknown at trace time (TensorFlow `fit`
+    with `jit_compile=True`) the static layout has no bound, and "sorted"
+    and "auto" run the slot path.
 
     When to use dropless token routing (`capacity_factor=None`): with
     "auto" on TensorFlow's default (non-XLA) mode or torch it costs about
@@ -531,6 +534,7 @@ class MoEFeedForward(keras.layers.Layer):
         dispatch = resolve_dispatch(
             self.dispatch,
             dropless_tokens=capacity_factor is None and self.routing == "token",
+            static_shape=None not in tuple(items.shape),
         )
         if dispatch == "sorted":
             routed = sorted_dispatch(

@@ -286,6 +286,19 @@ def test_tensorflow_xla_compiles_the_static_path(dispatch):
     assert not dispatch_backend.in_xla_context()
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF XLA")
+@pytest.mark.parametrize("dispatch", ["sorted", "auto"])
+def test_tensorflow_fit_with_jit_compile(dispatch):
+    """`fit` traces an unknown batch size: XLA then takes the slot path."""
+    keras.utils.set_random_seed(0)
+    model = _toy_model(dispatch)
+    model.compile(optimizer="adam", loss="mse", jit_compile=True)
+    x = RNG.standard_normal((8, 6, 8)).astype("float32")
+    y = RNG.standard_normal((8, 1)).astype("float32")
+    history = model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX jit")
 def test_jax_jit_compiles_the_static_path():
     import jax
