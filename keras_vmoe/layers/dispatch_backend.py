@@ -31,6 +31,16 @@ def in_xla_context():
     return False
 
 
+def sorted_beats_slots():
+    """Whether exact-row dispatch beats the slot path at a capacity factor.
+
+    Measured on a CPU (benchmarks/moe_layer.py): yes on TensorFlow without
+    XLA; on torch eager the slot path was faster at capacity 1.25, so
+    torch takes the sorted path only for dropless token routing.
+    """
+    return keras.backend.backend() == "tensorflow"
+
+
 def row_count(total):
     """A row count usable as a shape: a tensor in TF graphs, else an int."""
     if keras.backend.backend() == "tensorflow":
@@ -51,6 +61,8 @@ def segment_matmul(rows, kernels, biases, counts):
         [R, c]: one matmul per expert, over exactly its rows.
     """
     backend = keras.backend.backend()
+    kernels = keras.ops.convert_to_tensor(kernels)
+    biases = keras.ops.convert_to_tensor(biases)
     num_experts = kernels.shape[0]
     # Unstacked (not indexed) weights: the gradient of an unstack is one
     # stack, while E indexing ops would each write a full [E, a, c] zero

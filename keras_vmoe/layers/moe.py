@@ -108,15 +108,15 @@ class MoEFeedForward(keras.layers.Layer):
     `jit_compile=True`) a static number of row tiles, each expert padded
     to a whole tile (at most K*S + E*(tile-1) rows). Both give the same
     routing and outputs (to float rounding). "auto" (default) picks
-    "sorted" on the dynamic-shape backends and, under XLA, "sorted" for
-    dropless token routing and "slots" otherwise (on a CPU the tiled
+    "sorted" on TensorFlow without XLA, and on torch and under XLA
+    "sorted" for dropless token routing and "slots" otherwise (on a CPU the tiled
     layout is slower than one batched slot matmul at capacity <= ~1.25).
     Under XLA with a batch size unknown at trace time (TensorFlow `fit`
     with `jit_compile=True`) the static layout has no bound, and "sorted"
     and "auto" run the slot path.
 
     When to use dropless token routing (`capacity_factor=None`): with
-    "auto" on TensorFlow's default (non-XLA) mode or torch it costs about
+    "auto" on TensorFlow's default (non-XLA) mode it costs about
     what capacity 1.0 costs, and no token loses its expert, so it is the
     better choice for fine-tuning and for MoE-ConvNeXt / ViT-MoE token
     routing on CPU or small batches, and for evaluation

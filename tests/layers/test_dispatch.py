@@ -322,7 +322,7 @@ def test_jax_jit_compiles_the_static_path():
 def test_auto_resolves_per_backend_and_compile_mode():
     assert resolve_dispatch("slots") == "slots"
     assert resolve_dispatch("sorted") == "sorted"
-    expected = "slots" if BACKEND == "jax" else "sorted"
+    expected = "sorted" if BACKEND == "tensorflow" else "slots"
     assert resolve_dispatch("auto") == expected
     assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
 
