@@ -11,13 +11,19 @@ import keras
 import numpy as np
 
 
-def compiled_forward(layer):
-    """A compiled `x -> layer(x, training=False)` on the current backend."""
+def compiled_forward(layer, training=False, jit_compile=False):
+    """A compiled `x -> layer(x, training=training)` on the current backend.
+
+    `jit_compile` only applies to TensorFlow (XLA); JAX always compiles
+    with XLA and torch runs eagerly.
+    """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: layer(x, training=False))
+        return tf.function(
+            lambda x: layer(x, training=training), jit_compile=jit_compile
+        )
     if backend == "jax":
         import jax
 
@@ -27,7 +33,7 @@ def compiled_forward(layer):
         @jax.jit
         def forward(x):
             outputs, _ = layer.stateless_call(
-                trainable, non_trainable, x, training=False
+                trainable, non_trainable, x, training=training
             )
             return outputs
 
@@ -37,19 +43,22 @@ def compiled_forward(layer):
 
         def forward(x):
             with torch.no_grad():
-                return layer(x, training=False)
+                return layer(x, training=training)
 
         return forward
     raise ValueError(f"Unsupported backend: {backend}")
 
 
-def compiled_train_step(layer):
-    """A compiled forward + backward: gradients of sum(outputs**2) + losses."""
+def compiled_train_step(layer, jit_compile=False):
+    """A compiled forward + backward: gradients of sum(outputs**2) + losses.
+
+    `jit_compile` only applies to TensorFlow (XLA).
+    """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function
+        @tf.function(jit_compile=jit_compile)
         def step(x):
             with tf.GradientTape() as tape:
                 outputs = layer(x, training=True)

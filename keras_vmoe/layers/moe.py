@@ -8,7 +8,9 @@ Axis letters (DESIGN.md glossary):
 
 Dispatch never runs an expert on an item it was not routed to: items are
 gathered into an [E, C*P, d] buffer, all experts run as one batched matmul
-on their own slots, and each item gathers its K results back.
+on their own slots, and each item gathers its K results back; or (sorted
+dispatch) the routed items are sorted by expert and each expert runs on
+its own rows only (`keras_vmoe.layers.dispatch`).
 """
 
 import math
@@ -20,7 +22,10 @@ from keras import ops
 from keras_vmoe.distribution import dispatch_constraint
 from keras_vmoe.layers import losses as moe_losses
 from keras_vmoe.layers import quantization
+from keras_vmoe.layers.dispatch import DISPATCH_MODES
+from keras_vmoe.layers.dispatch import resolve_dispatch
 from keras_vmoe.layers.dispatch import slot_dispatch
+from keras_vmoe.layers.dispatch import sorted_dispatch
 from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.feed_forward import check_activation
@@ -94,9 +99,31 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
     `batch_prioritized_routing=True` the items with the largest router
     probability claim slots first (Riquelme et al., 2021); the order uses
     the raw probability also when `normalize_gates=True`. `capacity_factor=None` is
-    dropless: image routing then runs each image through its own experts'
-    gathered weights; token routing gives every expert S slots, which is
-    exact but costs E/K times the compute of a balanced layer.
+    dropless: no choice is ever dropped.
+
+    Dispatch (`dispatch`): "slots" computes every capacity slot (E*C rows,
+    used or not; dropless image routing gathers each image's expert
+    weights). "sorted" sorts the kept choices by expert and runs each
+    expert on its own rows only: exactly the routed rows where shapes may
+    be dynamic (TensorFlow without XLA, which is what `fit` compiles on a
+    CPU-only machine; torch), and under XLA (JAX; TensorFlow with
+    `jit_compile=True`) a static number of row tiles, each expert padded
+    to a whole tile (at most K*S + E*(tile-1) rows). Both give the same
+    routing and outputs (to float rounding). "auto" (default) picks
+    "sorted" on TensorFlow without XLA, and on torch and under XLA
+    "sorted" for dropless token routing and "slots" otherwise (on a CPU the tiled
+    layout is slower than one batched slot matmul at capacity <= ~1.25).
+    Under XLA with a batch size unknown at trace time (TensorFlow `fit`
+    with `jit_compile=True`) the static layout has no bound, and "sorted"
+    and "auto" run the slot path.
+
+    When to use dropless token routing (`capacity_factor=None`): with
+    "auto" on TensorFlow's default (non-XLA) mode it costs about
+    what capacity 1.0 costs, and no token loses its expert, so it is the
+    better choice for fine-tuning and for MoE-ConvNeXt / ViT-MoE token
+    routing on CPU or small batches, and for evaluation
+    (`eval_capacity_factor=None`). Under XLA it remains about 2x the dense
+    cost on a CPU; keep a capacity factor there.
 
     Samples never mix through padding: unclaimed slots hold zeros and
     dropped choices contribute exact zeros, so a NaN or inf in one sample
@@ -143,6 +170,8 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
         kernel_initializer: initializer of the expert kernels (default
             truncated normal, stddev 0.02, as ViT).
         seed: seed of the gating noise.
+        dispatch: "auto", "slots" or "sorted": how items reach their
+            experts (see Dispatch above); never changes the results.
 
     Example:
     >>> moe = MoEFeedForward(num_experts=4, hidden_dim=64, top_k=2)
@@ -176,6 +205,7 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
         return_routing=False,
         kernel_initializer=None,
         seed=None,
+        dispatch="auto",
         **kwargs,
     ):
         for name, value in (
@@ -223,6 +253,7 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
             "image_router_input", image_router_input, IMAGE_ROUTER_INPUTS
         )
         check_activation(activation)
+        _check_choice("dispatch", dispatch, DISPATCH_MODES)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(
                 f"`dropout` must be in [0, 1). Received: dropout={dropout!r}"
@@ -271,6 +302,7 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
             or keras.initializers.TruncatedNormal(stddev=0.02)
         )
         self.seed = seed
+        self.dispatch = dispatch
 
         # === Layers ===
         self.router = (
@@ -500,6 +532,14 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
         outputs = outputs + ops.expand_dims(self.expert_bias_2, 1)
         return self.dropout_layer(outputs, training=training)
 
+    def _run_expert_rows(self, rows, matmul, training):
+        """[R, d] -> [R, d] for the sorted dispatch; `matmul` picks experts."""
+        hidden = matmul(rows, self.expert_kernel_1, self.expert_bias_1)
+        hidden = apply_activation(hidden, self.activation)
+        hidden = self.dropout_layer(hidden, training=training)
+        outputs = matmul(hidden, self.expert_kernel_2, self.expert_bias_2)
+        return self.dropout_layer(outputs, training=training)
+
     def _dropless_image_experts(self, images, plan, training):
         """Dropless image routing: each image through its experts' weights.
 
@@ -585,7 +625,31 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
         )
         self.expert_load.assign(load)
 
-        if capacity_factor is None and self.routing == "image":
+        constrain = dispatch_constraint(self)
+        dispatch = resolve_dispatch(
+            self.dispatch,
+            dropless_tokens=capacity_factor is None and self.routing == "token",
+            static_shape=None not in tuple(items.shape),
+        )
+        if constrain is not None and dispatch == "sorted":
+            # Expert parallelism shards the [G, E, C, ...] slot buffers; the
+            # sorted layout has none to shard.
+            if self.dispatch == "sorted":
+                raise ValueError(
+                    "`dispatch='sorted'` cannot run under expert parallelism "
+                    "(its rows are not laid out per group and expert); use "
+                    "'slots' or 'auto'. Received: dispatch='sorted'"
+                )
+            dispatch = "slots"
+        if dispatch == "sorted":
+            routed = sorted_dispatch(
+                group_items(items, self.group_size),
+                plan,
+                capacity,
+                self.num_experts,
+                lambda x, matmul: self._run_expert_rows(x, matmul, training),
+            )
+        elif capacity_factor is None and self.routing == "image":
             flat_plan = {
                 name: ops.reshape(plan[name], (-1, self.top_k))
                 for name in ("expert_index", "gates")
@@ -598,7 +662,7 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
                 capacity,
                 self.num_experts,
                 lambda x: self._run_experts(x, training),
-                constrain=dispatch_constraint(self),
+                constrain=constrain,
             )
         # Items with non-finite router input get NaN, never a fake expert.
         valid = ops.reshape(plan["valid"], (-1, 1, 1))
@@ -719,6 +783,7 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "seed": self.seed,
+                "dispatch": self.dispatch,
             }
         )
         return config

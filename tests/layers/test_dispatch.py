@@ -1,0 +1,335 @@
+"""Dispatch paths: the sorted dispatch equals the slot dispatch."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_vmoe.layers import MoEFeedForward
+from keras_vmoe.layers import dispatch_backend
+from keras_vmoe.layers.dispatch import resolve_dispatch
+from keras_vmoe.layers.dispatch import slot_dispatch
+from keras_vmoe.layers.dispatch import sorted_dispatch
+from keras_vmoe.layers.routing import compute_capacity
+from keras_vmoe.layers.routing import route
+from tests.helpers import assert_keras_round_trip
+from tests.helpers import gradients
+
+RNG = np.random.default_rng(0)
+WIDTH = 3
+NUM_EXPERTS = 4
+BACKEND = keras.backend.backend()
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _experts(num_experts=NUM_EXPERTS, width=WIDTH, seed=1):
+    """Affine experts: expert e maps x to x @ W[e] + b[e]."""
+    rng = np.random.default_rng(seed)
+    kernels = rng.standard_normal((num_experts, width, width)).astype("float32")
+    biases = rng.standard_normal((num_experts, width)).astype("float32")
+
+    def run_slots(x):  # [E, N, d]
+        return keras.ops.einsum("end,edh->enh", x, kernels) + biases[:, None]
+
+    def run_rows(x, matmul):  # [R, d]
+        return matmul(x, kernels, biases)
+
+    return kernels, biases, run_slots, run_rows
+
+
+def _probs(rows):
+    """[G, S, E] probabilities from hand-written per-item scores."""
+    scores = np.asarray(rows, "float32")
+    return scores / scores.sum(-1, keepdims=True)
+
+
+# Hand-built routing cases, [G, S, E] scores.
+CASES = {
+    # Expert 0 gets every first choice: capacity drops, experts 2-3 empty.
+    "drops_and_empty_experts": ([[[5, 1, 0.5, 0.5]] * 6], 1, 1.0),
+    # Ties between experts (lower index wins) and between items.
+    "ties": (
+        [[[1, 1, 1, 1], [2, 2, 1, 1], [1, 1, 1, 1], [1, 3, 3, 1]]],
+        2,
+        1.0,
+    ),
+    # Dropless: one expert receives every token, top-2.
+    "one_expert_takes_all": ([[[9, 1, 1, 1]] * 5], 2, None),
+    # Two routing groups with different loads and drops.
+    "groups": (
+        [
+            [[4, 1, 1, 1], [4, 1, 1, 1], [1, 4, 1, 1], [1, 1, 1, 4]],
+            [[1, 1, 4, 1], [1, 1, 4, 1], [1, 1, 4, 1], [1, 1, 4, 1]],
+        ],
+        2,
+        0.75,
+    ),
+}
+
+
+def _case(name, per_item):
+    scores, top_k, capacity_factor = CASES[name]
+    probs = _probs(scores)
+    groups, num_items = probs.shape[:2]
+    capacity = compute_capacity(num_items, NUM_EXPERTS, top_k, capacity_factor)
+    plan = route(probs, top_k, capacity)
+    items = RNG.standard_normal((groups, num_items, per_item, WIDTH))
+    return items.astype("float32"), plan, capacity
+
+
+@pytest.mark.parametrize(
+    "static,tile",
+    [(False, None), (True, 1), (True, 2), (True, 3), (True, None)],
+)
+@pytest.mark.parametrize("per_item", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sorted_dispatch_equals_slot_dispatch(case, per_item, static, tile):
+    items, plan, capacity = _case(case, per_item)
+    _, _, run_slots, run_rows = _experts()
+    expected = _np(
+        slot_dispatch(items, plan, capacity, NUM_EXPERTS, run_slots)
+    )
+    outputs = _np(
+        sorted_dispatch(
+            items, plan, capacity, NUM_EXPERTS, run_rows, static, tile
+        )
+    )
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    # Items with every choice dropped are exact zeros on both paths.
+    all_dropped = ~_np(plan["kept"]).any(-1)
+    assert (outputs[all_dropped] == 0).all()
+    assert (expected[all_dropped] == 0).all()
+
+
+def test_sorted_dispatch_hand_computed_outputs():
+    """Expert e outputs the constant e + 1: the output is the gate sum."""
+    items, plan, capacity = _case("drops_and_empty_experts", 1)
+    biases = np.arange(1, NUM_EXPERTS + 1, dtype="float32")[:, None]
+    biases = np.repeat(biases, WIDTH, axis=1)
+    kernels = np.zeros((NUM_EXPERTS, WIDTH, WIDTH), "float32")
+    for static in (False, True):
+        outputs = _np(
+            sorted_dispatch(
+                items,
+                plan,
+                capacity,
+                NUM_EXPERTS,
+                lambda x, matmul: matmul(x, kernels, biases),
+                static,
+            )
+        )
+        # 6 items all pick expert 0 (gate 5/7); capacity C = 2 keeps two
+        # of them (which two, among equal priorities, is routing's choice).
+        kept = _np(plan["kept"])[0, :, 0]
+        assert kept.sum() == 2
+        expected = np.zeros((1, 6, 1, WIDTH), "float32")
+        expected[0, kept] = 1.0 * 5 / 7
+        np.testing.assert_allclose(outputs, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_non_finite_item_never_reaches_other_items(static):
+    items, plan, capacity = _case("groups", 2)
+    items[0, 1] = np.nan
+    items[1, 0, 0] = np.inf
+    _, _, _, run_rows = _experts()
+    outputs = _np(
+        sorted_dispatch(
+            items, plan, capacity, NUM_EXPERTS, run_rows, static, 2
+        )
+    )
+    bad = np.zeros(outputs.shape[:2], bool)
+    bad[0, 1] = bad[1, 0] = True
+    assert np.isfinite(outputs[~bad]).all()
+
+
+# --- The layer ----------------------------------------------------------------
+
+LAYER_CASES = [
+    dict(routing="token", top_k=1, capacity_factor=1.25),
+    dict(routing="token", top_k=2, capacity_factor=0.5, group_size=7),
+    dict(routing="token", top_k=2, capacity_factor=None),
+    dict(routing="image", top_k=1, capacity_factor=1.0, shared_expert=True),
+    dict(routing="image", top_k=2, capacity_factor=None),
+]
+INPUTS = RNG.standard_normal((4, 7, 8)).astype("float32")
+
+
+def _layers(kwargs, dispatches=("slots", "sorted", "auto")):
+    layers = {}
+    for dispatch in dispatches:
+        layer = MoEFeedForward(
+            4,
+            6,
+            return_routing=True,
+            eval_capacity_factor=kwargs.get("capacity_factor", 1.25),
+            dispatch=dispatch,
+            **kwargs,
+        )
+        layer.build(INPUTS.shape)
+        layers[dispatch] = layer
+    weights = layers["slots"].get_weights()
+    # A wide router so that every expert gets items and some are dropped.
+    weights[0] = RNG.standard_normal(weights[0].shape).astype("float32")
+    for layer in layers.values():
+        layer.set_weights(weights)
+    return layers
+
+
+@pytest.mark.parametrize("kwargs", LAYER_CASES, ids=str)
+@pytest.mark.parametrize("training", [False, True])
+def test_every_dispatch_gives_the_same_routing_and_outputs(kwargs, training):
+    layers = _layers(kwargs)
+    results = {
+        name: layer(INPUTS, training=training) for name, layer in layers.items()
+    }
+    expected, expected_info = results["slots"]
+    for name in ("sorted", "auto"):
+        outputs, info = results[name]
+        np.testing.assert_allclose(
+            _np(outputs), _np(expected), rtol=1e-5, atol=1e-5
+        )
+        for key in ("expert_index", "gates", "dropped"):
+            np.testing.assert_array_equal(
+                _np(info[key]), _np(expected_info[key])
+            )
+    if kwargs["capacity_factor"] == 0.5:
+        assert _np(expected_info["dropped"]).any(), "case needs drops"
+
+
+def _dense(grads):
+    """numpy arrays, also from TensorFlow's IndexedSlices (gathered weights)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return [
+            np.asarray(tf.convert_to_tensor(g.item()))
+            if g is not None and g.dtype == object
+            else g
+            for g in grads
+        ]
+    return grads
+
+
+@pytest.mark.parametrize("kwargs", LAYER_CASES, ids=str)
+def test_every_dispatch_gives_the_same_gradients(kwargs):
+    layers = _layers(kwargs, ("slots", "sorted"))
+
+    def loss(y):
+        return keras.ops.mean(keras.ops.square(y[0]))
+
+    expected = _dense(gradients(layers["slots"], INPUTS, loss))
+    got = _dense(gradients(layers["sorted"], INPUTS, loss))
+    variables = layers["slots"].trainable_variables
+    for variable, e, g in zip(variables, expected, got):
+        assert g is not None and np.any(g), variable.path
+        np.testing.assert_allclose(
+            g, e, rtol=1e-4, atol=1e-6, err_msg=variable.path
+        )
+
+
+def _toy_model(dispatch):
+    inputs = keras.Input((6, 8))
+    x = keras.layers.Dense(16)(inputs)
+    x = x + MoEFeedForward(
+        4, 16, top_k=2, capacity_factor=None, dispatch=dispatch, name="moe"
+    )(x)
+    outputs = keras.layers.Dense(1)(keras.ops.mean(x, axis=1))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("dispatch", ["auto", "slots", "sorted"])
+def test_keras_round_trip_and_fit_with_each_dispatch(dispatch, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = _toy_model(dispatch)
+    x = RNG.standard_normal((8, 6, 8)).astype("float32")
+    y = RNG.standard_normal((8, 1)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    history = model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    restored = assert_keras_round_trip(model, x, tmp_path)
+    assert restored.get_layer("moe").dispatch == dispatch
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF XLA")
+@pytest.mark.parametrize("dispatch", ["sorted", "auto"])
+def test_tensorflow_xla_compiles_the_static_path(dispatch):
+    import tensorflow as tf
+
+    layers = _layers(LAYER_CASES[2], ("slots", dispatch))
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        seen.append(dispatch_backend.in_xla_context())
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = layers[dispatch](x, training=True)[0]
+            loss = tf.reduce_mean(tf.square(outputs))
+        return outputs, tape.gradient(loss, x)
+
+    outputs, grad = step(tf.constant(INPUTS))
+    assert seen == [True]
+    with tf.GradientTape() as tape:
+        x = tf.constant(INPUTS)
+        tape.watch(x)
+        expected = layers["slots"](x, training=True)[0]
+        loss = tf.reduce_mean(tf.square(expected))
+    np.testing.assert_allclose(
+        _np(outputs), _np(expected), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        _np(grad), _np(tape.gradient(loss, x)), rtol=1e-4, atol=1e-6
+    )
+    assert not dispatch_backend.in_xla_context()
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF XLA")
+@pytest.mark.parametrize("dispatch", ["sorted", "auto"])
+def test_tensorflow_fit_with_jit_compile(dispatch):
+    """`fit` traces an unknown batch size: XLA then takes the slot path."""
+    keras.utils.set_random_seed(0)
+    model = _toy_model(dispatch)
+    model.compile(optimizer="adam", loss="mse", jit_compile=True)
+    x = RNG.standard_normal((8, 6, 8)).astype("float32")
+    y = RNG.standard_normal((8, 1)).astype("float32")
+    history = model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX jit")
+def test_jax_jit_compiles_the_static_path():
+    import jax
+
+    layers = _layers(LAYER_CASES[1], ("slots", "sorted"))
+    layer = layers["sorted"]
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    @jax.jit
+    def forward(x):
+        outputs, _ = layer.stateless_call(trainable, non_trainable, x)
+        return outputs[0]
+
+    expected = layers["slots"](INPUTS)[0]
+    np.testing.assert_allclose(
+        _np(forward(INPUTS)), _np(expected), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_auto_resolves_per_backend_and_compile_mode():
+    assert resolve_dispatch("slots") == "slots"
+    assert resolve_dispatch("sorted") == "sorted"
+    expected = "sorted" if BACKEND == "tensorflow" else "slots"
+    assert resolve_dispatch("auto") == expected
+    assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
+
+
+def test_dispatch_is_validated_and_stored_in_config():
+    with pytest.raises(ValueError, match="`dispatch` must be one of"):
+        MoEFeedForward(4, 8, dispatch="fast")
+    layer = MoEFeedForward(4, 8, dispatch="sorted")
+    assert layer.get_config()["dispatch"] == "sorted"
+    assert MoEFeedForward.from_config(layer.get_config()).dispatch == "sorted"
