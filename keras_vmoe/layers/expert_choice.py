@@ -227,6 +227,10 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._routing_observers = []
+        # Set by `RoutingMetricsMixin`: keep this step's unrouted fraction
+        # in `_fit_stats` for the fit logs.
+        self._record_fit_stats = False
+        self._fit_stats = {}
 
     # === Build ===
     def build(self, input_shape):
@@ -289,6 +293,15 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         outputs = ops.reshape(outputs, input_shape)
         if self.shared_ffn is not None:
             outputs = outputs + self.shared_ffn(inputs, training=training)
+        if self._record_fit_stats:
+            picks = ops.segment_sum(
+                ops.ones_like(ops.reshape(rows, (-1,)), dtype="float32"),
+                ops.reshape(rows, (-1,)),
+                num_segments=num_groups * group_size,
+            )
+            self._fit_stats = {
+                "unrouted": ops.mean(ops.cast(picks == 0, "float32"))
+            }
         if not (self.return_routing or self._routing_observers):
             return outputs
         info = self._routing_info(gates, item_index, probs, input_shape)

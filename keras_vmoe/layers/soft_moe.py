@@ -193,6 +193,10 @@ class SoftMoEFeedForward(keras.layers.Layer):
             dropout, seed=seed, dtype=self.dtype_policy, name="dropout"
         )
         self._routing_observers = []
+        # Set by `RoutingMetricsMixin`: keep this step's combine-mass load
+        # in `_fit_stats` for the fit logs.
+        self._record_fit_stats = False
+        self._fit_stats = {}
 
     @property
     def num_slots(self):
@@ -269,6 +273,10 @@ class SoftMoEFeedForward(keras.layers.Layer):
         outputs = ops.reshape(outputs, input_shape)
         if self.shared_ffn is not None:
             outputs = outputs + self.shared_ffn(inputs, training=training)
+        if self._record_fit_stats:
+            self._fit_stats = {
+                "max_load": e * ops.max(self._combine_load(combine))
+            }
         if not (self.return_routing or self._routing_observers):
             return outputs
         info = self._routing_info(dispatch, combine, input_shape)
@@ -290,12 +298,17 @@ class SoftMoEFeedForward(keras.layers.Layer):
         """Removes an observer added with `add_routing_observer`."""
         self._routing_observers.remove(observer)
 
+    def _combine_load(self, combine):
+        """[E] share of the combine weights of all tokens per expert."""
+        e, s = self.num_experts, self.slots_per_expert
+        return ops.mean(
+            ops.sum(ops.reshape(combine, (-1, e, s)), axis=-1), axis=0
+        )
+
     def _routing_info(self, dispatch, combine, input_shape):
         e, s = self.num_experts, self.slots_per_expert
         per_expert = ops.reshape(ops.max(dispatch, axis=1), (-1, e, s))
-        load = ops.mean(
-            ops.sum(ops.reshape(combine, (-1, e, s)), axis=-1), axis=0
-        )
+        load = self._combine_load(combine)
         leading = tuple(input_shape[:-1])
         return {
             "dispatch_weights": ops.reshape(dispatch, leading + (e, s)),
