@@ -25,6 +25,7 @@ others in the batch.
 import keras
 from keras import ops
 
+from keras_vmoe.distribution import dispatch_constraint
 from keras_vmoe.layers.experts import add_expert_weights
 from keras_vmoe.layers.experts import check_dropout
 from keras_vmoe.layers.experts import check_input_shape
@@ -257,16 +258,26 @@ class SoftMoEFeedForward(keras.layers.Layer):
             "btn,btd->bnd", ops.cast(dispatch, tokens.dtype), tokens
         )
         # [B, E, S, d] -> [E, B*S, d]: expert e runs on its slots only.
-        slots = ops.transpose(
-            ops.reshape(slots, (-1, e, s, width)), (1, 0, 2, 3)
+        # Under expert parallelism the slots are sharded on B (images stay
+        # on their device), then on E: an all-to-all, and back after the
+        # experts.
+        constrain = dispatch_constraint(self) or (lambda x, name: x)
+        slots = constrain(
+            ops.reshape(slots, (-1, e, s, width)), "dispatch_groups"
+        )
+        slots = constrain(
+            ops.transpose(slots, (1, 0, 2, 3)), "dispatch_experts"
         )
         slot_outputs = run_experts(
             self, ops.reshape(slots, (e, -1, width)), training
         )
-        slot_outputs = ops.reshape(slot_outputs, (e, -1, s, width))
-        slot_outputs = ops.reshape(
-            ops.transpose(slot_outputs, (1, 0, 2, 3)), (-1, e * s, width)
+        slot_outputs = constrain(
+            ops.reshape(slot_outputs, (e, -1, s, width)), "combine_experts"
         )
+        slot_outputs = constrain(
+            ops.transpose(slot_outputs, (1, 0, 2, 3)), "combine_groups"
+        )
+        slot_outputs = ops.reshape(slot_outputs, (-1, e * s, width))
         outputs = ops.einsum(
             "btn,bnd->btd", ops.cast(combine, slot_outputs.dtype), slot_outputs
         )
