@@ -8,11 +8,79 @@ writes a routing report (class x expert heatmaps, gating maps, statistics). Inte
 
 import argparse
 import json
+import math
 import os
 import time
 
+import numpy as np
+
 EMBEDDED_DATASET = "mnist"
 DEFAULT_MODEL = "vimoe_mnist"
+# Splits of the embedded MNIST and of a folder of class folders (tfds
+# datasets name their own and reject unknown ones).
+MNIST_SPLITS = ("train", "test")
+FOLDER_SPLITS = ("train", "validation")
+
+
+class CliError(ValueError):
+    """A bad flag or file, reported as one line without a traceback."""
+
+
+def _integer(minimum):
+    """argparse type: an int >= minimum (argparse names the flag)."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer. Received: {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}. Received: {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _real(minimum=None, maximum=None, min_open=False, max_open=False):
+    """argparse type: a finite float in the given range."""
+    low = "(" if min_open else "["
+    high = ")" if max_open or maximum is None else "]"
+    interval = (
+        f"{low}{'-inf' if minimum is None else minimum}, "
+        f"{'inf' if maximum is None else maximum}{high}"
+    )
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a number. Received: {text!r}"
+            ) from None
+        if (
+            not math.isfinite(value)
+            or (minimum is not None and value < minimum)
+            or (minimum is not None and min_open and value == minimum)
+            or (maximum is not None and value > maximum)
+            or (maximum is not None and max_open and value == maximum)
+        ):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number in {interval}. Received: {text!r}"
+            )
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line (flag and value), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _add_data_arguments(parser, image_size_default=None):
@@ -28,28 +96,42 @@ def _add_data_arguments(parser, image_size_default=None):
         action="store_true",
         help="let tfds download missing data (needs a network)",
     )
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=_integer(1), default=128)
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=_integer(1),
         default=image_size_default,
         help="input side (default: 28 for MNIST, else the model's)",
     )
     parser.add_argument(
         "--max-examples",
-        type=int,
+        type=_integer(1),
         default=None,
         help="use only the first N examples of each split (smoke runs)",
     )
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="keras-vmoe", description=__doc__.splitlines()[0]
+    parser = _Parser(prog="keras-vmoe", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error",
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
 
-    train = commands.add_parser("train", help="train a model with model.fit")
+    train = commands.add_parser(
+        "train", help="train a model with model.fit", parents=[common]
+    )
     train.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -62,23 +144,27 @@ def build_parser():
         help="for preset names: start from the dense checkpoint, upcycled",
     )
     _add_data_arguments(train)
-    train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--learning-rate", type=float, default=2e-3)
-    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--epochs", type=_integer(1), default=2)
+    train.add_argument(
+        "--learning-rate", type=_real(0, min_open=True), default=2e-3
+    )
+    train.add_argument("--weight-decay", type=_real(0), default=0.05)
     train.add_argument(
         "--layer-decay",
-        type=float,
+        type=_real(0, 1, min_open=True),
         default=1.0,
         help="layer-wise lr decay (ViMoE fine-tuning: 0.65; 1 = off)",
     )
-    train.add_argument("--warmup-epochs", type=float, default=0.5)
-    train.add_argument("--label-smoothing", type=float, default=0.1)
+    train.add_argument("--warmup-epochs", type=_real(0), default=0.5)
+    train.add_argument(
+        "--label-smoothing", type=_real(0, 1, max_open=True), default=0.1
+    )
     train.add_argument(
         "--precision",
         default="float32",
         choices=["float32", "mixed_float16", "mixed_bfloat16", "auto"],
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_integer(0), default=0)
     train.add_argument(
         "--devices",
         type=int,
@@ -104,32 +190,57 @@ def build_parser():
         help="skip the routing report (heatmaps, gating maps, statistics)",
     )
 
-    evaluate = commands.add_parser("evaluate", help="accuracy of a preset")
+    evaluate = commands.add_parser(
+        "evaluate", help="accuracy of a preset", parents=[common]
+    )
     evaluate.add_argument("preset", help="preset folder")
     _add_data_arguments(evaluate)
     evaluate.add_argument("--split", default="test")
 
-    predict = commands.add_parser("predict", help="classify image files")
+    predict = commands.add_parser(
+        "predict", help="classify image files", parents=[common]
+    )
     predict.add_argument("preset", help="preset folder")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--top", type=int, default=3)
+    predict.add_argument("--top", type=_integer(1), default=3)
 
     analyze = commands.add_parser(
-        "analyze", help="routing statistics and plots of a preset"
+        "analyze",
+        help="routing statistics and plots of a preset",
+        parents=[common],
     )
     analyze.add_argument("preset", help="preset folder")
     _add_data_arguments(analyze)
     analyze.add_argument("--split", default="test")
     analyze.add_argument("--output-dir", default=None)
     analyze.add_argument(
-        "--max-batches", type=int, default=None, help="analyse at most N batches"
+        "--max-batches",
+        type=_integer(1),
+        default=None,
+        help="analyse at most N batches",
     )
 
-    commands.add_parser("presets", help="list the preset names")
+    commands.add_parser(
+        "presets", help="list the preset names", parents=[common]
+    )
     return parser
 
 
 # === Data ===
+
+
+def _check_split(args, split):
+    """The embedded MNIST has train/test, a class-folder dataset
+    train/validation; anything else is a typo, not the test split."""
+    if args.dataset == EMBEDDED_DATASET or os.path.isdir(args.dataset):
+        splits = (
+            MNIST_SPLITS if args.dataset == EMBEDDED_DATASET else FOLDER_SPLITS
+        )
+        if split not in splits:
+            raise CliError(
+                f"--split must be one of {splits} for --dataset "
+                f"{args.dataset!r}. Received: --split {split!r}"
+            )
 
 
 def load_split(args, split, image_size, training, num_classes=None):
@@ -143,6 +254,7 @@ def load_split(args, split, image_size, training, num_classes=None):
         num_classes=num_classes,
     )
     augment = None
+    _check_split(args, split)
     if args.dataset == EMBEDDED_DATASET:
         from keras_vmoe.training import load_mnist
 
@@ -211,10 +323,11 @@ def train(args):
     from keras_vmoe.training import set_precision
     from keras_vmoe.training.recipes import build_classifier
 
+    output_dir = _output_dir(
+        args.output_dir or os.path.join("runs", args.model.strip("/"))
+    )
     keras.utils.set_random_seed(args.seed)
     precision = set_precision(args.precision)
-    output_dir = args.output_dir or os.path.join("runs", args.model.strip("/"))
-    os.makedirs(output_dir, exist_ok=True)
     image_size = args.image_size or 28
 
     _, class_names = load_split(args, "test", image_size, training=False)
@@ -309,12 +422,52 @@ def train(args):
     return summary
 
 
+def _output_dir(path):
+    """Creates `--output-dir`; a clear error if it is a file or unwritable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(
+            "--output-dir must be a folder (it is created if missing), not "
+            f"a file. Received: --output-dir {path!r}"
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise CliError(
+            f"--output-dir cannot be created ({error.strerror}). Received: "
+            f"--output-dir {path!r}"
+        ) from error
+    return path
+
+
 def _load_preset(path):
     if not os.path.isdir(path):
-        raise SystemExit(f"error: preset folder not found: {path!r}")
+        raise CliError(f"preset folder not found. Received: preset={path!r}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CliError(
+            "not a preset folder (no config.json; `keras-vmoe train` writes "
+            f"one under <output-dir>/preset). Received: preset={path!r}"
+        )
     from keras_vmoe.models import load_classifier
 
     return load_classifier(path)
+
+
+def _read_image(path, size):
+    """An RGB float32 [size, size, 3] array, or a one-line error."""
+    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise CliError(f"image file not found. Received: image={path!r}")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((size, size))
+            return np.asarray(image, "float32")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise CliError(
+            f"cannot read the file as an image ({type(error).__name__}). "
+            f"Received: image={path!r}"
+        ) from error
 
 
 def _labels(preset_dir):
@@ -332,6 +485,7 @@ def _image_size(model):
 def evaluate(args):
     import keras
 
+    _check_split(args, args.split)
     model = _load_preset(args.preset)
     num_classes = model.num_classes
     data, _ = load_split(
@@ -347,17 +501,18 @@ def evaluate(args):
 
 
 def predict(args):
-    import numpy as np
-    from PIL import Image
-
+    for path in args.images:
+        # Before the (slow) model load: a missing file fails at once.
+        if not os.path.isfile(path):
+            raise CliError(f"image file not found. Received: image={path!r}")
     model = _load_preset(args.preset)
+    if args.top > model.num_classes:
+        raise CliError(
+            f"--top must be at most the model's {model.num_classes} "
+            f"classes. Received: --top {args.top}"
+        )
     size = _image_size(model)
-    images = np.stack(
-        [
-            np.asarray(Image.open(path).convert("RGB").resize((size, size)), "float32")
-            for path in args.images
-        ]
-    )
+    images = np.stack([_read_image(path, size) for path in args.images])
     logits = np.asarray(model.predict(images, verbose=0), "float32")
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -378,11 +533,14 @@ def predict(args):
 def analyze(args):
     from keras_vmoe import analysis
 
+    _check_split(args, args.split)
     model = _load_preset(args.preset)
     data, _ = load_split(
         args, args.split, args.image_size or _image_size(model), False
     )
-    output_dir = args.output_dir or os.path.join(args.preset, "analysis")
+    output_dir = _output_dir(
+        args.output_dir or os.path.join(args.preset, "analysis")
+    )
     report = analysis.write_report(
         model, data, output_dir, max_batches=args.max_batches
     )
@@ -407,12 +565,26 @@ COMMANDS = {
 
 
 def main(argv=None):
+    """Runs one command; returns its result.
+
+    Raises:
+        SystemExit: for a bad command line (status 2) or any error while
+            running (status 1, message "error: ..." on one line). With
+            `--debug` the original exception propagates with its traceback.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (ValueError, OSError)):
+            message = f"{type(error).__name__}: {message}"
+        raise SystemExit(
+            f"error: {message} (run with --debug for the traceback)"
+        ) from None
 
 
 def entry():

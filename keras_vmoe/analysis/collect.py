@@ -555,7 +555,8 @@ def collect_routing(
         batch_size: batch size for numpy inputs.
         num_classes: number of classes of the labels; default: the
             model's output width for a [B, classes] output, else
-            `max(labels) + 1`.
+            `max(labels) + 1`. A label outside `[0, num_classes)` raises
+            (it is never widened).
         keep_images: keep the input images in the result (for gating
             maps).
 
@@ -588,6 +589,15 @@ def collect_routing(
         raise ValueError(
             f"`batch_size` must be a positive integer. Received: "
             f"batch_size={batch_size!r}"
+        )
+    if num_classes is not None and (
+        not isinstance(num_classes, int)
+        or isinstance(num_classes, bool)
+        or num_classes < 1
+    ):
+        raise ValueError(
+            "`num_classes` must be a positive integer or None. Received: "
+            f"num_classes={num_classes!r}"
         )
     fields = ("expert_index", "gates", "dropped", "router_probs")
     records = {id(layer): {} for layer in layers}
@@ -641,8 +651,22 @@ def collect_routing(
             f"{type(data).__name__}"
         )
     labels = np.concatenate(labels) if labels else None
-    if labels is not None and num_classes is None:
-        num_classes = max(int(labels.max()) + 1, outputs_width or 0)
+    if labels is not None:
+        source = "num_classes"
+        if num_classes is None and outputs_width:
+            num_classes, source = outputs_width, "the model's output width"
+        elif num_classes is None:
+            num_classes, source = int(labels.max()) + 1, "max(labels) + 1"
+        outside = (labels < 0) | (labels >= num_classes)
+        if outside.any():
+            # Never widen num_classes past the model's classes: a label
+            # outside them is a data error.
+            raise ValueError(
+                f"`data` has labels outside [0, {num_classes}) "
+                f"(num_classes={num_classes}, from {source}). Received: "
+                f"a label {int(labels[outside][0])} in labels (range "
+                f"[{int(labels.min())}, {int(labels.max())}])"
+            )
     prefix = _num_prefix_tokens(model)
     # Shallowest first: the order in which the layers ran.
     layers = sorted(layers, key=lambda layer: call_order.index(id(layer)))

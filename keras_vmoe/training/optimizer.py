@@ -16,6 +16,8 @@ import re
 import keras
 
 from keras_vmoe.training.devices import has_gpu
+from keras_vmoe.validation import check_int
+from keras_vmoe.validation import check_number
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 # Variables never weight-decayed: norms, biases, position embeddings,
@@ -47,16 +49,17 @@ class LayerDecayAdamW(keras.optimizers.AdamW):
     def __init__(
         self, learning_rate=1e-4, weight_decay=0.05, lr_multipliers=None, **kwargs
     ):
+        if not isinstance(
+            learning_rate, keras.optimizers.schedules.LearningRateSchedule
+        ) and not callable(learning_rate):
+            check_number("learning_rate", learning_rate, minimum=0)
+        check_number("weight_decay", weight_decay, minimum=0, allow_none=True)
         super().__init__(
             learning_rate=learning_rate, weight_decay=weight_decay, **kwargs
         )
         self.lr_multipliers = dict(lr_multipliers or {})
         for path, value in self.lr_multipliers.items():
-            if not value >= 0:
-                raise ValueError(
-                    "`lr_multipliers` values must be >= 0. Received: "
-                    f"lr_multipliers[{path!r}]={value!r}"
-                )
+            check_number(f"lr_multipliers[{path!r}]", value, minimum=0)
 
     def build(self, variables):
         # The update step may see backend variables (TensorFlow) that have
@@ -142,6 +145,7 @@ def layer_decay_multipliers(model, layer_decay, num_layers=None, layer_id=None):
         layer_id: `(path, num_layers) -> int`; default `staged_layer_id`
             for backbones with `depths`, else `default_layer_id`.
     """
+    check_number("layer_decay", layer_decay)
     if not 0 < layer_decay <= 1:
         raise ValueError(
             f"`layer_decay` must be in (0, 1]. Received: layer_decay={layer_decay!r}"
@@ -182,7 +186,22 @@ def warmup_cosine_schedule(
     learning_rate, total_steps, warmup_steps=0, min_learning_rate=0.0
 ):
     """Linear warmup from 0 to `learning_rate`, then cosine decay to
-    `min_learning_rate` at `total_steps` (Keras `CosineDecay`)."""
+    `min_learning_rate` at `total_steps` (Keras `CosineDecay`).
+
+    Raises:
+        ValueError: naming the argument and value: `learning_rate` not a
+            finite number > 0, `total_steps` not an int >= 1,
+            `warmup_steps` not an int in [0, total_steps),
+            `min_learning_rate` not in [0, learning_rate].
+    """
+    check_number(
+        "learning_rate", learning_rate, minimum=0, min_inclusive=False
+    )
+    check_int("total_steps", total_steps)
+    check_int("warmup_steps", warmup_steps, minimum=0)
+    check_number(
+        "min_learning_rate", min_learning_rate, minimum=0, maximum=learning_rate
+    )
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
             "Expected 0 <= `warmup_steps` < `total_steps`. Received: "
@@ -221,7 +240,28 @@ def create_optimizer(
         min_learning_rate: final learning rate of the cosine.
         global_clipnorm: gradient clipping by global norm (None = off).
         num_layers: number of blocks if the model has no `num_layers`.
+
+    Raises:
+        ValueError: naming the argument and value when one is not a finite
+            number in its range (NaN, inf, a negative learning rate, ...).
     """
+    check_int("total_steps", total_steps)
+    check_number(
+        "learning_rate", learning_rate, minimum=0, min_inclusive=False
+    )
+    check_number("weight_decay", weight_decay, minimum=0)
+    check_number(
+        "layer_decay", layer_decay, minimum=0, min_inclusive=False, maximum=1
+    )
+    check_int("warmup_steps", warmup_steps, minimum=0)
+    check_number(
+        "global_clipnorm",
+        global_clipnorm,
+        minimum=0,
+        min_inclusive=False,
+        allow_none=True,
+    )
+    check_int("num_layers", num_layers, allow_none=True)
     multipliers = (
         layer_decay_multipliers(model, layer_decay, num_layers)
         if layer_decay != 1.0

@@ -27,6 +27,7 @@ from keras_vmoe.models.vit_moe.image_classifier import (
     ViTMoEImageClassifierPreprocessor,
 )
 from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageConverter
+from keras_vmoe.validation import check_int
 
 
 def _vimoe_mnist(num_classes, image_size):
@@ -107,6 +108,13 @@ def build_classifier(name, num_classes, image_size=28, pretrained=False):
     Raises:
         ValueError: for an unknown name.
     """
+    check_int("num_classes", num_classes)
+    check_int("image_size", image_size)
+    if not isinstance(name, (str, os.PathLike)):
+        raise ValueError(
+            "`model` must be a recipe name, a preset name or a preset "
+            f"directory. Received: model={name!r}"
+        )
     if name in SMALL_MODELS:
         return SMALL_MODELS[name](num_classes, image_size)
     family = _preset_family(name)

@@ -61,6 +61,52 @@ def _check_args(image_size, batch_size, normalize):
         )
 
 
+def check_labels(labels, num_classes=None):
+    """Integer class ids [N] in `[0, num_classes)` (>= 0 without it).
+
+    Raises:
+        ValueError: naming `labels` and the first bad value, or
+            `num_classes`.
+    """
+    if num_classes is not None and (
+        not isinstance(num_classes, (int, np.integer))
+        or isinstance(num_classes, bool)
+        or num_classes < 1
+    ):
+        raise ValueError(
+            "`num_classes` must be a positive integer or None. Received: "
+            f"num_classes={num_classes!r}"
+        )
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(
+            "`labels` must be integer class ids of shape [N]. Received: "
+            f"labels with shape {labels.shape}"
+        )
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            bad = labels[~whole][0]
+            raise ValueError(
+                "`labels` must be integer class ids. Received: a label "
+                f"{bad!r} in labels"
+            )
+    elif labels.dtype.kind not in "iub":
+        raise ValueError(
+            "`labels` must be integer class ids. Received: labels of dtype "
+            f"{labels.dtype}"
+        )
+    upper = np.inf if num_classes is None else num_classes
+    outside = (labels < 0) | (labels >= upper)
+    if outside.any():
+        bad = labels[outside][0].item()
+        raise ValueError(
+            f"`labels` must be in [0, {upper}) (num_classes="
+            f"{num_classes}). Received: a label {bad!r} in labels, at "
+            f"index {int(np.argmax(outside))}"
+        )
+
+
 def _normalize(images, normalize):
     if isinstance(normalize, dict):
         mean = tuple(255.0 * float(value) for value in normalize["mean"])
@@ -319,14 +365,25 @@ def array_dataset(
     seed=None,
     crop_fraction=0.875,
 ):
-    """The same pipeline over in-memory uint8 arrays ([N, H, W(, C)])."""
+    """The same pipeline over in-memory uint8 arrays ([N, H, W(, C)]).
+
+    Labels are integer class ids [N]; with `num_classes` they must lie in
+    `[0, num_classes)` (a ValueError names the first one that does not:
+    `tf.one_hot` would turn it into an all-zero target).
+    """
     _check_args(image_size, batch_size, normalize)
     images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim not in (3, 4) or not len(images):
+        raise ValueError(
+            "`images` must be a non-empty array [N, H, W] or [N, H, W, C]. "
+            f"Received: images with shape {images.shape}"
+        )
     if len(images) != len(labels):
         raise ValueError(
             "`images` and `labels` must have the same length. Received: "
             f"len(images)={len(images)}, len(labels)={len(labels)}"
         )
+    check_labels(labels, num_classes)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     return _finish(
         dataset,

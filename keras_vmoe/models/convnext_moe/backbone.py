@@ -6,6 +6,9 @@ from keras_hub.models import Backbone
 from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
+from keras_vmoe.validation import check_int
+from keras_vmoe.validation import check_no_unknown_kwargs
+from keras_vmoe.validation import check_number
 
 MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
 
@@ -130,6 +133,131 @@ def _check_positive_ints(name, values):
         )
 
 
+def _check_moe_kwargs(moe_kwargs, explicit):
+    """`moe_kwargs` as a dict that repeats none of the explicit arguments."""
+    if moe_kwargs is None:
+        return {}
+    if not isinstance(moe_kwargs, dict):
+        raise ValueError(
+            "`moe_kwargs` must be a dict of MoEFeedForward arguments or "
+            f"None. Received: moe_kwargs={moe_kwargs!r}"
+        )
+    overlap = sorted(set(moe_kwargs) & set(explicit))
+    if overlap:
+        raise ValueError(
+            f"`moe_kwargs` repeats {overlap}, which are arguments of "
+            "ConvNeXtMoEBackbone itself: pass them there only. Received: "
+            f"moe_kwargs={moe_kwargs!r}"
+        )
+    return moe_kwargs
+
+
+def _check_convnext_numbers(
+    patch_size,
+    mlp_ratio,
+    expert_mlp_ratio,
+    layer_scale_init_value,
+    drop_path_rate,
+    layer_norm_epsilon,
+):
+    check_int("patch_size", patch_size)
+    check_number("mlp_ratio", mlp_ratio, minimum=0, min_inclusive=False)
+    check_number(
+        "expert_mlp_ratio",
+        expert_mlp_ratio,
+        minimum=0,
+        min_inclusive=False,
+        allow_none=True,
+    )
+    check_number(
+        "layer_scale_init_value", layer_scale_init_value, allow_none=True
+    )
+    check_number(
+        "drop_path_rate", drop_path_rate, minimum=0, maximum=1,
+        max_inclusive=False,
+    )
+    check_number(
+        "layer_norm_epsilon", layer_norm_epsilon, minimum=0,
+        min_inclusive=False,
+    )
+
+
+def _check_convnext_image_shape(image_shape, patch_size, num_stages):
+    """(H, W, C) with H and W None or at least the total stride."""
+    stride = patch_size * 2 ** (num_stages - 1)
+    if (
+        not isinstance(image_shape, (list, tuple))
+        or len(image_shape) != 3
+        or not all(
+            size is None
+            or (isinstance(size, int) and not isinstance(size, bool))
+            for size in image_shape
+        )
+        or image_shape[2] is None
+        or image_shape[2] < 1
+    ):
+        raise ValueError(
+            "`image_shape` must be (height, width, channels) with known "
+            "channels; height and width may be None. Received: "
+            f"image_shape={image_shape!r}"
+        )
+    for size in image_shape[:2]:
+        if size is not None and size < stride:
+            raise ValueError(
+                f"`image_shape` is too small: the stem (patch_size="
+                f"{patch_size}) and {num_stages - 1} downsampling layers "
+                f"reduce each side by {stride}, so height and width must be "
+                f"at least {stride}. Received: image_shape={image_shape!r}"
+            )
+    return tuple(image_shape)
+
+
+def _check_block_mlp_dims(block_mlp_dims, total_blocks):
+    """`block_mlp_dims` as a list of `total_blocks` items (None = from the
+    ratio)."""
+    if block_mlp_dims is None:
+        return [None] * total_blocks
+    if (
+        not isinstance(block_mlp_dims, (list, tuple))
+        or len(block_mlp_dims) != total_blocks
+        or not all(
+            v is None
+            or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+            for v in block_mlp_dims
+        )
+    ):
+        raise ValueError(
+            "`block_mlp_dims` must be None or a list with one item per block "
+            f"({total_blocks}), each None or a positive integer. Received: "
+            f"block_mlp_dims={block_mlp_dims!r}"
+        )
+    return list(block_mlp_dims)
+
+
+def _check_dense_skip_blocks(dense_skip_blocks, depths, moe_positions):
+    """`dense_skip_blocks` as a set of global indices of dense blocks."""
+    if dense_skip_blocks is None:
+        return set()
+    total_blocks = sum(depths)
+    moe_indices = {
+        sum(depths[:stage]) + block for stage, block in moe_positions
+    }
+    if not isinstance(dense_skip_blocks, (list, tuple)) or not all(
+        isinstance(v, int)
+        and not isinstance(v, bool)
+        and 0 <= v < total_blocks
+        and v not in moe_indices
+        for v in dense_skip_blocks
+    ):
+        raise ValueError(
+            "`dense_skip_blocks` must be None or a list of global indices "
+            f"(0..{total_blocks - 1}) of dense blocks; the MoE blocks are "
+            f"{sorted(moe_indices)}. Received: "
+            f"dense_skip_blocks={dense_skip_blocks!r}"
+        )
+    return set(dense_skip_blocks)
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEBackbone(
     ExpertQuantizationMixin, preset_io.PresetSavingMixin, Backbone
@@ -179,6 +307,14 @@ class ConvNeXtMoEBackbone(
         moe_skip_connection: the Sweet-spot skip connection around the MoE.
         moe_kwargs: further `MoEFeedForward` arguments (loss weights,
             noisy gating, `router_dim`, ...), or None.
+        block_mlp_dims: None, or one item per block (global order, all
+            stages): None to take the width from `mlp_ratio` /
+            `expert_mlp_ratio`, or the MLP's (every expert's) hidden width
+            in units. Model surgery sets it for the blocks it folds, whose
+            dense MLP gets the experts' width.
+        dense_skip_blocks: None, or global indices of dense blocks that
+            keep the Sweet-spot skip connection around their MLP (MoE
+            blocks that surgery folded into a dense MLP).
         image_shape: input shape (H, W, C); H and W may be None.
         dtype: dtype policy of the layers.
 
@@ -217,18 +353,19 @@ class ConvNeXtMoEBackbone(
         normalize_gates=False,
         moe_skip_connection=True,
         moe_kwargs=None,
+        block_mlp_dims=None,
+        dense_skip_blocks=None,
         image_shape=(None, None, 3),
         dtype=None,
         **kwargs,
     ):
-        unknown = sorted(set(kwargs) - {"name", "trainable"})
-        if unknown:
-            # keras.Model would silently ignore them (a misspelt argument, or
-            # a MoE option that belongs in `moe_kwargs`).
-            raise ValueError(
-                "Unknown arguments (MoEFeedForward options go in "
-                f"`moe_kwargs`). Received: {unknown}"
-            )
+        # keras.Model would silently ignore them (a misspelt argument, or
+        # a MoE option that belongs in `moe_kwargs`).
+        check_no_unknown_kwargs(
+            type(self).__name__,
+            kwargs,
+            hint=" (MoEFeedForward options go in `moe_kwargs`)",
+        )
         _check_positive_ints("depths", depths)
         _check_positive_ints("hidden_dims", hidden_dims)
         if len(depths) != len(hidden_dims):
@@ -236,6 +373,17 @@ class ConvNeXtMoEBackbone(
                 "`depths` and `hidden_dims` must have the same length. "
                 f"Received: depths={depths!r}, hidden_dims={hidden_dims!r}"
             )
+        _check_convnext_numbers(
+            patch_size,
+            mlp_ratio,
+            expert_mlp_ratio,
+            layer_scale_init_value,
+            drop_path_rate,
+            layer_norm_epsilon,
+        )
+        image_shape = _check_convnext_image_shape(
+            image_shape, patch_size, len(depths)
+        )
         if (
             not isinstance(num_experts, int)
             or isinstance(num_experts, bool)
@@ -255,10 +403,14 @@ class ConvNeXtMoEBackbone(
             capacity_factor=capacity_factor,
             eval_capacity_factor=eval_capacity_factor,
             normalize_gates=normalize_gates,
-            **(moe_kwargs or {}),
         )
+        moe_config.update(_check_moe_kwargs(moe_kwargs, moe_config))
         expert_ratio = expert_mlp_ratio or mlp_ratio
         total_blocks = sum(depths)
+        block_mlp_dims = _check_block_mlp_dims(block_mlp_dims, total_blocks)
+        dense_skip_blocks = _check_dense_skip_blocks(
+            dense_skip_blocks, depths, moe_positions
+        )
         data_format = "channels_last"
 
         # === Layers ===
@@ -312,6 +464,10 @@ class ConvNeXtMoEBackbone(
                     ConvNeXtBlock(
                         hidden_dim=width,
                         mlp_ratio=expert_ratio if is_moe else mlp_ratio,
+                        mlp_dim=block_mlp_dims[block_index],
+                        dense_skip_connection=(
+                            block_index in dense_skip_blocks
+                        ),
                         moe_config=(
                             _block_moe_config(moe_config, block_index)
                             if is_moe
@@ -370,6 +526,10 @@ class ConvNeXtMoEBackbone(
         self.normalize_gates = normalize_gates
         self.moe_skip_connection = moe_skip_connection
         self.moe_kwargs = moe_kwargs
+        self.block_mlp_dims = (
+            None if all(v is None for v in block_mlp_dims) else block_mlp_dims
+        )
+        self.dense_skip_blocks = sorted(dense_skip_blocks) or None
         self.image_shape = tuple(image_shape)
         self.data_format = data_format
         self.moe_positions = sorted(moe_positions)
@@ -431,6 +591,8 @@ class ConvNeXtMoEBackbone(
                 "normalize_gates": self.normalize_gates,
                 "moe_skip_connection": self.moe_skip_connection,
                 "moe_kwargs": self.moe_kwargs,
+                "block_mlp_dims": self.block_mlp_dims,
+                "dense_skip_blocks": self.dense_skip_blocks,
                 "image_shape": self.image_shape,
             }
         )

@@ -11,11 +11,17 @@ from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
 )
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.training.metrics import RoutingMetricsMixin
+from keras_vmoe.training.shuffle import ShuffledFitMixin
+from keras_vmoe.validation import TASK_KWARGS
+from keras_vmoe.validation import check_head_args
+from keras_vmoe.validation import check_no_unknown_kwargs
+from keras_vmoe.validation import check_number
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEImageClassifier(
     ExpertQuantizationMixin,
+    ShuffledFitMixin,
     RoutingMetricsMixin,
     preset_io.PresetSavingMixin,
     ImageClassifier,
@@ -62,6 +68,14 @@ class ConvNeXtMoEImageClassifier(
         head_dtype=None,
         **kwargs,
     ):
+        check_no_unknown_kwargs(type(self).__name__, kwargs, TASK_KWARGS)
+        check_head_args(backbone, ConvNeXtMoEBackbone, num_classes, dropout)
+        check_number(
+            "layer_norm_epsilon",
+            layer_norm_epsilon,
+            minimum=0,
+            min_inclusive=False,
+        )
         head_dtype = head_dtype or backbone.dtype_policy
 
         # === Layers ===

@@ -33,15 +33,24 @@ class ConvNeXtBlock(keras.layers.Layer):
     it to 0 and reproduce the dense block exactly (see
     `keras_vmoe.converters.convnext.upcycle_convnext`).
 
+    A dense block may keep the skip as well (`dense_skip_connection`):
+    `y = x + drop_path(gamma * (MLP(u) + s * u))`. Model surgery
+    (`keras_vmoe.analysis.prune_moe_layers` / `merge_experts`) folds an MoE
+    block into such a block, with the experts' width (`mlp_dim`).
+
     Args:
         hidden_dim: d, the block's width (input and output channels).
         mlp_ratio: width of the MLP hidden layer, or of every expert's, as a
             multiple of `hidden_dim`.
+        mlp_dim: the MLP's (or every expert's) hidden width as a number of
+            units; overrides `mlp_ratio` when set.
         moe_config: None for a dense block, or a dict of
             `keras_vmoe.layers.MoEFeedForward` arguments (`num_experts`,
             `top_k`, `router`, ...; `hidden_dim` is set from `mlp_ratio`).
         moe_skip_connection: add the Sweet-spot skip connection around the
             MoE (MoE blocks only).
+        dense_skip_connection: add the same skip around a dense MLP (dense
+            blocks only; a folded MoE block keeps its skip this way).
         layer_scale_init_value: initial LayerScale value `gamma`, or None
             for no LayerScale (the isotropic ConvNeXt).
         drop_path_rate: stochastic-depth rate of the residual branch.
@@ -66,6 +75,8 @@ class ConvNeXtBlock(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         kernel_size=7,
         seed=None,
+        mlp_dim=None,
+        dense_skip_connection=False,
         **kwargs,
     ):
         if not isinstance(hidden_dim, int) or hidden_dim < 1:
@@ -77,6 +88,21 @@ class ConvNeXtBlock(keras.layers.Layer):
             raise ValueError(
                 "`mlp_ratio` must be > 0 and give a hidden width >= 1. "
                 f"Received: mlp_ratio={mlp_ratio!r}, hidden_dim={hidden_dim}"
+            )
+        if mlp_dim is not None and (
+            not isinstance(mlp_dim, int)
+            or isinstance(mlp_dim, bool)
+            or mlp_dim < 1
+        ):
+            raise ValueError(
+                "`mlp_dim` must be None or a positive integer. Received: "
+                f"mlp_dim={mlp_dim!r}"
+            )
+        if dense_skip_connection and moe_config is not None:
+            raise ValueError(
+                "`dense_skip_connection` applies to dense blocks only (an "
+                "MoE block's skip is `moe_skip_connection`). Received: "
+                "dense_skip_connection=True with a `moe_config`"
             )
         if moe_config is not None and not isinstance(moe_config, dict):
             raise ValueError(
@@ -98,6 +124,8 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.kernel_size = kernel_size
         self.seed = seed
+        self.mlp_dim = mlp_dim
+        self.dense_skip_connection = bool(dense_skip_connection)
 
         # === Layers ===
         self.depthwise_conv = keras.layers.DepthwiseConv2D(
@@ -112,7 +140,9 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
         )
-        mlp_hidden_dim = int(hidden_dim * mlp_ratio)
+        mlp_hidden_dim = (
+            mlp_dim if mlp_dim is not None else int(hidden_dim * mlp_ratio)
+        )
         if moe_config is None:
             self.mlp = FeedForward(
                 mlp_hidden_dim, dtype=self.dtype_policy, name="mlp"
@@ -140,7 +170,9 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.norm.build(input_shape)
         self.mlp.build(input_shape)
         self.skip_scale = None
-        if self.is_moe and self.moe_skip_connection:
+        if (self.is_moe and self.moe_skip_connection) or (
+            self.dense_skip_connection
+        ):
             self.skip_scale = self.add_weight(
                 name="skip_scale", shape=(self.hidden_dim,), initializer="ones"
             )
@@ -190,6 +222,8 @@ class ConvNeXtBlock(keras.layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "kernel_size": self.kernel_size,
                 "seed": self.seed,
+                "mlp_dim": self.mlp_dim,
+                "dense_skip_connection": self.dense_skip_connection,
             }
         )
         return config

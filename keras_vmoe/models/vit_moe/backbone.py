@@ -12,6 +12,8 @@ from keras_vmoe.models import preset_io
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
+from keras_vmoe.validation import check_no_unknown_kwargs
+from keras_vmoe.validation import check_number
 
 _PLACEMENT = re.compile(r"^(last|every)-([1-9][0-9]*)$")
 # The backbone arguments each non-top-k router type passes to its layer;
@@ -260,6 +262,13 @@ class ViTMoEBackbone(
         dtype=None,
         **kwargs,
     ):
+        # keras.Model would silently ignore a misspelt argument.
+        check_no_unknown_kwargs(type(self).__name__, kwargs)
+        if not isinstance(image_shape, (list, tuple)):
+            raise ValueError(
+                "`image_shape` must be (height, width, channels). Received: "
+                f"image_shape={image_shape!r}"
+            )
         image_shape = tuple(image_shape)
         for name, value in (
             ("patch_size", patch_size),
@@ -284,13 +293,17 @@ class ViTMoEBackbone(
             )
         if (
             len(image_shape) != 3
-            or any(size is None for size in image_shape[:2])
+            or any(
+                not isinstance(size, numbers.Integral) or size < 1
+                for size in image_shape
+            )
             or image_shape[0] % patch_size
             or image_shape[1] % patch_size
         ):
             raise ValueError(
-                "`image_shape` must be (height, width, channels) with known "
-                "height and width divisible by `patch_size`. Received: "
+                "`image_shape` must be (height, width, channels) of positive "
+                "integers, height and width divisible by `patch_size`. "
+                "Received: "
                 f"image_shape={image_shape}, patch_size={patch_size}"
             )
         position_shape = tuple(position_embedding_shape or image_shape[:2])
@@ -307,11 +320,22 @@ class ViTMoEBackbone(
                 "`num_register_tokens` must be an integer >= 0. Received: "
                 f"num_register_tokens={num_register_tokens!r}"
             )
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(
-                "`drop_path_rate` must be in [0, 1). Received: "
-                f"drop_path_rate={drop_path_rate!r}"
-            )
+        check_number(
+            "drop_path_rate",
+            drop_path_rate,
+            minimum=0,
+            maximum=1,
+            max_inclusive=False,
+        )
+        check_number(
+            "layer_norm_epsilon",
+            layer_norm_epsilon,
+            minimum=0,
+            min_inclusive=False,
+        )
+        check_number(
+            "layer_scale_init_value", layer_scale_init_value, allow_none=True
+        )
         if not isinstance(router, str):
             # One router instance cannot serve several MoE blocks.
             raise ValueError(

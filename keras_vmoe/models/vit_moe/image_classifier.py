@@ -9,6 +9,10 @@ from keras_vmoe.models.normalization import ImageNetConverterMixin
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.training.metrics import RoutingMetricsMixin
+from keras_vmoe.training.shuffle import ShuffledFitMixin
+from keras_vmoe.validation import TASK_KWARGS
+from keras_vmoe.validation import check_head_args
+from keras_vmoe.validation import check_no_unknown_kwargs
 
 POOLINGS = ("cls", "cls+mean")
 
@@ -42,6 +46,7 @@ class ViTMoEImageClassifierPreprocessor(
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ViTMoEImageClassifier(
     ExpertQuantizationMixin,
+    ShuffledFitMixin,
     RoutingMetricsMixin,
     preset_io.PresetSavingMixin,
     keras_hub.models.ImageClassifier,
@@ -88,6 +93,8 @@ class ViTMoEImageClassifier(
         head_dtype=None,
         **kwargs,
     ):
+        check_no_unknown_kwargs(type(self).__name__, kwargs, TASK_KWARGS)
+        check_head_args(backbone, ViTMoEBackbone, num_classes, dropout)
         if pooling not in POOLINGS:
             raise ValueError(
                 f"`pooling` must be one of {POOLINGS}. Received: "

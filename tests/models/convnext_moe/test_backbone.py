@@ -70,7 +70,7 @@ def test_placements_select_the_papers_blocks(depths, placement, expected):
         (dict(hidden_dims=[8, 16, 24]), "hidden_dims=[8, 16, 24]"),
         (dict(depths=[1, 0, 1, 1]), "depths=[1, 0, 1, 1]"),
         (dict(moe_placement="last-2", top_k=3, num_experts=2), "top_k=3"),
-        (dict(router_dim=8), "Received: ['router_dim']"),
+        (dict(router_dim=8), "router_dim=8"),
     ],
 )
 def test_bad_configs_raise_naming_the_value(kwargs, message):
@@ -185,3 +185,38 @@ def test_mixed_bfloat16_forward():
     assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
     assert np.all(np.isfinite(numpy(keras.ops.cast(outputs, "float32"))))
     assert backbone.blocks[-1].mlp.expert_kernel_1.dtype == "float32"
+
+
+def test_per_block_mlp_width_and_dense_skip(tmp_path):
+    # Block 1 (MoE) gets 8-unit experts, block 2 (dense) a 12-unit MLP and
+    # the Sweet-spot skip around it; block 0 keeps mlp_ratio 4 (32 units).
+    backbone = ConvNeXtMoEBackbone(
+        depths=[1, 2],
+        hidden_dims=[8, 16],
+        moe_placement=[1],
+        num_experts=2,
+        block_mlp_dims=[None, 8, 12],
+        dense_skip_blocks=[2],
+        layer_scale_init_value=0.5,
+    )
+    blocks = backbone.blocks
+    assert [b.mlp.hidden_dim for b in blocks] == [32, 8, 12]
+    assert blocks[0].skip_scale is None
+    assert blocks[2].skip_scale.shape == (16,)
+    assert blocks[2].get_config()["dense_skip_connection"] is True
+    config = backbone.get_config()
+    assert config["block_mlp_dims"] == [None, 8, 12]
+    assert config["dense_skip_blocks"] == [2]
+    assert_every_weight_has_gradient(backbone, IMAGES)
+    assert_keras_round_trip(backbone, IMAGES, tmp_path)
+
+
+def test_block_mlp_dim_and_dense_skip_are_checked():
+    with pytest.raises(ValueError, match="mlp_dim=0"):
+        ConvNeXtBlock(hidden_dim=8, mlp_dim=0)
+    with pytest.raises(ValueError, match="dense_skip_connection=True"):
+        ConvNeXtBlock(
+            hidden_dim=8,
+            moe_config={"num_experts": 2},
+            dense_skip_connection=True,
+        )
