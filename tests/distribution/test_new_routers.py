@@ -15,6 +15,8 @@ import pytest
 from keras_vmoe import distribution as vmoe_distribution
 from keras_vmoe.layers import ExpertChoiceFeedForward
 from keras_vmoe.layers import SoftMoEFeedForward
+from keras_vmoe.models import ConvNeXtMoEBackbone
+from keras_vmoe.models import ConvNeXtMoEImageClassifier
 from keras_vmoe.models import ViTMoEBackbone
 from keras_vmoe.models import ViTMoEImageClassifier
 from tests.distribution.test_expert_parallel import HIDDEN
@@ -158,3 +160,21 @@ def test_vit_forward_and_gradients_match_one_device(router_type, kwargs):
     (_, out), grads = _loss_and_grads(sharded, IMAGES, dist)[0]
     np.testing.assert_allclose(_np(out), _np(ref_out), rtol=1e-5, atol=1e-5)
     _assert_tree_close(grads, ref_grads)
+
+
+@needs_8_devices
+def test_convnext_soft_moe_forward_matches_one_device():
+    keras.utils.set_random_seed(0)
+    backbone = ConvNeXtMoEBackbone(
+        depths=[1, 2],
+        hidden_dims=[8, 16],
+        image_shape=(16, 16, 3),
+        moe_placement="every-2",
+        num_experts=8,
+        router_type="soft",
+    )
+    model = ConvNeXtMoEImageClassifier(backbone, num_classes=3)
+    reference = _np(_forward(model, IMAGES))
+    dist, sharded = _sharded(model)
+    outputs = _np(_forward(sharded, IMAGES, dist))
+    np.testing.assert_allclose(outputs, reference, rtol=1e-5, atol=1e-5)
