@@ -172,3 +172,16 @@ def test_fit_logs_routing_metrics_of_the_new_layers(router_type, suffix):
             assert 1.0 <= value <= 4.0
         else:
             assert 5 / NUM_TOKENS <= value <= 1.0
+
+
+@pytest.mark.parametrize("router_type", ["soft", "expert_choice"])
+def test_surgery_refuses_soft_and_expert_choice_layers(router_type):
+    from keras_vmoe.analysis import merge_experts
+    from keras_vmoe.analysis import prune_moe_layers
+
+    model = _classifier(router_type)
+    data = tiny_data(4)
+    with pytest.raises(ValueError, match=f"router_type='{router_type}'"):
+        prune_moe_layers(model, data, layers=[0])
+    with pytest.raises(ValueError, match="not supported"):
+        merge_experts(model, data)
