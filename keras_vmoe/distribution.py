@@ -3,15 +3,18 @@
 `expert_parallel(model)` returns a `keras.distribution.ModelParallel` that
 
 - lays the devices out on a 2-D mesh `(batch_axis, expert_axis)`;
-- shards every stacked expert weight of every `MoEFeedForward` (kernels
+- shards every stacked expert weight of every MoE layer (`MoEFeedForward`,
+  `SoftMoEFeedForward`, `ExpertChoiceFeedForward`; kernels
   [E, d, h] and [E, h, d], biases [E, h] and [E, d]) on its expert axis
   over `expert_axis`, and replicates it over `batch_axis`;
 - shards the input batch over *all* devices (both mesh axes, as vmoe);
-- makes every `MoEFeedForward` constrain its dispatch buffers: the
+- makes every MoE layer constrain its dispatch buffers: the
   [G, E, C, P, d] buffer sharded on G (groups stay on the device that holds
   their tokens), the [E, G, C, P, d] buffer sharded on E over `expert_axis`
-  and on G over `batch_axis`. Between the two, XLA's partitioner emits an
-  all-to-all; the expert weights never move.
+  and on G over `batch_axis` (Expert Choice: [G, E, C, d] and
+  [E, G, C, d]; Soft MoE: the slots [B, E, S, d] and [E, B, S, d]).
+  Between the two, XLA's partitioner emits an all-to-all; the expert
+  weights never move.
 
 Without the buffer constraints GSPMD would all-gather the [E, d, h]
 weights to where the tokens are instead; the constraints are what make
@@ -123,17 +126,30 @@ class ExpertParallel(keras.distribution.ModelParallel):
         return _MultiAxisLayout(axes, self.device_mesh)
 
 
-def moe_layers(model):
-    """The `MoEFeedForward` layers of `model` (or the layer itself)."""
+def _moe_layer_types():
+    from keras_vmoe.layers.expert_choice import ExpertChoiceFeedForward
     from keras_vmoe.layers.moe import MoEFeedForward
+    from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
 
-    if isinstance(model, MoEFeedForward):
+    return (MoEFeedForward, SoftMoEFeedForward, ExpertChoiceFeedForward)
+
+
+def moe_layers(model):
+    """The MoE layers of `model` (or the layer itself): `MoEFeedForward`,
+    `SoftMoEFeedForward` and `ExpertChoiceFeedForward`."""
+    types = _moe_layer_types()
+    if isinstance(model, types):
         return [model]
     return [
         layer
         for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, MoEFeedForward)
+        if isinstance(layer, types)
     ]
+
+
+def _routing_groups(layer):
+    """`group_size` of an MoE layer; Soft MoE always routes per image."""
+    return getattr(layer, "group_size", "image")
 
 
 def _check_positive_int(name, value):
@@ -271,7 +287,9 @@ def expert_parallel(
             f"`model` has no MoEFeedForward layer to shard. Received: "
             f"model={getattr(model, 'name', model)!r}"
         )
-    ungrouped = [layer.path for layer in layers if layer.group_size is None]
+    ungrouped = [
+        layer.path for layer in layers if _routing_groups(layer) is None
+    ]
     if ungrouped:
         raise ValueError(
             "Expert parallelism needs routing groups: set `group_size` on "
@@ -368,15 +386,21 @@ def distribute_for_training(model, devices=None, expert_shards=None):
 def dispatch_constraint(layer):
     """The `constrain` hook of `slot_dispatch` for `layer`, or None.
 
-    Active only under an `ExpertParallel` distribution; it needs routing
-    groups, so an MoE layer without `group_size` raises instead of routing
-    the whole batch on every device.
+    `constrain(tensor, name)` places a buffer: names `"dispatch_groups"`
+    and `"combine_groups"` for [G, E, ...] buffers (sharded on G over all
+    devices), `"dispatch_experts"` and `"combine_experts"` for
+    [E, G, ...] buffers (E over the expert axis, G over the batch axis).
+    `MoEFeedForward`, `ExpertChoiceFeedForward` and `SoftMoEFeedForward`
+    (groups = images) use it. Active only under an `ExpertParallel`
+    distribution; it needs routing groups, so an MoE layer without
+    `group_size` raises instead of routing the whole batch on every
+    device.
     """
     distribution = keras.distribution.distribution()
     if not isinstance(distribution, ExpertParallel):
         return None
     _require_jax("Expert parallelism")
-    if layer.group_size is None:
+    if _routing_groups(layer) is None:
         raise ValueError(
             "Expert parallelism needs routing groups: set `group_size` on "
             f"MoE layer {layer.path!r}. Received: group_size=None"

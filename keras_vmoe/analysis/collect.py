@@ -1,8 +1,12 @@
 """Collect the routing decisions of every MoE layer of a model over data.
 
-Routing is read through `MoEFeedForward.add_routing_observer`, the layers'
-public hook, while the model runs eagerly in inference mode; nothing about
-the model changes.
+Routing is read through `add_routing_observer`, the layers' public hook
+(on `MoEFeedForward`, `SoftMoEFeedForward` and `ExpertChoiceFeedForward`),
+while the model runs eagerly in inference mode; nothing about the model
+changes. Top-k layers give a `LayerRouting`; Soft MoE layers a
+`SoftLayerRouting` and Expert Choice layers an `ExpertChoiceLayerRouting`,
+which hold the statistics that make sense for their routing (there is no
+per-item expert choice to plot as a heatmap or gating map).
 
 Axis letters (DESIGN.md glossary): N images · T tokens per image · H, W
 feature-map or patch grid · K experts per item · E experts · C classes.
@@ -16,7 +20,16 @@ import numpy as np
 
 from keras_vmoe.analysis import statistics
 from keras_vmoe.analysis.statistics import to_numpy
-from keras_vmoe.training.metrics import moe_layers
+from keras_vmoe.layers.expert_choice import ExpertChoiceFeedForward
+from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
+from keras_vmoe.training.metrics import routed_layers
+
+# What the report skips for Soft MoE and Expert Choice layers, and why.
+TOP_K_ONLY_NOTE = (
+    "skipped for this router: class x expert heatmaps, specialization, "
+    "gating maps, expert similarity, patches-per-expert CDF and the "
+    "routing degree need each item's top-k expert choices"
+)
 
 
 @dataclasses.dataclass
@@ -53,6 +66,12 @@ class LayerRouting:
     labels: np.ndarray = None
     num_classes: int = None
     num_prefix_tokens: int = 0
+
+    kind = "top_k"
+
+    @property
+    def num_images(self):
+        return self.expert_index.shape[0]
 
     @property
     def load(self):
@@ -193,13 +212,196 @@ class LayerRouting:
             ).tolist(),
         }
 
+@dataclasses.dataclass
+class SoftLayerRouting:
+    """The routing of one `SoftMoEFeedForward` layer over a dataset.
+
+    Soft MoE has no discrete choice: every slot mixes all tokens of its
+    image (dispatch weights, softmax over tokens) and every token mixes all
+    slots (combine weights, softmax over slots). Per-image reductions are
+    kept, not the [N, T, E, S] weights.
+
+    Attributes:
+        name, index, num_experts: as `LayerRouting`.
+        slots_per_expert: S.
+        num_tokens: T, tokens (positions) per image.
+        slot_entropy: [N, E] entropy (nats) of the expert's slots'
+            dispatch distributions, averaged over its S slots; log(T) is a
+            uniform mix of all tokens, 0 a single token.
+        dispatch_max: [N, E] largest dispatch weight of the expert's slots
+            (averaged over its S slots).
+        combine_mass: [N, E] share of the image's combine weights that
+            goes to the expert's slots (sums to 1 over E).
+        combine_entropy: [N] mean entropy (nats) of the tokens' combine
+            distributions; log(E*S) is uniform.
+        combine_max: [N] mean largest combine weight of a token.
+    """
+
+    name: str
+    index: int
+    num_experts: int
+    slots_per_expert: int
+    num_tokens: int
+    slot_entropy: np.ndarray
+    dispatch_max: np.ndarray
+    combine_mass: np.ndarray
+    combine_entropy: np.ndarray
+    combine_max: np.ndarray
+    routing: str = "soft"
+    kind = "soft"
+
+    @property
+    def num_images(self):
+        return self.combine_mass.shape[0]
+
+    @property
+    def load(self):
+        """[E] share of all combine weights each expert receives."""
+        return self.combine_mass.mean(axis=0)
+
+    @property
+    def expert_slot_entropy(self):
+        """[E] mean slot entropy (nats) of each expert."""
+        return self.slot_entropy.mean(axis=0)
+
+    def summary(self):
+        num_slots = self.num_experts * self.slots_per_expert
+        return {
+            "name": self.name,
+            "index": self.index,
+            "routing": self.routing,
+            "num_experts": self.num_experts,
+            "slots_per_expert": self.slots_per_expert,
+            "load": self.load.tolist(),
+            "slot_entropy": self.expert_slot_entropy.tolist(),
+            "slot_entropy_uniform": math.log(self.num_tokens),
+            "dispatch_weights_max": self.dispatch_max.mean(axis=0).tolist(),
+            "dispatch_weights_uniform": 1.0 / self.num_tokens,
+            "combine_entropy": float(self.combine_entropy.mean()),
+            "combine_entropy_uniform": math.log(num_slots),
+            "combine_weights_max": float(self.combine_max.mean()),
+            "skipped": TOP_K_ONLY_NOTE,
+        }
+
+
+@dataclasses.dataclass
+class ExpertChoiceLayerRouting:
+    """The routing of one `ExpertChoiceFeedForward` layer over a dataset.
+
+    Every expert picks its top-C tokens of each routing group, so a token
+    gets 0..E experts and every expert processes the same number of tokens
+    per group.
+
+    Attributes:
+        name, index, num_experts: as `LayerRouting`.
+        tokens_per_expert: [N, E] tokens of each image each expert chose.
+        experts_per_token: int array [N, T] (or [N, H, W]): how many
+            experts chose each token.
+        router_probs: float array [N, ..., E] of router probabilities.
+        gates: float array [N, ..., E], 0 where the expert did not choose
+            the token.
+    """
+
+    name: str
+    index: int
+    num_experts: int
+    tokens_per_expert: np.ndarray
+    experts_per_token: np.ndarray
+    router_probs: np.ndarray
+    gates: np.ndarray
+    routing: str = "expert_choice"
+    kind = "expert_choice"
+
+    @property
+    def num_images(self):
+        return self.tokens_per_expert.shape[0]
+
+    @property
+    def load(self):
+        """[E] share of all chosen (token, expert) pairs per expert."""
+        totals = self.tokens_per_expert.sum(axis=0).astype("float64")
+        return totals / max(totals.sum(), 1.0)
+
+    @property
+    def importance(self):
+        """[E] mean router probability of each expert."""
+        return statistics.expert_importance(self.router_probs)
+
+    @property
+    def unrouted_fraction(self):
+        """Share of the tokens that no expert chose."""
+        return float((self.experts_per_token == 0).mean())
+
+    def summary(self):
+        counts = np.bincount(
+            self.experts_per_token.ravel(), minlength=self.num_experts + 1
+        )
+        return {
+            "name": self.name,
+            "index": self.index,
+            "routing": self.routing,
+            "num_experts": self.num_experts,
+            "load": self.load.tolist(),
+            "tokens_per_expert": self.tokens_per_expert.sum(axis=0).tolist(),
+            "tokens_per_expert_per_image": (
+                self.tokens_per_expert.mean(axis=0).tolist()
+            ),
+            "importance": self.importance.tolist(),
+            "unrouted_fraction": self.unrouted_fraction,
+            "experts_per_token_mean": float(self.experts_per_token.mean()),
+            "experts_per_token_histogram": (
+                (counts / max(counts.sum(), 1)).tolist()
+            ),
+            "gate_entropy": statistics.gate_entropy(self.router_probs),
+            "skipped": TOP_K_ONLY_NOTE,
+        }
+
+
+def _soft_record(routing, num_experts):
+    """Per-image reductions of a Soft MoE layer's routing dict."""
+    dispatch = keras.ops.convert_to_numpy(routing["dispatch_weights"])
+    combine = keras.ops.convert_to_numpy(routing["combine_weights"])
+    num_images, num_slots = dispatch.shape[0], dispatch.shape[-1]
+    dispatch = dispatch.reshape(num_images, -1, num_experts, num_slots)
+    combine = combine.reshape(num_images, -1, num_experts * num_slots)
+    plogp = dispatch * np.log(np.maximum(dispatch, 1e-30))
+    combine_plogp = combine * np.log(np.maximum(combine, 1e-30))
+    return {
+        "slot_entropy": -plogp.sum(axis=1).mean(axis=-1),
+        "dispatch_max": dispatch.max(axis=1).mean(axis=-1),
+        "combine_mass": combine.reshape(
+            num_images, -1, num_experts, num_slots
+        )
+        .sum(axis=-1)
+        .mean(axis=1),
+        "combine_entropy": -combine_plogp.sum(axis=-1).mean(axis=-1),
+        "combine_max": combine.max(axis=-1).mean(axis=-1),
+        "num_tokens": np.full((num_images,), dispatch.shape[1]),
+    }
+
+
+def _expert_choice_record(routing, num_experts):
+    """Per-image arrays of an Expert Choice layer's routing dict."""
+    gates = keras.ops.convert_to_numpy(routing["gates"])
+    chosen = (gates > 0).reshape(gates.shape[0], -1, num_experts)
+    return {
+        "tokens_per_expert": chosen.sum(axis=1),
+        "experts_per_token": keras.ops.convert_to_numpy(
+            routing["experts_per_token"]
+        ),
+        "router_probs": keras.ops.convert_to_numpy(routing["router_probs"]),
+        "gates": gates,
+    }
+
 
 @dataclasses.dataclass
 class RoutingResult:
     """Routing of every MoE layer of a model over a dataset.
 
     Attributes:
-        layers: list of `LayerRouting`, shallowest first.
+        layers: list of `LayerRouting` (top-k layers),
+            `SoftLayerRouting` and `ExpertChoiceLayerRouting`, shallowest
+            first.
         images: float array [N, H, W, C] of the inputs (kept for gating
             maps), or None when `keep_images=False`.
         labels: int array [N] or None.
@@ -213,7 +415,12 @@ class RoutingResult:
 
     @property
     def num_images(self):
-        return self.layers[0].expert_index.shape[0]
+        return self.layers[0].num_images
+
+    @property
+    def top_k_layers(self):
+        """The `LayerRouting`s of the top-k (`MoEFeedForward`) layers."""
+        return [r for r in self.layers if r.kind == "top_k"]
 
     def layer(self, index):
         """The `LayerRouting` of MoE layer `index` (int, negative counts
@@ -242,7 +449,7 @@ class RoutingResult:
     def specialization_ranking(self):
         """Layer names sorted from least to most specialised (needs
         labels)."""
-        scores = {r.name: r.specialization for r in self.layers}
+        scores = {r.name: r.specialization for r in self.top_k_layers}
         if any(score is None for score in scores.values()):
             raise ValueError(
                 "Specialization scores need labelled data. Received data "
@@ -337,8 +544,9 @@ def collect_routing(
     """Runs `model` over `data` and records the routing of its MoE layers.
 
     Args:
-        model: any Keras model containing `MoEFeedForward` layers (a
-            keras-vmoe backbone or classifier).
+        model: any Keras model containing MoE layers (`MoEFeedForward`,
+            `SoftMoEFeedForward`, `ExpertChoiceFeedForward`; a keras-vmoe
+            backbone or classifier).
         data: a numpy array of images [N, H, W, C], a tuple `(images,
             labels)` of numpy arrays, or an iterable of batches `images`
             or `(images, labels)` such as a `tf.data.Dataset`. Labels are
@@ -363,10 +571,11 @@ def collect_routing(
     >>> result = collect_routing(classifier, (images, labels), max_batches=4)
     >>> result.layers[-1].specialization
     """
-    layers = moe_layers(model)
+    layers = routed_layers(model)
     if not layers:
         raise ValueError(
-            "`model` has no MoE layer (MoEFeedForward) to analyse. Received: "
+            "`model` has no MoE layer (MoEFeedForward, SoftMoEFeedForward "
+            "or ExpertChoiceFeedForward) to analyse. Received: "
             f"model={model.name!r}"
         )
     if max_batches is not None and (
@@ -391,17 +600,24 @@ def collect_routing(
             f"num_classes={num_classes!r}"
         )
     fields = ("expert_index", "gates", "dropped", "router_probs")
-    records = {id(layer): {field: [] for field in fields} for layer in layers}
+    records = {id(layer): {} for layer in layers}
 
     call_order = []
 
     def observe(layer, routing):
         if id(layer) not in call_order:
             call_order.append(id(layer))
-        for field in fields:
-            records[id(layer)][field].append(
-                keras.ops.convert_to_numpy(routing[field])
-            )
+        if isinstance(layer, SoftMoEFeedForward):
+            arrays = _soft_record(routing, layer.num_experts)
+        elif isinstance(layer, ExpertChoiceFeedForward):
+            arrays = _expert_choice_record(routing, layer.num_experts)
+        else:
+            arrays = {
+                field: keras.ops.convert_to_numpy(routing[field])
+                for field in fields
+            }
+        for field, value in arrays.items():
+            records[id(layer)].setdefault(field, []).append(value)
 
     for layer in layers:
         layer.add_routing_observer(observe)
@@ -429,7 +645,7 @@ def collect_routing(
     finally:
         for layer in layers:
             layer.remove_routing_observer(observe)
-    if not records[id(layers[0])]["expert_index"]:
+    if not records[id(layers[0])]:
         raise ValueError(
             "`data` yielded no image to analyse. Received: an empty "
             f"{type(data).__name__}"
@@ -460,19 +676,33 @@ def collect_routing(
             field: np.concatenate(values, axis=0)
             for field, values in records[id(layer)].items()
         }
-        results.append(
-            LayerRouting(
-                name=layer.path,
-                index=index,
-                num_experts=layer.num_experts,
-                top_k=layer.top_k,
-                routing=layer.routing,
-                labels=labels,
-                num_classes=num_classes,
-                num_prefix_tokens=prefix,
-                **arrays,
-            )
+        common = dict(
+            name=layer.path, index=index, num_experts=layer.num_experts
         )
+        if isinstance(layer, SoftMoEFeedForward):
+            num_tokens = int(arrays.pop("num_tokens")[0])
+            results.append(
+                SoftLayerRouting(
+                    slots_per_expert=layer.slots_per_expert,
+                    num_tokens=num_tokens,
+                    **common,
+                    **arrays,
+                )
+            )
+        elif isinstance(layer, ExpertChoiceFeedForward):
+            results.append(ExpertChoiceLayerRouting(**common, **arrays))
+        else:
+            results.append(
+                LayerRouting(
+                    top_k=layer.top_k,
+                    routing=layer.routing,
+                    labels=labels,
+                    num_classes=num_classes,
+                    num_prefix_tokens=prefix,
+                    **common,
+                    **arrays,
+                )
+            )
     return RoutingResult(
         layers=results,
         images=np.concatenate(images, axis=0) if keep_images else None,

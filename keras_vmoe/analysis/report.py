@@ -7,6 +7,7 @@ import re
 
 from keras_vmoe.analysis import plots
 from keras_vmoe.analysis import statistics
+from keras_vmoe.analysis.collect import TOP_K_ONLY_NOTE
 from keras_vmoe.analysis.collect import collect_routing
 from keras_vmoe.models.stats import layer_stats
 from keras_vmoe.models.stats import model_stats
@@ -20,6 +21,105 @@ def _block_of(path):
     the layer's own path outside blocks."""
     match = _BLOCK.match(path)
     return match.group(1) if match else path
+
+
+def _soft_lines(layers):
+    """The markdown section of the Soft MoE layers."""
+    rows = []
+    for r in layers:
+        summary = r.summary()
+        dispatch_max = sum(summary["dispatch_weights_max"]) / r.num_experts
+        rows.append(
+            [
+                r.index,
+                r.name,
+                r.num_experts,
+                r.slots_per_expert,
+                _format(max(summary["load"]) * r.num_experts, 2),
+                _format(min(summary["load"]) * r.num_experts, 2),
+                f"{_format(min(summary['slot_entropy']), 2)} – "
+                f"{_format(max(summary['slot_entropy']), 2)} "
+                f"(uniform {_format(summary['slot_entropy_uniform'], 2)})",
+                f"{_format(dispatch_max)}"
+                f" (uniform {_format(summary['dispatch_weights_uniform'])})",
+                f"{_format(summary['combine_entropy'], 2)} "
+                f"(uniform {_format(summary['combine_entropy_uniform'], 2)})",
+                _format(summary["combine_weights_max"]),
+            ]
+        )
+    return [
+        "## Soft MoE layers",
+        "",
+        _markdown_table(
+            [
+                "#",
+                "layer",
+                "E",
+                "slots / expert",
+                "max combine load x E",
+                "min combine load x E",
+                "slot entropy (nats, min – max over experts)",
+                "max dispatch weight",
+                "combine entropy (nats)",
+                "max combine weight",
+            ],
+            rows,
+        ),
+        "",
+        "Combine load: each expert's share of all tokens' combine weights "
+        "(1.0 x E is balanced). Slot entropy: entropy of a slot's dispatch "
+        "weights over the tokens of its image (log T: the slot averages "
+        "all tokens; 0: it copies one token). Per-expert values are in "
+        "`report.json`. Not shown for Soft MoE (no discrete expert choice): "
+        + TOP_K_ONLY_NOTE.replace("skipped for this router: ", "")
+        + ".",
+        "",
+    ]
+
+
+def _expert_choice_lines(layers):
+    """The markdown section of the Expert Choice layers."""
+    rows = []
+    for r in layers:
+        summary = r.summary()
+        per_image = summary["tokens_per_expert_per_image"]
+        low, high = min(per_image), max(per_image)
+        spread = f"{_format(low, 1)} – {_format(high, 1)}"
+        rows.append(
+            [
+                r.index,
+                r.name,
+                r.num_experts,
+                spread,
+                _format(summary["unrouted_fraction"]),
+                _format(summary["experts_per_token_mean"], 2),
+                _format(summary["gate_entropy"]),
+            ]
+        )
+    return [
+        "## Expert Choice layers",
+        "",
+        _markdown_table(
+            [
+                "#",
+                "layer",
+                "E",
+                "tokens / expert / image (min – max)",
+                "tokens with no expert",
+                "experts / token",
+                "gate entropy",
+            ],
+            rows,
+        ),
+        "",
+        "Every expert picks the same number of tokens per routing group, "
+        "so its load is balanced by construction; what varies is how many "
+        "experts each token gets (0 = the token only keeps its residual). "
+        "Not shown for Expert Choice: "
+        + TOP_K_ONLY_NOTE.replace("skipped for this router: ", "")
+        + ".",
+        "",
+    ]
 
 
 def parameter_breakdown(model, image_size=None):
@@ -114,9 +214,17 @@ def write_report(
       weighted-Dice similarity; routing degree and
       distinct routes; the parameter / FLOPs breakdown);
     - `load.png`, `patches_per_expert_cdf.png` (token-routed layers
-      only) and, for MoE layer `i`,
+      only) and, for top-k MoE layer `i`,
       `heatmap_layer_{i}.png` (with labels), `gating_layer_{i}.png` and
       `similarity_layer_{i}.png`.
+
+    Soft MoE layers get their own table (combine-mass load, slot entropy,
+    dispatch and combine weight statistics) and Expert Choice layers theirs
+    (tokens per expert, unrouted tokens, experts per token); they appear in
+    `load.png`, and the figures and numbers that need top-k choices
+    (heatmaps, gating maps, similarities, CDF, specialization, routing
+    degree) are skipped with a note in `index.md` and in each layer's
+    `report.json` entry (`"skipped"`).
 
     Args:
         model: a keras-vmoe model with MoE layers (backbone or classifier).
@@ -160,7 +268,10 @@ def write_report(
     ]
     # With image routing every patch follows its image: the CDF is only
     # informative for token-routed layers.
-    token_layers = [r for r in routing.layers if r.routing == "token"]
+    top_k_layers = routing.top_k_layers
+    soft_layers = [r for r in routing.layers if r.kind == "soft"]
+    choice_layers = [r for r in routing.layers if r.kind == "expert_choice"]
+    token_layers = [r for r in top_k_layers if r.routing == "token"]
     if token_layers:
         files.append(
             plots.plot_patches_per_expert_cdf(
@@ -174,7 +285,7 @@ def write_report(
         )
     layer_figures = []
     shown = routing.images[:num_gating_images]
-    for r in routing.layers:
+    for r in top_k_layers:
         figures = {}
         if r.labels is not None:
             figures["heatmap"] = plots.plot_routing_heatmap(
@@ -211,58 +322,72 @@ def write_report(
         json.dump(report, handle, indent=1)
     files.append(out("report.json"))
 
-    summaries = report["routing"]["layers"]
+    summaries = [
+        s
+        for s, r in zip(report["routing"]["layers"], routing.layers)
+        if r.kind == "top_k"
+    ]
+    top_k_lines = (
+        [
+            "## MoE layers",
+            "",
+            _markdown_table(
+                [
+                    "#",
+                    "layer",
+                    "routing",
+                    "E",
+                    "K",
+                    "max load x E",
+                    "dropped",
+                    "gate entropy",
+                    "experts / image",
+                    "specialization (NMI, min)",
+                    "NMI, arithmetic",
+                ],
+                [
+                    [
+                        s["index"],
+                        s["name"],
+                        s["routing"],
+                        s["num_experts"],
+                        s["top_k"],
+                        _format(max(s["load"]) * s["num_experts"], 2),
+                        _format(s["dropped_fraction"]),
+                        _format(s["gate_entropy"]),
+                        _format(s["experts_per_image"], 2),
+                        _format(s["specialization"]),
+                        _format(s["specialization_arithmetic"]),
+                    ]
+                    for s in summaries
+                ],
+            ),
+            "",
+            "Specialization: normalised mutual information between class and "
+            "expert, I(c; e) / min(H(c), H(e)) (1: the expert is a function of "
+            "the class, or the class of the expert; 0: independent). "
+            "\"NMI, arithmetic\" divides by (H(c) + H(e)) / 2 instead "
+            "(scikit-learn's default; 1 only when each determines the other). "
+            "Expert similarity figures show the Jaccard index over images; "
+            "`report.json` also holds the weighted Jaccard over patches and "
+            "Sweet-spot's own measure (a weighted Dice coefficient, "
+            "`expert_similarity_sweetspot`) to compare with its Fig. 7/8.",
+            "",
+        ]
+        if summaries
+        else []
+    )
     lines = [
         f"# Routing report: {model.name}",
         "",
         f"{routing.num_images} images. Routing degree D = C(N,K)^L: "
         f"{_format(routing.routing_degree)}; distinct routes observed: "
-        f"{_format(routing.distinct_routes)}.",
+        f"{_format(routing.distinct_routes)} (top-k image routing "
+        "only).",
         "",
-        "## MoE layers",
-        "",
-        _markdown_table(
-            [
-                "#",
-                "layer",
-                "routing",
-                "E",
-                "K",
-                "max load x E",
-                "dropped",
-                "gate entropy",
-                "experts / image",
-                "specialization (NMI, min)",
-                "NMI, arithmetic",
-            ],
-            [
-                [
-                    s["index"],
-                    s["name"],
-                    s["routing"],
-                    s["num_experts"],
-                    s["top_k"],
-                    _format(max(s["load"]) * s["num_experts"], 2),
-                    _format(s["dropped_fraction"]),
-                    _format(s["gate_entropy"]),
-                    _format(s["experts_per_image"], 2),
-                    _format(s["specialization"]),
-                    _format(s["specialization_arithmetic"]),
-                ]
-                for s in summaries
-            ],
-        ),
-        "",
-        "Specialization: normalised mutual information between class and "
-        "expert, I(c; e) / min(H(c), H(e)) (1: the expert is a function of "
-        "the class, or the class of the expert; 0: independent). "
-        "\"NMI, arithmetic\" divides by (H(c) + H(e)) / 2 instead "
-        "(scikit-learn's default; 1 only when each determines the other). "
-        "Expert similarity figures show the Jaccard index over images; "
-        "`report.json` also holds the weighted Jaccard over patches and "
-        "Sweet-spot's own measure (a weighted Dice coefficient, "
-        "`expert_similarity_sweetspot`) to compare with its Fig. 7/8.",
-        "",
+        *(_soft_lines(soft_layers) if soft_layers else []),
+        *(_expert_choice_lines(choice_layers) if choice_layers else []),
+        *top_k_lines,
         "![expert load](load.png)",
         "",
         *(
@@ -289,7 +414,7 @@ def write_report(
         ),
         "",
     ]
-    for r, figures in zip(routing.layers, layer_figures):
+    for r, figures in zip(top_k_layers, layer_figures):
         lines += [f"## MoE layer {r.index}: {r.name}", ""]
         lines += [
             f"![{kind}]({os.path.basename(path)})\n"

@@ -50,6 +50,7 @@ import numpy as np
 from keras_vmoe.analysis.collect import _resolve_layer_index
 from keras_vmoe.analysis.collect import collect_routing
 from keras_vmoe.analysis.statistics import to_numpy
+from keras_vmoe.layers.moe import MoEFeedForward
 from keras_vmoe.training.metrics import moe_layers
 
 STRATEGIES = ("most_used", "load_weighted", "shared_expert")
@@ -132,7 +133,23 @@ def _moe_blocks(model):
         indices = [i for i, b in enumerate(backbone.blocks) if b.is_moe]
     else:
         indices = backbone.moe_layer_indices
-    return [(i, _block_mlp(backbone, i)) for i in indices]
+    blocks = [(i, _block_mlp(backbone, i)) for i in indices]
+    other = [
+        type(layer).__name__
+        for _, layer in blocks
+        if not isinstance(layer, MoEFeedForward)
+    ]
+    if other:
+        # Soft MoE mixes tokens into slots and Expert Choice has no
+        # per-token top-k gates: neither folds into one dense MLP this way.
+        raise ValueError(
+            "Surgery folds top-k MoE layers (MoEFeedForward, "
+            "router_type='top_k'); Soft MoE and Expert Choice layers are "
+            "not supported. Received: a model with "
+            f"router_type={getattr(backbone, 'router_type', None)!r} "
+            f"({other[0]})"
+        )
+    return blocks
 
 
 def _expert_weights(layer):

@@ -20,6 +20,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_vmoe.distribution import dispatch_constraint
 from keras_vmoe.layers.experts import add_expert_weights
 from keras_vmoe.layers.experts import check_dropout
 from keras_vmoe.layers.experts import check_input_shape
@@ -227,6 +228,10 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._routing_observers = []
+        # Set by `RoutingMetricsMixin`: keep this step's unrouted fraction
+        # in `_fit_stats` for the fit logs.
+        self._record_fit_stats = False
+        self._fit_stats = {}
 
     # === Build ===
     def build(self, input_shape):
@@ -268,10 +273,39 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         capacity = expert_choice_capacity(group_size, e, self.capacity_factor)
         gates, item_index = top_items_per_expert(probs, capacity)  # [G, E, C]
 
-        # Gather the chosen tokens: [G, E, C] -> [E, G*C, d].
         rows = item_index + ops.reshape(
             ops.arange(num_groups, dtype="int32") * group_size, (-1, 1, 1)
         )
+        constrain = dispatch_constraint(self)
+        if constrain is None:
+            outputs = self._dispatch_flat(groups, rows, gates, training)
+        else:
+            outputs = self._dispatch_grouped(
+                groups, item_index, gates, constrain, training
+            )
+        outputs = ops.reshape(outputs, input_shape)
+        if self.shared_ffn is not None:
+            outputs = outputs + self.shared_ffn(inputs, training=training)
+        if self._record_fit_stats:
+            picks = ops.segment_sum(
+                ops.ones_like(ops.reshape(rows, (-1,)), dtype="float32"),
+                ops.reshape(rows, (-1,)),
+                num_segments=num_groups * group_size,
+            )
+            self._fit_stats = {
+                "unrouted": ops.mean(ops.cast(picks == 0, "float32"))
+            }
+        if not (self.return_routing or self._routing_observers):
+            return outputs
+        info = self._routing_info(gates, item_index, probs, input_shape)
+        for observer in self._routing_observers:
+            observer(self, info)
+        return (outputs, info) if self.return_routing else outputs
+
+    def _dispatch_flat(self, groups, rows, gates, training):
+        """One device: gather the chosen tokens of all groups into
+        [E, G*C, d] and scatter-add the gated outputs back."""
+        e, width = self.num_experts, ops.shape(groups)[-1]
         rows = ops.reshape(ops.transpose(rows, (1, 0, 2)), (e, -1))
         flat_tokens = ops.reshape(groups, (-1, width))
         expert_inputs = ops.take(flat_tokens, ops.reshape(rows, (-1,)), axis=0)
@@ -281,20 +315,49 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
         weights = ops.reshape(ops.transpose(gates, (1, 0, 2)), (e, -1, 1))
         weighted = expert_outputs * ops.cast(weights, expert_outputs.dtype)
         # Each token sums the outputs of the experts that chose it.
-        outputs = ops.segment_sum(
+        return ops.segment_sum(
             ops.reshape(weighted, (-1, width)),
             ops.reshape(rows, (-1,)),
-            num_segments=num_groups * group_size,
+            num_segments=ops.shape(flat_tokens)[0],
         )
-        outputs = ops.reshape(outputs, input_shape)
-        if self.shared_ffn is not None:
-            outputs = outputs + self.shared_ffn(inputs, training=training)
-        if not (self.return_routing or self._routing_observers):
-            return outputs
-        info = self._routing_info(gates, item_index, probs, input_shape)
-        for observer in self._routing_observers:
-            observer(self, info)
-        return (outputs, info) if self.return_routing else outputs
+
+    def _dispatch_grouped(self, groups, item_index, gates, constrain, training):
+        """Expert parallelism: every index operation is batched over the
+        groups G, so each device fills and reads only its own groups; the
+        [G, E, C, d] <-> [E, G, C, d] exchange is the all-to-all."""
+        e = self.num_experts
+        shape = ops.shape(groups)
+        num_groups, group_size, width = shape[0], shape[1], shape[2]
+        capacity = ops.shape(item_index)[-1]
+        buffer = ops.take_along_axis(
+            groups, ops.reshape(item_index, (num_groups, -1, 1)), axis=1
+        )  # [G, E*C, d]
+        buffer = constrain(
+            ops.reshape(buffer, (num_groups, e, capacity, width)),
+            "dispatch_groups",
+        )
+        buffer = constrain(
+            ops.transpose(buffer, (1, 0, 2, 3)), "dispatch_experts"
+        )
+        expert_outputs = run_experts(
+            self, ops.reshape(buffer, (e, -1, width)), training
+        )
+        expert_outputs = constrain(
+            ops.reshape(expert_outputs, (e, num_groups, capacity, width)),
+            "combine_experts",
+        )
+        expert_outputs = constrain(
+            ops.transpose(expert_outputs, (1, 0, 2, 3)), "combine_groups"
+        )
+        # Combine weights [G, E, C, S]: the gate where slot (e, c) holds
+        # token s (vmoe's dense combine tensor), summed per token.
+        combine = ops.one_hot(item_index, group_size, dtype="float32")
+        combine = combine * gates[..., None]
+        return ops.einsum(
+            "gecs,gecd->gsd",
+            ops.cast(combine, expert_outputs.dtype),
+            expert_outputs,
+        )
 
     # === Routing observers ===
     def add_routing_observer(self, observer):

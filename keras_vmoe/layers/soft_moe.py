@@ -25,6 +25,7 @@ others in the batch.
 import keras
 from keras import ops
 
+from keras_vmoe.distribution import dispatch_constraint
 from keras_vmoe.layers.experts import add_expert_weights
 from keras_vmoe.layers.experts import check_dropout
 from keras_vmoe.layers.experts import check_input_shape
@@ -193,6 +194,10 @@ class SoftMoEFeedForward(keras.layers.Layer):
             dropout, seed=seed, dtype=self.dtype_policy, name="dropout"
         )
         self._routing_observers = []
+        # Set by `RoutingMetricsMixin`: keep this step's combine-mass load
+        # in `_fit_stats` for the fit logs.
+        self._record_fit_stats = False
+        self._fit_stats = {}
 
     @property
     def num_slots(self):
@@ -253,22 +258,36 @@ class SoftMoEFeedForward(keras.layers.Layer):
             "btn,btd->bnd", ops.cast(dispatch, tokens.dtype), tokens
         )
         # [B, E, S, d] -> [E, B*S, d]: expert e runs on its slots only.
-        slots = ops.transpose(
-            ops.reshape(slots, (-1, e, s, width)), (1, 0, 2, 3)
+        # Under expert parallelism the slots are sharded on B (images stay
+        # on their device), then on E: an all-to-all, and back after the
+        # experts.
+        constrain = dispatch_constraint(self) or (lambda x, name: x)
+        slots = constrain(
+            ops.reshape(slots, (-1, e, s, width)), "dispatch_groups"
+        )
+        slots = constrain(
+            ops.transpose(slots, (1, 0, 2, 3)), "dispatch_experts"
         )
         slot_outputs = run_experts(
             self, ops.reshape(slots, (e, -1, width)), training
         )
-        slot_outputs = ops.reshape(slot_outputs, (e, -1, s, width))
-        slot_outputs = ops.reshape(
-            ops.transpose(slot_outputs, (1, 0, 2, 3)), (-1, e * s, width)
+        slot_outputs = constrain(
+            ops.reshape(slot_outputs, (e, -1, s, width)), "combine_experts"
         )
+        slot_outputs = constrain(
+            ops.transpose(slot_outputs, (1, 0, 2, 3)), "combine_groups"
+        )
+        slot_outputs = ops.reshape(slot_outputs, (-1, e * s, width))
         outputs = ops.einsum(
             "btn,bnd->btd", ops.cast(combine, slot_outputs.dtype), slot_outputs
         )
         outputs = ops.reshape(outputs, input_shape)
         if self.shared_ffn is not None:
             outputs = outputs + self.shared_ffn(inputs, training=training)
+        if self._record_fit_stats:
+            self._fit_stats = {
+                "max_load": e * ops.max(self._combine_load(combine))
+            }
         if not (self.return_routing or self._routing_observers):
             return outputs
         info = self._routing_info(dispatch, combine, input_shape)
@@ -290,12 +309,17 @@ class SoftMoEFeedForward(keras.layers.Layer):
         """Removes an observer added with `add_routing_observer`."""
         self._routing_observers.remove(observer)
 
+    def _combine_load(self, combine):
+        """[E] share of the combine weights of all tokens per expert."""
+        e, s = self.num_experts, self.slots_per_expert
+        return ops.mean(
+            ops.sum(ops.reshape(combine, (-1, e, s)), axis=-1), axis=0
+        )
+
     def _routing_info(self, dispatch, combine, input_shape):
         e, s = self.num_experts, self.slots_per_expert
         per_expert = ops.reshape(ops.max(dispatch, axis=1), (-1, e, s))
-        load = ops.mean(
-            ops.sum(ops.reshape(combine, (-1, e, s)), axis=-1), axis=0
-        )
+        load = self._combine_load(combine)
         leading = tuple(input_shape[:-1])
         return {
             "dispatch_weights": ops.reshape(dispatch, leading + (e, s)),

@@ -3,6 +3,8 @@
 import keras
 from keras_hub.models import Backbone
 
+from keras_vmoe.layers.moe_types import build_moe_layer
+from keras_vmoe.layers.moe_types import check_router_type
 from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
@@ -119,6 +121,62 @@ def _block_moe_config(moe_config, block_index):
     if moe_config.get("seed") is None:
         return moe_config
     return dict(moe_config, seed=moe_config["seed"] + block_index)
+
+
+# The backbone arguments each non-top-k router type passes to its layer;
+# the other MoE arguments must keep their defaults.
+_ROUTER_TYPE_ARGUMENTS = {
+    "soft": ("num_experts", "slots_per_expert", "shared_expert"),
+    "expert_choice": (
+        "num_experts",
+        "capacity_factor",
+        "router",
+        "shared_expert",
+    ),
+}
+_TOP_K_DEFAULTS = {
+    "top_k": 1,
+    "routing": "token",
+    "router": "linear",
+    "capacity_factor": 1.25,
+    "eval_capacity_factor": 2.0,
+    "normalize_gates": False,
+}
+
+
+def _router_type_config(router_type, top_k_config, slots_per_expert):
+    """The MoE blocks' `moe_config` for `router_type` (see
+    `keras_vmoe.layers.moe_types.build_moe_layer`)."""
+    check_router_type(router_type)
+    if (
+        not isinstance(slots_per_expert, int)
+        or isinstance(slots_per_expert, bool)
+        or slots_per_expert < 1
+    ):
+        raise ValueError(
+            "`slots_per_expert` must be a positive integer. Received: "
+            f"slots_per_expert={slots_per_expert!r}"
+        )
+    if router_type != "soft" and slots_per_expert != 1:
+        raise ValueError(
+            "`slots_per_expert` applies to `router_type='soft'` only. "
+            f"Received: slots_per_expert={slots_per_expert!r}, "
+            f"router_type={router_type!r}"
+        )
+    if router_type == "top_k":
+        return dict(top_k_config)
+    used = _ROUTER_TYPE_ARGUMENTS[router_type]
+    for name, default in _TOP_K_DEFAULTS.items():
+        if name not in used and top_k_config[name] != default:
+            raise ValueError(
+                f"router_type={router_type!r} does not use `{name}`; leave "
+                f"it at its default {default!r}. Received: "
+                f"{name}={top_k_config[name]!r}"
+            )
+    values = dict(top_k_config, slots_per_expert=slots_per_expert)
+    config = {name: values[name] for name in used}
+    config["router_type"] = router_type
+    return config
 
 
 def _check_positive_ints(name, values):
@@ -317,6 +375,15 @@ class ConvNeXtMoEBackbone(
             blocks that surgery folded into a dense MLP).
         image_shape: input shape (H, W, C); H and W may be None.
         dtype: dtype policy of the layers.
+        router_type: the MoE layer of the MoE blocks: "top_k"
+            (`MoEFeedForward`, the default), "soft" (`SoftMoEFeedForward`,
+            every feature-map position of an image is a token; uses
+            `num_experts`, `slots_per_expert`, `shared_expert`) or
+            "expert_choice" (`ExpertChoiceFeedForward`, per-image groups;
+            uses `num_experts`, `capacity_factor`, `router`,
+            `shared_expert`). The top-k arguments a router type does not
+            use must keep their defaults; `moe_kwargs` go to its layer.
+        slots_per_expert: Soft MoE slots per expert (1 unless "soft").
 
     Example:
     >>> backbone = ConvNeXtMoEBackbone(
@@ -357,6 +424,8 @@ class ConvNeXtMoEBackbone(
         dense_skip_blocks=None,
         image_shape=(None, None, 3),
         dtype=None,
+        router_type="top_k",
+        slots_per_expert=1,
         **kwargs,
     ):
         # keras.Model would silently ignore them (a misspelt argument, or
@@ -404,7 +473,15 @@ class ConvNeXtMoEBackbone(
             eval_capacity_factor=eval_capacity_factor,
             normalize_gates=normalize_gates,
         )
-        moe_config.update(_check_moe_kwargs(moe_kwargs, moe_config))
+        extra_moe_config = _check_moe_kwargs(moe_kwargs, moe_config)
+        moe_config = _router_type_config(
+            router_type, moe_config, slots_per_expert
+        )
+        # `moe_kwargs` go to the layer, which rejects what it does not take.
+        moe_config.update(extra_moe_config)
+        if router_type != "top_k" and moe_positions:
+            # The layer's own errors for its arguments, before any block.
+            build_moe_layer(moe_config, hidden_dim=1)
         expert_ratio = expert_mlp_ratio or mlp_ratio
         total_blocks = sum(depths)
         block_mlp_dims = _check_block_mlp_dims(block_mlp_dims, total_blocks)
@@ -530,6 +607,8 @@ class ConvNeXtMoEBackbone(
             None if all(v is None for v in block_mlp_dims) else block_mlp_dims
         )
         self.dense_skip_blocks = sorted(dense_skip_blocks) or None
+        self.router_type = router_type
+        self.slots_per_expert = slots_per_expert
         self.image_shape = tuple(image_shape)
         self.data_format = data_format
         self.moe_positions = sorted(moe_positions)
@@ -594,6 +673,8 @@ class ConvNeXtMoEBackbone(
                 "block_mlp_dims": self.block_mlp_dims,
                 "dense_skip_blocks": self.dense_skip_blocks,
                 "image_shape": self.image_shape,
+                "router_type": self.router_type,
+                "slots_per_expert": self.slots_per_expert,
             }
         )
         return config

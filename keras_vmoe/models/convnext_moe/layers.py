@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_vmoe.layers import FeedForward
-from keras_vmoe.layers import MoEFeedForward
+from keras_vmoe.layers.moe_types import build_moe_layer
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -46,7 +46,10 @@ class ConvNeXtBlock(keras.layers.Layer):
             units; overrides `mlp_ratio` when set.
         moe_config: None for a dense block, or a dict of
             `keras_vmoe.layers.MoEFeedForward` arguments (`num_experts`,
-            `top_k`, `router`, ...; `hidden_dim` is set from `mlp_ratio`).
+            `top_k`, `router`, ...; `hidden_dim` is set from `mlp_ratio`),
+            or, with `"router_type": "soft"` / `"expert_choice"`, of
+            `SoftMoEFeedForward` / `ExpertChoiceFeedForward` arguments
+            (see `keras_vmoe.layers.moe_types.build_moe_layer`).
         moe_skip_connection: add the Sweet-spot skip connection around the
             MoE (MoE blocks only).
         dense_skip_connection: add the same skip around a dense MLP (dense
@@ -148,9 +151,9 @@ class ConvNeXtBlock(keras.layers.Layer):
                 mlp_hidden_dim, dtype=self.dtype_policy, name="mlp"
             )
         else:
-            self.mlp = MoEFeedForward(
+            self.mlp = build_moe_layer(
+                moe_config,
                 hidden_dim=mlp_hidden_dim,
-                **moe_config,
                 dtype=self.dtype_policy,
                 name="moe",
             )
