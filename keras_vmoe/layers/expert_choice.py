@@ -26,8 +26,8 @@ from keras_vmoe.layers.experts import check_dropout
 from keras_vmoe.layers.experts import check_input_shape
 from keras_vmoe.layers.experts import check_positive_int
 from keras_vmoe.layers.experts import run_experts
-from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.feed_forward import check_activation
+from keras_vmoe.layers.feed_forward import make_shared_expert
 from keras_vmoe.layers.routers import ROUTERS
 from keras_vmoe.layers.routers import get_router
 from keras_vmoe.layers.routing import compute_capacity
@@ -211,17 +211,13 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
 
         # === Layers ===
         self.router = get_router(router, num_experts, router_dim)
-        self.shared_ffn = (
-            FeedForward(
-                hidden_dim,
-                activation=activation,
-                dropout=dropout,
-                kernel_initializer=self.kernel_initializer,
-                dtype=self.dtype_policy,
-                name="shared_expert",
-            )
-            if shared_expert
-            else None
+        self.shared_ffn = make_shared_expert(
+            shared_expert,
+            hidden_dim,
+            activation,
+            dropout,
+            self.kernel_initializer,
+            self.dtype_policy,
         )
         self.dropout_layer = keras.layers.Dropout(
             dropout, dtype=self.dtype_policy, name="dropout"

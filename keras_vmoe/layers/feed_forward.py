@@ -110,3 +110,20 @@ class FeedForward(QuantizedCallMixin, keras.layers.Layer):
             }
         )
         return config
+
+
+def make_shared_expert(
+    enabled, hidden_dim, activation, dropout, kernel_initializer, dtype
+):
+    """The always-on shared expert of an MoE layer (a `FeedForward` named
+    "shared_expert"), or None when `enabled` is false."""
+    if not enabled:
+        return None
+    return FeedForward(
+        hidden_dim,
+        activation=activation,
+        dropout=dropout,
+        kernel_initializer=kernel_initializer,
+        dtype=dtype,
+        name="shared_expert",
+    )

@@ -26,9 +26,9 @@ from keras_vmoe.layers.dispatch import DISPATCH_MODES
 from keras_vmoe.layers.dispatch import resolve_dispatch
 from keras_vmoe.layers.dispatch import slot_dispatch
 from keras_vmoe.layers.dispatch import sorted_dispatch
-from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.feed_forward import check_activation
+from keras_vmoe.layers.feed_forward import make_shared_expert
 from keras_vmoe.layers.routers import ROUTERS
 from keras_vmoe.layers.routers import get_router
 from keras_vmoe.layers.routing import compute_capacity
@@ -67,7 +67,9 @@ def _check_choice(name, value, choices):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
+class MoEFeedForward(
+    quantization.QuantizedCallMixin, keras.layers.Layer
+):
     """Mixture-of-Experts feed-forward layer with top-k routing.
 
     `y = E_s(x) + sum_{i in top-k} g_i(x) E_i(x)` where each expert `E_i` is
@@ -310,20 +312,18 @@ class MoEFeedForward(quantization.QuantizedCallMixin, keras.layers.Layer):
             if isinstance(router, str)
             else router
         )
-        self.shared_ffn = (
-            FeedForward(
-                hidden_dim,
-                activation=activation,
-                dropout=dropout,
-                kernel_initializer=self.kernel_initializer,
-                dtype=self.dtype_policy,
-                name="shared_expert",
-            )
-            if shared_expert
-            else None
+        self.shared_ffn = make_shared_expert(
+            shared_expert,
+            hidden_dim,
+            activation,
+            dropout,
+            self.kernel_initializer,
+            self.dtype_policy,
         )
         self.dropout_layer = keras.layers.Dropout(
-            dropout, dtype=quantization.unquantized_policy(self.dtype_policy), name="dropout"
+            dropout,
+            dtype=quantization.unquantized_policy(self.dtype_policy),
+            name="dropout",
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._router_spec = router

@@ -31,8 +31,8 @@ from keras_vmoe.layers.experts import check_dropout
 from keras_vmoe.layers.experts import check_input_shape
 from keras_vmoe.layers.experts import check_positive_int
 from keras_vmoe.layers.experts import run_experts
-from keras_vmoe.layers.feed_forward import FeedForward
 from keras_vmoe.layers.feed_forward import check_activation
+from keras_vmoe.layers.feed_forward import make_shared_expert
 
 NORM_EPSILON = 1e-6
 
@@ -178,17 +178,13 @@ class SoftMoEFeedForward(keras.layers.Layer):
         self.seed = seed
 
         # === Layers ===
-        self.shared_ffn = (
-            FeedForward(
-                hidden_dim,
-                activation=activation,
-                dropout=dropout,
-                kernel_initializer=self.kernel_initializer,
-                dtype=self.dtype_policy,
-                name="shared_expert",
-            )
-            if shared_expert
-            else None
+        self.shared_ffn = make_shared_expert(
+            shared_expert,
+            hidden_dim,
+            activation,
+            dropout,
+            self.kernel_initializer,
+            self.dtype_policy,
         )
         self.dropout_layer = keras.layers.Dropout(
             dropout, seed=seed, dtype=self.dtype_policy, name="dropout"

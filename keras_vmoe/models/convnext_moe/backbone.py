@@ -3,8 +3,8 @@
 import keras
 from keras_hub.models import Backbone
 
+from keras_vmoe.layers import moe_types
 from keras_vmoe.layers.moe_types import build_moe_layer
-from keras_vmoe.layers.moe_types import check_router_type
 from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
@@ -146,37 +146,14 @@ _TOP_K_DEFAULTS = {
 
 def _router_type_config(router_type, top_k_config, slots_per_expert):
     """The MoE blocks' `moe_config` for `router_type` (see
-    `keras_vmoe.layers.moe_types.build_moe_layer`)."""
-    check_router_type(router_type)
-    if (
-        not isinstance(slots_per_expert, int)
-        or isinstance(slots_per_expert, bool)
-        or slots_per_expert < 1
-    ):
-        raise ValueError(
-            "`slots_per_expert` must be a positive integer. Received: "
-            f"slots_per_expert={slots_per_expert!r}"
-        )
-    if router_type != "soft" and slots_per_expert != 1:
-        raise ValueError(
-            "`slots_per_expert` applies to `router_type='soft'` only. "
-            f"Received: slots_per_expert={slots_per_expert!r}, "
-            f"router_type={router_type!r}"
-        )
-    if router_type == "top_k":
-        return dict(top_k_config)
-    used = _ROUTER_TYPE_ARGUMENTS[router_type]
-    for name, default in _TOP_K_DEFAULTS.items():
-        if name not in used and top_k_config[name] != default:
-            raise ValueError(
-                f"router_type={router_type!r} does not use `{name}`; leave "
-                f"it at its default {default!r}. Received: "
-                f"{name}={top_k_config[name]!r}"
-            )
-    values = dict(top_k_config, slots_per_expert=slots_per_expert)
-    config = {name: values[name] for name in used}
-    config["router_type"] = router_type
-    return config
+    `keras_vmoe.layers.moe_types.router_type_config`)."""
+    return moe_types.router_type_config(
+        router_type,
+        top_k_config,
+        slots_per_expert,
+        _ROUTER_TYPE_ARGUMENTS,
+        _TOP_K_DEFAULTS,
+    )
 
 
 def _check_positive_ints(name, values):

@@ -6,6 +6,7 @@ import re
 import keras
 import keras_hub
 
+from keras_vmoe.layers import moe_types
 from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.layers.moe_types import check_router_type
 from keras_vmoe.models import preset_io
@@ -46,38 +47,15 @@ _DEFAULTS = {
 
 
 def router_type_config(router_type, top_k_config, slots_per_expert):
-    """The `moe_config` of the MoE blocks for `router_type`.
-
-    Args:
-        router_type: "top_k", "soft" or "expert_choice".
-        top_k_config: the backbone's `MoEFeedForward` arguments.
-        slots_per_expert: Soft MoE slots per expert (1 unless "soft").
-
-    Raises:
-        ValueError: naming an argument that `router_type` does not use
-            but that was given a non-default value.
-    """
-    check_router_type(router_type)
-    if router_type != "soft" and slots_per_expert != 1:
-        raise ValueError(
-            "`slots_per_expert` applies to `router_type='soft'` only. "
-            f"Received: slots_per_expert={slots_per_expert!r}, "
-            f"router_type={router_type!r}"
-        )
-    if router_type == "top_k":
-        return dict(top_k_config)
-    values = dict(top_k_config, slots_per_expert=slots_per_expert)
-    used = _ROUTER_TYPE_ARGUMENTS[router_type]
-    for name, default in _DEFAULTS.items():
-        if name not in used and values[name] != default:
-            raise ValueError(
-                f"router_type={router_type!r} does not use `{name}`; leave "
-                f"it at its default {default!r}. Received: "
-                f"{name}={values[name]!r}"
-            )
-    config = {name: values[name] for name in used}
-    config["router_type"] = router_type
-    return config
+    """The `moe_config` of the MoE blocks for `router_type` (see
+    `keras_vmoe.layers.moe_types.router_type_config`)."""
+    return moe_types.router_type_config(
+        router_type,
+        top_k_config,
+        slots_per_expert,
+        _ROUTER_TYPE_ARGUMENTS,
+        _DEFAULTS,
+    )
 
 
 def resolve_moe_layers(moe_layers, num_layers):
