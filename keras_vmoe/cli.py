@@ -406,7 +406,7 @@ def train(args):
         "train_seconds": round(train_seconds, 1),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
     }
-    with open(os.path.join(output_dir, "summary.json"), "w") as file:
+    with atomic_file(os.path.join(output_dir, "summary.json"), "w") as file:
         json.dump(summary, file, indent=2)
     if not args.no_plot:
         from keras_vmoe import analysis

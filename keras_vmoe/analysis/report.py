@@ -12,6 +12,7 @@ from keras_vmoe.analysis.collect import collect_routing
 from keras_vmoe.models.stats import layer_stats
 from keras_vmoe.models.stats import model_stats
 from keras_vmoe.training.metrics import moe_layers
+from keras_vmoe.utils.io import atomic_file
 
 _BLOCK = re.compile(r"^(.*?(?:^|/)(?:stage_\d+_)?block_\d+)(?:/|$)")
 
@@ -318,7 +319,7 @@ def write_report(
 
     breakdown = parameter_breakdown(model, image_size)
     report = {"routing": routing.summary(), "parameters": breakdown}
-    with open(out("report.json"), "w") as handle:
+    with atomic_file(out("report.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     files.append(out("report.json"))
 
@@ -420,7 +421,7 @@ def write_report(
             f"![{kind}]({os.path.basename(path)})\n"
             for kind, path in figures.items()
         ]
-    with open(out("index.md"), "w") as handle:
+    with atomic_file(out("index.md"), "w") as handle:
         handle.write("\n".join(lines))
     files.append(out("index.md"))
     report["files"] = files

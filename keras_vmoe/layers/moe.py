@@ -739,7 +739,10 @@ class MoEFeedForward(
 
     def compute_output_spec(self, inputs, training=None):
         output_shape = self.compute_output_shape(inputs.shape)
-        outputs = keras.KerasTensor(output_shape if not self.return_routing else output_shape[0], dtype=self.compute_dtype)
+        outputs = keras.KerasTensor(
+            output_shape[0] if self.return_routing else output_shape,
+            dtype=self.compute_dtype,
+        )
         if not self.return_routing:
             return outputs
         dtypes = self._routing_dtypes()
