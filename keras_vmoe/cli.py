@@ -177,7 +177,16 @@ def build_parser():
         default=None,
         metavar="N",
         help="shard every MoE layer's experts over N devices (JAX backend; "
-        "MoE layers need group_size)",
+        "needs --group-size)",
+    )
+    train.add_argument(
+        "--group-size",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="routing groups of N items (images for image routing, tokens "
+        "for token routing) in every MoE layer; needed by "
+        "--expert-parallel; N must divide the per-device item count",
     )
     train.add_argument(
         "--output-dir",
@@ -339,7 +348,11 @@ def train(args):
         args, "test", image_size, training=False, num_classes=num_classes
     )
     model = build_classifier(
-        args.model, num_classes, image_size=image_size, pretrained=args.pretrained
+        args.model,
+        num_classes,
+        image_size=image_size,
+        pretrained=args.pretrained,
+        group_size=args.group_size,
     )
     if args.devices or args.expert_parallel:
         from keras_vmoe.distribution import distribute_for_training

@@ -30,7 +30,7 @@ from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageConverter
 from keras_vmoe.validation import check_int
 
 
-def _vimoe_mnist(num_classes, image_size):
+def _vimoe_mnist(num_classes, image_size, group_size=None):
     backbone = ViTMoEBackbone(
         image_shape=(image_size, image_size, 3),
         patch_size=4,
@@ -46,6 +46,7 @@ def _vimoe_mnist(num_classes, image_size):
         shared_expert=True,
         capacity_factor=None,
         eval_capacity_factor=None,
+        group_size=group_size,
     )
     preprocessor = ViTMoEImageClassifierPreprocessor(
         ViTMoEImageConverter(image_size=(image_size, image_size), scale=1 / 255)
@@ -55,7 +56,7 @@ def _vimoe_mnist(num_classes, image_size):
     )
 
 
-def _convnext_moe_mnist(num_classes, image_size):
+def _convnext_moe_mnist(num_classes, image_size, group_size=None):
     backbone = ConvNeXtMoEBackbone(
         depths=[2, 2, 2],
         hidden_dims=[32, 64, 128],
@@ -66,6 +67,7 @@ def _convnext_moe_mnist(num_classes, image_size):
         top_k=1,
         expert_mlp_ratio=2,
         image_shape=(image_size, image_size, 3),
+        moe_kwargs=None if group_size is None else {"group_size": group_size},
     )
     preprocessor = ConvNeXtMoEImageClassifierPreprocessor(
         ConvNeXtMoEImageConverter(
@@ -94,7 +96,9 @@ def _preset_family(name):
     return None
 
 
-def build_classifier(name, num_classes, image_size=28, pretrained=False):
+def build_classifier(
+    name, num_classes, image_size=28, pretrained=False, group_size=None
+):
     """A classifier from a small recipe, a preset name or a preset folder.
 
     Args:
@@ -104,6 +108,10 @@ def build_classifier(name, num_classes, image_size=28, pretrained=False):
         image_size: input side for the small recipes.
         pretrained: for preset names, load the dense checkpoint (from the
             Hugging Face hub or its cache) and upcycle it.
+        group_size: routing groups of every MoE layer (items per group:
+            images for image routing, tokens for token routing), e.g. for
+            expert parallelism. Small recipes and ViT-MoE preset names
+            only.
 
     Raises:
         ValueError: for an unknown name.
@@ -115,12 +123,22 @@ def build_classifier(name, num_classes, image_size=28, pretrained=False):
             "`model` must be a recipe name, a preset name or a preset "
             f"directory. Received: model={name!r}"
         )
+    if group_size is not None:
+        check_int("group_size", group_size)
     if name in SMALL_MODELS:
-        return SMALL_MODELS[name](num_classes, image_size)
+        return SMALL_MODELS[name](num_classes, image_size, group_size)
     family = _preset_family(name)
+    if group_size is not None and family is not ViTMoEImageClassifier:
+        raise ValueError(
+            "`group_size` can be set here for the small recipes "
+            f"{sorted(SMALL_MODELS)} and ViT-MoE preset names; set it in "
+            "the model's config (ConvNeXt: `moe_kwargs`) otherwise. "
+            f"Received: group_size={group_size}, model={name!r}"
+        )
     if family is not None:
+        overrides = {} if group_size is None else {"group_size": group_size}
         return family.from_preset(
-            name, load_weights=pretrained, num_classes=num_classes
+            name, load_weights=pretrained, num_classes=num_classes, **overrides
         )
     if os.path.isdir(name):
         from keras_vmoe.models import load_classifier
