@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from keras_vmoe import cli
+from keras_vmoe.models.shipped import shipped_preset_dir
 
-PRESET = os.path.join(os.path.dirname(__file__), "..", "weights", "vimoe_mnist")
+PRESET = shipped_preset_dir("vimoe_mnist")
 
 
 def run_main(argv):
