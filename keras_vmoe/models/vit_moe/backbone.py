@@ -6,9 +6,7 @@ import re
 import keras
 import keras_hub
 
-from keras_vmoe.layers import moe_types
-from keras_vmoe.layers.moe_types import build_moe_layer
-from keras_vmoe.layers.moe_types import check_router_type
+from keras_vmoe.models import moe_arguments
 from keras_vmoe.models import preset_io
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.layers import ViTBlock
@@ -17,47 +15,6 @@ from keras_vmoe.validation import check_no_unknown_kwargs
 from keras_vmoe.validation import check_number
 
 _PLACEMENT = re.compile(r"^(last|every)-([1-9][0-9]*)$")
-# The backbone arguments each non-top-k router type passes to its layer;
-# the other MoE arguments must keep their defaults (`_DEFAULTS`).
-_ROUTER_TYPE_ARGUMENTS = {
-    "soft": ("num_experts", "slots_per_expert", "shared_expert"),
-    "expert_choice": (
-        "num_experts",
-        "capacity_factor",
-        "router",
-        "router_dim",
-        "shared_expert",
-    ),
-}
-_DEFAULTS = {
-    "capacity_factor": 1.25,
-    "router": "linear",
-    "router_dim": 256,
-    "load_balance_loss_weight": 0.01,
-    "top_k": 1,
-    "routing": "image",
-    "eval_capacity_factor": 2.0,
-    "batch_prioritized_routing": True,
-    "normalize_gates": False,
-    "noisy_gating": False,
-    "importance_loss_weight": 0.0,
-    "load_loss_weight": 0.0,
-    "z_loss_weight": 0.0,
-}
-
-
-def router_type_config(router_type, top_k_config, slots_per_expert):
-    """The `moe_config` of the MoE blocks for `router_type` (see
-    `keras_vmoe.layers.moe_types.router_type_config`)."""
-    return moe_types.router_type_config(
-        router_type,
-        top_k_config,
-        slots_per_expert,
-        _ROUTER_TYPE_ARGUMENTS,
-        _DEFAULTS,
-    )
-
-
 def resolve_moe_layers(moe_layers, num_layers):
     """Indices of the blocks that get an MoE MLP, sorted.
 
@@ -178,22 +135,29 @@ class ViTMoEBackbone(
         moe_layers: which blocks are MoE, see `resolve_moe_layers`: None or
             [] (dense), "last-L", "every-n", an int L (last L blocks), or a
             list of indices.
-        router: "linear", "cosine" or "l2"; each MoE block gets its own.
-        num_experts, top_k, routing, router_dim, shared_expert,
+        num_experts, top_k, routing, router, router_dim, shared_expert,
         capacity_factor, eval_capacity_factor, group_size,
-        batch_prioritized_routing, normalize_gates, noisy_gating, load_balance_loss_weight,
-        importance_loss_weight, load_loss_weight, z_loss_weight: passed to
-            every `MoEFeedForward`, see its documentation.
-        router_type: the MoE layer of the MoE blocks: "top_k"
-            (`MoEFeedForward`, all the arguments above), "soft"
-            (`SoftMoEFeedForward`: uses `num_experts`, `slots_per_expert`
-            and `shared_expert`; normalised `phi` with learned scale) or
-            "expert_choice" (`ExpertChoiceFeedForward`, per-image groups:
-            uses `num_experts`, `capacity_factor`, `router`, `router_dim`
-            and `shared_expert`). With these two, the MoE arguments they
-            do not use must keep their defaults (neither adds an
-            auxiliary loss).
-        slots_per_expert: Soft MoE slots per expert.
+        batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
+        load_balance_loss_weight, importance_loss_weight, load_loss_weight,
+        z_loss_weight, dispatch, seed, router_type, slots_per_expert,
+        normalize: the MoE arguments, the same names and meaning in both
+            families (`keras_vmoe.models.moe_arguments`); each MoE block
+            gets a `MoEFeedForward` with these arguments (see its
+            documentation), block `i` with gating-noise seed `seed + i`.
+            Defaults are those of `MoEFeedForward`, except
+            `num_experts=8` and `routing="image"` (ViMoE);
+            `ConvNeXtMoEBackbone` defaults to 4 experts and token routing.
+            `router` must be a name ("linear", "cosine", "l2"): each MoE
+            block builds its own. `router_type` picks the layer: "top_k"
+            (`MoEFeedForward`, all the arguments above but
+            `slots_per_expert` and `normalize`), "soft"
+            (`SoftMoEFeedForward`: uses `num_experts`, `slots_per_expert`,
+            `shared_expert`, `normalize`, `seed`) or "expert_choice"
+            (`ExpertChoiceFeedForward`, per-image groups: uses
+            `num_experts`, `capacity_factor`, `router`, `router_dim`,
+            `shared_expert`, `seed`). The arguments a router type does not
+            use must keep their defaults (Soft MoE and Expert Choice add
+            no auxiliary loss).
         dtype: dtype policy of the model (e.g. "mixed_bfloat16").
 
     Example:
@@ -231,12 +195,16 @@ class ViTMoEBackbone(
         batch_prioritized_routing=True,
         normalize_gates=False,
         noisy_gating=False,
+        noise_std=None,
         load_balance_loss_weight=0.01,
         importance_loss_weight=0.0,
         load_loss_weight=0.0,
         z_loss_weight=0.0,
+        dispatch="auto",
+        seed=None,
         router_type="top_k",
         slots_per_expert=1,
+        normalize=True,
         dtype=None,
         **kwargs,
     ):
@@ -314,41 +282,9 @@ class ViTMoEBackbone(
         check_number(
             "layer_scale_init_value", layer_scale_init_value, allow_none=True
         )
-        if not isinstance(router, str):
-            # One router instance cannot serve several MoE blocks.
-            raise ValueError(
-                "`router` must be a router name ('linear', 'cosine', 'l2'); "
-                "each MoE block builds its own. Received: "
-                f"router={router!r}"
-            )
-        check_router_type(router_type)
+        moe_values = moe_arguments.collect(locals())
+        moe_config = moe_arguments.build_moe_config(moe_values, "vit")
         moe_indices = resolve_moe_layers(moe_layers, num_layers)
-        moe_config = None
-        if moe_indices:
-            moe_config = {
-                "num_experts": num_experts,
-                "top_k": top_k,
-                "routing": routing,
-                "router": router,
-                "router_dim": router_dim,
-                "shared_expert": shared_expert,
-                "capacity_factor": capacity_factor,
-                "eval_capacity_factor": eval_capacity_factor,
-                "group_size": group_size,
-                "batch_prioritized_routing": batch_prioritized_routing,
-                "normalize_gates": normalize_gates,
-                "noisy_gating": noisy_gating,
-                "load_balance_loss_weight": load_balance_loss_weight,
-                "importance_loss_weight": importance_loss_weight,
-                "load_loss_weight": load_loss_weight,
-                "z_loss_weight": z_loss_weight,
-            }
-            moe_config = router_type_config(
-                router_type, moe_config, slots_per_expert
-            )
-            # Validates the MoE arguments (num_experts, top_k, ...) early,
-            # with the layer's own error messages.
-            build_moe_layer(moe_config, hidden_dim=mlp_dim)
 
         # === Layers ===
         self.embedding = ViTEmbedding(
@@ -373,7 +309,11 @@ class ViTMoEBackbone(
                     else 0.0
                 ),
                 layer_norm_epsilon=layer_norm_epsilon,
-                moe_config=moe_config if i in moe_indices else None,
+                moe_config=(
+                    moe_arguments.block_moe_config(moe_config, i)
+                    if i in moe_indices
+                    else None
+                ),
                 dtype=dtype,
                 name=f"block_{i}",
             )
@@ -407,24 +347,7 @@ class ViTMoEBackbone(
         self.layer_norm_epsilon = layer_norm_epsilon
         self.moe_layers = moe_layers
         self.moe_layer_indices = moe_indices
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.routing = routing
-        self.router = router
-        self.router_dim = router_dim
-        self.shared_expert = shared_expert
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.group_size = group_size
-        self.batch_prioritized_routing = batch_prioritized_routing
-        self.normalize_gates = normalize_gates
-        self.noisy_gating = noisy_gating
-        self.load_balance_loss_weight = load_balance_loss_weight
-        self.importance_loss_weight = importance_loss_weight
-        self.load_loss_weight = load_loss_weight
-        self.z_loss_weight = z_loss_weight
-        self.router_type = router_type
-        self.slots_per_expert = slots_per_expert
+        moe_arguments.set_attributes(self, moe_values)
 
     @property
     def num_prefix_tokens(self):
@@ -477,24 +400,7 @@ class ViTMoEBackbone(
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "moe_layers": self.moe_layers,
-                "num_experts": self.num_experts,
-                "top_k": self.top_k,
-                "routing": self.routing,
-                "router": self.router,
-                "router_dim": self.router_dim,
-                "shared_expert": self.shared_expert,
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
-                "group_size": self.group_size,
-                "batch_prioritized_routing": self.batch_prioritized_routing,
-                "normalize_gates": self.normalize_gates,
-                "noisy_gating": self.noisy_gating,
-                "load_balance_loss_weight": self.load_balance_loss_weight,
-                "importance_loss_weight": self.importance_loss_weight,
-                "load_loss_weight": self.load_loss_weight,
-                "z_loss_weight": self.z_loss_weight,
-                "router_type": self.router_type,
-                "slots_per_expert": self.slots_per_expert,
+                **moe_arguments.get_config(self),
             }
         )
         return config
