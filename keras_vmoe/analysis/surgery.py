@@ -181,7 +181,7 @@ def _dense_backbone_config(backbone, folded):
                 )
         return config
     blocks = backbone.blocks
-    config["moe_placement"] = [
+    config["moe_layers"] = [
         i for i, block in enumerate(blocks) if block.is_moe and i not in folded
     ] or None
     widths = list(config["block_mlp_dims"] or [None] * len(blocks))

@@ -3,7 +3,7 @@
 Every converter fills a *dense* ConvNeXt by name through a
 `WeightAssigner` (every source tensor used, every weight set, shapes
 checked); a MoE target is filled by converting into its dense twin (the
-same config with `moe_placement=None`) and upcycling that
+same config with `moe_layers=None`) and upcycling that
 (`upcycle_convnext`), so the two steps are tested separately and the
 upcycled model computes what the checkpoint computes.
 
@@ -106,7 +106,7 @@ def _dense_twin(model):
     backbone, classifier = _split_model(model)
     if not backbone.moe_positions:
         return model
-    config = dict(backbone.get_config(), moe_placement=None)
+    config = dict(backbone.get_config(), moe_layers=None)
     config.pop("name", None)
     dense_backbone = type(backbone).from_config(config)
     if classifier is None:

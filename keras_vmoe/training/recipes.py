@@ -62,12 +62,12 @@ def _convnext_moe_mnist(num_classes, image_size, group_size=None):
         hidden_dims=[32, 64, 128],
         patch_size=2,
         drop_path_rate=0.05,
-        moe_placement="last-2",
+        moe_layers="last-2",
         num_experts=4,
         top_k=1,
         expert_mlp_ratio=2,
         image_shape=(image_size, image_size, 3),
-        moe_kwargs=None if group_size is None else {"group_size": group_size},
+        group_size=group_size,
     )
     preprocessor = ConvNeXtMoEImageClassifierPreprocessor(
         ConvNeXtMoEImageConverter(
@@ -110,8 +110,8 @@ def build_classifier(
             Hugging Face hub or its cache) and upcycle it.
         group_size: routing groups of every MoE layer (items per group:
             images for image routing, tokens for token routing), e.g. for
-            expert parallelism. Small recipes and ViT-MoE preset names
-            only.
+            expert parallelism. Small recipes and preset names of both
+            families (not a saved preset folder).
 
     Raises:
         ValueError: for an unknown name.
@@ -128,11 +128,11 @@ def build_classifier(
     if name in SMALL_MODELS:
         return SMALL_MODELS[name](num_classes, image_size, group_size)
     family = _preset_family(name)
-    if group_size is not None and family is not ViTMoEImageClassifier:
+    if group_size is not None and family is None:
         raise ValueError(
             "`group_size` can be set here for the small recipes "
-            f"{sorted(SMALL_MODELS)} and ViT-MoE preset names; set it in "
-            "the model's config (ConvNeXt: `moe_kwargs`) otherwise. "
+            f"{sorted(SMALL_MODELS)} and preset names (both families); set "
+            "it in the backbone's config (`group_size`) of a saved preset. "
             f"Received: group_size={group_size}, model={name!r}"
         )
     if family is not None:

@@ -3,8 +3,7 @@
 import keras
 from keras_hub.models import Backbone
 
-from keras_vmoe.layers import moe_types
-from keras_vmoe.layers.moe_types import build_moe_layer
+from keras_vmoe.models import moe_arguments
 from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
@@ -17,9 +16,9 @@ MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
 
 def _placement_error(placement, reason):
     return ValueError(
-        f"`moe_placement` {reason}. It must be None, one of "
+        f"`moe_layers` {reason}. It must be None, one of "
         f"{MOE_PLACEMENTS}, or a list of (stage, block) pairs / global "
-        f"block indices. Received: moe_placement={placement!r}"
+        f"block indices. Received: moe_layers={placement!r}"
     )
 
 
@@ -115,47 +114,6 @@ def _global_to_stage(depths, index, placement):
     )
 
 
-def _block_moe_config(moe_config, block_index):
-    """The MoE config of one block: a `seed` in `moe_kwargs` becomes
-    `seed + block_index`, so blocks draw different gating noise."""
-    if moe_config.get("seed") is None:
-        return moe_config
-    return dict(moe_config, seed=moe_config["seed"] + block_index)
-
-
-# The backbone arguments each non-top-k router type passes to its layer;
-# the other MoE arguments must keep their defaults.
-_ROUTER_TYPE_ARGUMENTS = {
-    "soft": ("num_experts", "slots_per_expert", "shared_expert"),
-    "expert_choice": (
-        "num_experts",
-        "capacity_factor",
-        "router",
-        "shared_expert",
-    ),
-}
-_TOP_K_DEFAULTS = {
-    "top_k": 1,
-    "routing": "token",
-    "router": "linear",
-    "capacity_factor": 1.25,
-    "eval_capacity_factor": 2.0,
-    "normalize_gates": False,
-}
-
-
-def _router_type_config(router_type, top_k_config, slots_per_expert):
-    """The MoE blocks' `moe_config` for `router_type` (see
-    `keras_vmoe.layers.moe_types.router_type_config`)."""
-    return moe_types.router_type_config(
-        router_type,
-        top_k_config,
-        slots_per_expert,
-        _ROUTER_TYPE_ARGUMENTS,
-        _TOP_K_DEFAULTS,
-    )
-
-
 def _check_positive_ints(name, values):
     if (
         not isinstance(values, (list, tuple))
@@ -166,25 +124,6 @@ def _check_positive_ints(name, values):
             f"`{name}` must be a non-empty list of positive integers. "
             f"Received: {name}={values!r}"
         )
-
-
-def _check_moe_kwargs(moe_kwargs, explicit):
-    """`moe_kwargs` as a dict that repeats none of the explicit arguments."""
-    if moe_kwargs is None:
-        return {}
-    if not isinstance(moe_kwargs, dict):
-        raise ValueError(
-            "`moe_kwargs` must be a dict of MoEFeedForward arguments or "
-            f"None. Received: moe_kwargs={moe_kwargs!r}"
-        )
-    overlap = sorted(set(moe_kwargs) & set(explicit))
-    if overlap:
-        raise ValueError(
-            f"`moe_kwargs` repeats {overlap}, which are arguments of "
-            "ConvNeXtMoEBackbone itself: pass them there only. Received: "
-            f"moe_kwargs={moe_kwargs!r}"
-        )
-    return moe_kwargs
 
 
 def _check_convnext_numbers(
@@ -307,7 +246,7 @@ class ConvNeXtMoEBackbone(
 
     MoE-ConvNeXt (Videau et al., 2024, "Mixture of Experts in Image
     Classification: What's the Sweet Spot?"): in the blocks named by
-    `moe_placement` the pointwise MLP becomes a `MoEFeedForward` in which
+    `moe_layers` the pointwise MLP becomes a `MoEFeedForward` in which
     every spatial position is a token (top-1 by default), with the
     paper's extra skip connection around it (see `ConvNeXtBlock`).
 
@@ -325,23 +264,39 @@ class ConvNeXtMoEBackbone(
         drop_path_rate: stochastic-depth rate, rising linearly from 0 at
             the first block to this value at the last.
         layer_norm_epsilon: epsilon of every LayerNorm.
-        moe_placement: None (dense ConvNeXt), "every-2", "stage",
-            "last-2", "last-3", or an explicit list of (stage, block) pairs
-            or global block indices; see `moe_block_indices`.
-        num_experts: E, experts per MoE block (>= 1).
-        top_k: experts per token.
+        moe_layers: which blocks are MoE: None (dense ConvNeXt),
+            "every-2", "stage", "last-2", "last-3", or an explicit list of
+            (stage, block) pairs or global block indices; see
+            `moe_block_indices` (the named placements count stages, unlike
+            the ViT's "last-L").
+        num_experts, top_k, routing, router, router_dim, shared_expert,
+        capacity_factor, eval_capacity_factor, group_size,
+        batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
+        load_balance_loss_weight, importance_loss_weight, load_loss_weight,
+        z_loss_weight, dispatch, seed, router_type, slots_per_expert,
+        normalize: the MoE arguments, the same names and meaning in both
+            families (`keras_vmoe.models.moe_arguments`); each MoE block
+            gets a `MoEFeedForward` with these arguments (see its
+            documentation; every feature-map position is a token), block
+            `i` (counted over all blocks) with gating-noise seed
+            `seed + i`. Defaults are those of `MoEFeedForward`, except
+            `num_experts=4` and `routing="token"` (the paper);
+            `ViTMoEBackbone` defaults to 8 experts and image routing.
+            `router` must be a name ("linear" is the paper's 1x1 conv
+            gate, "cosine", "l2"). `router_type` picks the layer: "top_k"
+            (`MoEFeedForward`, all the arguments above but
+            `slots_per_expert` and `normalize`), "soft"
+            (`SoftMoEFeedForward`, every feature-map position of an image
+            is a token; uses `num_experts`, `slots_per_expert`,
+            `shared_expert`, `normalize`, `seed`) or "expert_choice"
+            (`ExpertChoiceFeedForward`, per-image groups; uses
+            `num_experts`, `capacity_factor`, `router`, `router_dim`,
+            `shared_expert`, `seed`). The arguments a router type does not
+            use must keep their defaults.
         expert_mlp_ratio: hidden width of each expert as a multiple of d;
             default `mlp_ratio`. The paper's ImageNet-1k hierarchical models
             use 2.
-        routing: "token" (the paper) or "image".
-        router: "linear" (the paper's 1x1 conv gate), "cosine" or "l2".
-        shared_expert: add an always-on dense expert to each MoE block.
-        capacity_factor: training capacity factor (None = dropless).
-        eval_capacity_factor: inference capacity factor (None = dropless).
-        normalize_gates: renormalise the top-k gates to sum to 1.
         moe_skip_connection: the Sweet-spot skip connection around the MoE.
-        moe_kwargs: further `MoEFeedForward` arguments (loss weights,
-            noisy gating, `router_dim`, ...), or None.
         block_mlp_dims: None, or one item per block (global order, all
             stages): None to take the width from `mlp_ratio` /
             `expert_mlp_ratio`, or the MLP's (every expert's) hidden width
@@ -352,21 +307,19 @@ class ConvNeXtMoEBackbone(
             blocks that surgery folded into a dense MLP).
         image_shape: input shape (H, W, C); H and W may be None.
         dtype: dtype policy of the layers.
-        router_type: the MoE layer of the MoE blocks: "top_k"
-            (`MoEFeedForward`, the default), "soft" (`SoftMoEFeedForward`,
-            every feature-map position of an image is a token; uses
-            `num_experts`, `slots_per_expert`, `shared_expert`) or
-            "expert_choice" (`ExpertChoiceFeedForward`, per-image groups;
-            uses `num_experts`, `capacity_factor`, `router`,
-            `shared_expert`). The top-k arguments a router type does not
-            use must keep their defaults; `moe_kwargs` go to its layer.
-        slots_per_expert: Soft MoE slots per expert (1 unless "soft").
+        moe_placement: deprecated alias of `moe_layers` (a
+            `DeprecationWarning`; removed in 0.3).
+        moe_kwargs: deprecated (a `DeprecationWarning`; removed in 0.3): a
+            dict of MoE arguments, merged into the flat ones; a key that is
+            not a MoE argument, or that repeats a flat argument with another
+            value, raises a `ValueError`. `get_config` writes the flat
+            arguments only.
 
     Example:
     >>> backbone = ConvNeXtMoEBackbone(
     ...     depths=[1, 1, 2, 1],
     ...     hidden_dims=[8, 16, 24, 32],
-    ...     moe_placement="last-2",
+    ...     moe_layers="last-2",
     ...     num_experts=4,
     ...     expert_mlp_ratio=2,
     ...     image_shape=(64, 64, 3),
@@ -385,32 +338,53 @@ class ConvNeXtMoEBackbone(
         layer_scale_init_value=1e-6,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
-        moe_placement=None,
+        moe_layers=None,
         num_experts=4,
         top_k=1,
-        expert_mlp_ratio=None,
         routing="token",
         router="linear",
+        router_dim=256,
         shared_expert=False,
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
+        group_size=None,
+        batch_prioritized_routing=True,
         normalize_gates=False,
+        noisy_gating=False,
+        noise_std=None,
+        load_balance_loss_weight=0.01,
+        importance_loss_weight=0.0,
+        load_loss_weight=0.0,
+        z_loss_weight=0.0,
+        dispatch="auto",
+        seed=None,
+        router_type="top_k",
+        slots_per_expert=1,
+        normalize=True,
+        expert_mlp_ratio=None,
         moe_skip_connection=True,
-        moe_kwargs=None,
         block_mlp_dims=None,
         dense_skip_blocks=None,
         image_shape=(None, None, 3),
         dtype=None,
-        router_type="top_k",
-        slots_per_expert=1,
+        moe_placement=None,
+        moe_kwargs=None,
         **kwargs,
     ):
-        # keras.Model would silently ignore them (a misspelt argument, or
-        # a MoE option that belongs in `moe_kwargs`).
-        check_no_unknown_kwargs(
-            type(self).__name__,
-            kwargs,
-            hint=" (MoEFeedForward options go in `moe_kwargs`)",
+        # keras.Model would silently ignore a misspelt argument.
+        check_no_unknown_kwargs(type(self).__name__, kwargs)
+        if moe_placement is not None:
+            if moe_layers is not None:
+                raise ValueError(
+                    "`moe_placement` is a deprecated alias of `moe_layers`; "
+                    "pass `moe_layers` only. Received: "
+                    f"moe_layers={moe_layers!r}, "
+                    f"moe_placement={moe_placement!r}"
+                )
+            moe_arguments.warn_deprecated("moe_placement", "`moe_layers`")
+            moe_layers = moe_placement
+        moe_values = moe_arguments.merge_moe_kwargs(
+            moe_kwargs, moe_arguments.collect(locals()), "convnext"
         )
         _check_positive_ints("depths", depths)
         _check_positive_ints("hidden_dims", hidden_dims)
@@ -430,35 +404,8 @@ class ConvNeXtMoEBackbone(
         image_shape = _check_convnext_image_shape(
             image_shape, patch_size, len(depths)
         )
-        if (
-            not isinstance(num_experts, int)
-            or isinstance(num_experts, bool)
-            or num_experts < 1
-        ):
-            raise ValueError(
-                "`num_experts` must be an integer >= 1. Received: "
-                f"num_experts={num_experts!r}"
-            )
-        moe_positions = set(moe_block_indices(depths, moe_placement))
-        moe_config = dict(
-            num_experts=num_experts,
-            top_k=top_k,
-            routing=routing,
-            router=router,
-            shared_expert=shared_expert,
-            capacity_factor=capacity_factor,
-            eval_capacity_factor=eval_capacity_factor,
-            normalize_gates=normalize_gates,
-        )
-        extra_moe_config = _check_moe_kwargs(moe_kwargs, moe_config)
-        moe_config = _router_type_config(
-            router_type, moe_config, slots_per_expert
-        )
-        # `moe_kwargs` go to the layer, which rejects what it does not take.
-        moe_config.update(extra_moe_config)
-        if router_type != "top_k" and moe_positions:
-            # The layer's own errors for its arguments, before any block.
-            build_moe_layer(moe_config, hidden_dim=1)
+        moe_config = moe_arguments.build_moe_config(moe_values, "convnext")
+        moe_positions = set(moe_block_indices(depths, moe_layers))
         expert_ratio = expert_mlp_ratio or mlp_ratio
         total_blocks = sum(depths)
         block_mlp_dims = _check_block_mlp_dims(block_mlp_dims, total_blocks)
@@ -523,7 +470,9 @@ class ConvNeXtMoEBackbone(
                             block_index in dense_skip_blocks
                         ),
                         moe_config=(
-                            _block_moe_config(moe_config, block_index)
+                            moe_arguments.block_moe_config(
+                                moe_config, block_index
+                            )
                             if is_moe
                             else None
                         ),
@@ -561,31 +510,18 @@ class ConvNeXtMoEBackbone(
         self.drop_path_rate = drop_path_rate
         self.layer_norm_epsilon = layer_norm_epsilon
         # Explicit placements are stored as JSON would restore them.
-        self.moe_placement = (
-            [
-                list(p) if isinstance(p, (list, tuple)) else p
-                for p in moe_placement
-            ]
-            if isinstance(moe_placement, (list, tuple))
-            else moe_placement
+        self.moe_layers = (
+            [list(p) if isinstance(p, (list, tuple)) else p for p in moe_layers]
+            if isinstance(moe_layers, (list, tuple))
+            else moe_layers
         )
-        self.num_experts = num_experts
-        self.top_k = top_k
+        moe_arguments.set_attributes(self, moe_values)
         self.expert_mlp_ratio = expert_mlp_ratio
-        self.routing = routing
-        self.router = router
-        self.shared_expert = shared_expert
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.normalize_gates = normalize_gates
         self.moe_skip_connection = moe_skip_connection
-        self.moe_kwargs = moe_kwargs
         self.block_mlp_dims = (
             None if all(v is None for v in block_mlp_dims) else block_mlp_dims
         )
         self.dense_skip_blocks = sorted(dense_skip_blocks) or None
-        self.router_type = router_type
-        self.slots_per_expert = slots_per_expert
         self.image_shape = tuple(image_shape)
         self.data_format = data_format
         self.moe_positions = sorted(moe_positions)
@@ -635,23 +571,13 @@ class ConvNeXtMoEBackbone(
                 "layer_scale_init_value": self.layer_scale_init_value,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
-                "moe_placement": self.moe_placement,
-                "num_experts": self.num_experts,
-                "top_k": self.top_k,
+                "moe_layers": self.moe_layers,
+                **moe_arguments.get_config(self),
                 "expert_mlp_ratio": self.expert_mlp_ratio,
-                "routing": self.routing,
-                "router": self.router,
-                "shared_expert": self.shared_expert,
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
-                "normalize_gates": self.normalize_gates,
                 "moe_skip_connection": self.moe_skip_connection,
-                "moe_kwargs": self.moe_kwargs,
                 "block_mlp_dims": self.block_mlp_dims,
                 "dense_skip_blocks": self.dense_skip_blocks,
                 "image_shape": self.image_shape,
-                "router_type": self.router_type,
-                "slots_per_expert": self.slots_per_expert,
             }
         )
         return config

@@ -223,7 +223,7 @@ def analytic_stats(config, image_size=224, num_classes=1000):
     router = config.get("router", "linear")
     layer_scale = config.get("layer_scale_init_value", 1e-6) is not None
     skip = config.get("moe_skip_connection", True)
-    moe_positions = set(moe_block_indices(depths, config.get("moe_placement")))
+    moe_positions = set(moe_block_indices(depths, config.get("moe_layers")))
 
     size = image_size // patch
     params = 3 * patch * patch * dims[0] + dims[0]
@@ -253,8 +253,7 @@ def analytic_stats(config, image_size=224, num_classes=1000):
             if router == "linear":
                 router_params = router_flops = d * experts
             else:
-                moe_kwargs = config.get("moe_kwargs") or {}
-                width = min(moe_kwargs.get("router_dim", 256), d)
+                width = min(config.get("router_dim", 256), d)
                 router_flops = d * width + experts * width
                 router_params = router_flops + (router == "cosine")
             params += experts * expert + router_params + skip * d
@@ -384,7 +383,7 @@ def _preset(name):
     else:
         num_experts, placement, expert_mlp_ratio = moe
         config.update(
-            moe_placement=PLACEMENTS[placement],
+            moe_layers=PLACEMENTS[placement],
             num_experts=num_experts,
             top_k=1,
             expert_mlp_ratio=expert_mlp_ratio,
