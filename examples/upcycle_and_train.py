@@ -64,11 +64,11 @@ def build_vit(args, num_classes, moe):
 
 def build_convnext(args, num_classes, moe):
     config = timm_backbone_config(args.checkpoint)
-    moe_kwargs = dict(
-        moe_placement="last-2", num_experts=4, normalize_gates=True,
+    moe_arguments = dict(
+        moe_layers="last-2", num_experts=4, normalize_gates=True,
         eval_capacity_factor=None,
     ) if moe else {}
-    backbone = ConvNeXtMoEBackbone(image_shape=(args.image_size, args.image_size, 3), **config, **moe_kwargs)
+    backbone = ConvNeXtMoEBackbone(image_shape=(args.image_size, args.image_size, 3), **config, **moe_arguments)
     model = ConvNeXtMoEImageClassifier(backbone, num_classes=num_classes)
     backbone_only = keras.Model(backbone.inputs, backbone.outputs)
     convert_timm_weights(args.checkpoint, backbone)

@@ -80,13 +80,10 @@ CONVNEXT_CASES = [
     (dict(drop_path_rate=INF), ["drop_path_rate", "inf"]),
     (dict(layer_norm_epsilon=-1e-6), ["layer_norm_epsilon", "-1e-06"]),
     (
-        dict(moe_placement="last-2", moe_kwargs={"top_k": 2}),
-        ["moe_kwargs", "['top_k']", "'top_k': 2"],
+        dict(moe_layers="last-2", group_size=0),
+        ["group_size", "group_size=0"],
     ),
-    (
-        dict(moe_placement="last-2", moe_kwargs=[("top_k", 2)]),
-        ["moe_kwargs", "[('top_k', 2)]"],
-    ),
+    (dict(moe_layers="last-2", dispatch="fast"), ["dispatch", "'fast'"]),
 ]
 
 

@@ -97,7 +97,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         keras.utils.set_random_seed(0)
         backbone = ConvNeXtMoEBackbone(
             depths=[1, 1], hidden_dims=[16, 32], patch_size=4,
-            moe_placement="last-2", num_experts=4, image_shape=(28, 28, 3),
+            moe_layers="last-2", num_experts=4, image_shape=(28, 28, 3),
         )
         model = ConvNeXtMoEImageClassifier(backbone, num_classes=10)
         model.compile(

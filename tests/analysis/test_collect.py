@@ -122,7 +122,7 @@ def test_convnext_feature_map_routing():
     backbone = ConvNeXtMoEBackbone(
         depths=[1, 1],
         hidden_dims=[8, 16],
-        moe_placement="last-2",
+        moe_layers="last-2",
         num_experts=4,
         image_shape=(32, 32, 3),
     )

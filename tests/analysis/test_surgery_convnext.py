@@ -35,7 +35,7 @@ def tiny_convnext(identical_experts=False, seed=0, **overrides):
         patch_size=4,
         mlp_ratio=4.0,
         layer_scale_init_value=1.0,
-        moe_placement="every-2",
+        moe_layers="every-2",
         num_experts=4,
         top_k=1,
         expert_mlp_ratio=2.0,
@@ -150,7 +150,7 @@ def test_merged_model_saves_loads_and_round_trips_its_config(tmp_path):
     config = merged.backbone.get_config()
     assert config["block_mlp_dims"] == [None, None, None, 32]
     assert config["dense_skip_blocks"] == [3]
-    assert config["moe_placement"] == [1]
+    assert config["moe_layers"] == [1]
     restored = ConvNeXtMoEBackbone.from_config(config)
     assert restored.get_config() == config
     path = str(tmp_path / "merged.keras")
@@ -243,7 +243,7 @@ def test_block_mlp_dims_and_dense_skip_blocks_are_checked():
 
 def test_distillation_into_a_moe_convnext_student():
     images, labels = tiny_data(16)
-    teacher = tiny_convnext(moe_placement=None, seed=1)
+    teacher = tiny_convnext(moe_layers=None, seed=1)
     student = tiny_convnext(seed=2)
     distiller = DistillationModel(student, teacher, temperature=2.0, alpha=0.9)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-2))

@@ -208,7 +208,7 @@ def _convnext_pair():
     dense = ConvNeXtMoEBackbone(**common)
     moe = ConvNeXtMoEBackbone(
         **common,
-        moe_placement=[(1, 0), (1, 1)],
+        moe_layers=[(1, 0), (1, 1)],
         num_experts=2,
         expert_mlp_ratio=4,
     )
@@ -258,20 +258,22 @@ def test_upcycle_vit_gives_each_moe_block_its_own_noise():
     )
 
 
-def test_convnext_moe_kwargs_seed_differs_per_block():
+def test_convnext_seed_differs_per_block():
     from keras_vmoe.models import ConvNeXtMoEBackbone
 
     backbone = ConvNeXtMoEBackbone(
         depths=[1, 2],
         hidden_dims=[8, 16],
         image_shape=(32, 32, 3),
-        moe_placement="last-2",
+        moe_layers="last-2",
         num_experts=2,
-        moe_kwargs={"noisy_gating": True, "seed": 5},
+        noisy_gating=True,
+        seed=5,
     )
     seeds = [block.mlp.seed for block in backbone.blocks if block.is_moe]
     assert len(seeds) == 2 and seeds[0] != seeds[1]
-    assert backbone.get_config()["moe_kwargs"]["seed"] == 5
+    assert seeds == [5 + 1, 5 + 2]  # seed + global block index
+    assert backbone.get_config()["seed"] == 5
 
 
 def test_truncated_keras_applications_weights_name_the_file(tmp_path):

@@ -217,12 +217,12 @@ def test_convnext_classifier_works_with_expert_parallel():
         depths=[1, 2],
         hidden_dims=[8, 16],
         image_shape=(16, 16, 3),
-        moe_placement="last-2",
+        moe_layers="last-2",
         num_experts=4,
         top_k=2,
         capacity_factor=1.0,
         eval_capacity_factor=1.0,
-        moe_kwargs={"group_size": 4},  # 2x2 map: 1 image per group
+        group_size=4,  # 2x2 map: 1 image per group
     )
     model = ConvNeXtMoEImageClassifier(backbone, num_classes=3)
     reference = _np(_forward(model, IMAGES))

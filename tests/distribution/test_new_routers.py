@@ -169,7 +169,7 @@ def test_convnext_soft_moe_forward_matches_one_device():
         depths=[1, 2],
         hidden_dims=[8, 16],
         image_shape=(16, 16, 3),
-        moe_placement="every-2",
+        moe_layers="every-2",
         num_experts=8,
         router_type="soft",
     )

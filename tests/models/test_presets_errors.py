@@ -405,7 +405,7 @@ def _models():
     convnext = ConvNeXtMoEImageClassifier(
         ConvNeXtMoEBackbone(
             depths=[1, 2], hidden_dims=[8, 16], image_shape=(32, 32, 3),
-            moe_placement="last-2", num_experts=2,
+            moe_layers="last-2", num_experts=2,
         ),
         num_classes=3,
     )

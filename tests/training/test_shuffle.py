@@ -30,7 +30,7 @@ def vit():
 def convnext():
     backbone = ConvNeXtMoEBackbone(
         depths=[1], hidden_dims=[8], patch_size=4, image_shape=(8, 8, 3),
-        moe_placement=[0], num_experts=2,
+        moe_layers=[0], num_experts=2,
     )
     return ConvNeXtMoEImageClassifier(backbone, num_classes=NUM)
 

@@ -47,7 +47,7 @@ class ConvNeXtMoEImageClassifier(
     Example:
     >>> backbone = ConvNeXtMoEBackbone(
     ...     depths=[1, 1, 2, 1], hidden_dims=[8, 16, 24, 32],
-    ...     moe_placement="last-2", image_shape=(64, 64, 3),
+    ...     moe_layers="last-2", image_shape=(64, 64, 3),
     ... )
     >>> classifier = ConvNeXtMoEImageClassifier(backbone, num_classes=10)
     >>> classifier.compile(optimizer="adam")

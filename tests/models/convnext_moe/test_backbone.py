@@ -62,15 +62,15 @@ def test_placements_select_the_papers_blocks(depths, placement, expected):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(moe_placement="last-4"), "moe_placement='last-4'"),
-        (dict(moe_placement=[(4, 0)]), "moe_placement=[(4, 0)]"),
-        (dict(moe_placement=[99]), "moe_placement=[99]"),
-        (dict(moe_placement=["a"]), "moe_placement=['a']"),
-        (dict(moe_placement="last-2", num_experts=0), "num_experts=0"),
+        (dict(moe_layers="last-4"), "moe_layers='last-4'"),
+        (dict(moe_layers=[(4, 0)]), "moe_layers=[(4, 0)]"),
+        (dict(moe_layers=[99]), "moe_layers=[99]"),
+        (dict(moe_layers=["a"]), "moe_layers=['a']"),
+        (dict(moe_layers="last-2", num_experts=0), "num_experts=0"),
         (dict(hidden_dims=[8, 16, 24]), "hidden_dims=[8, 16, 24]"),
         (dict(depths=[1, 0, 1, 1]), "depths=[1, 0, 1, 1]"),
-        (dict(moe_placement="last-2", top_k=3, num_experts=2), "top_k=3"),
-        (dict(router_dim=8), "router_dim=8"),
+        (dict(moe_layers="last-2", top_k=3, num_experts=2), "top_k=3"),
+        (dict(router_dims=8), "router_dims=8"),
     ],
 )
 def test_bad_configs_raise_naming_the_value(kwargs, message):
@@ -79,9 +79,9 @@ def test_bad_configs_raise_naming_the_value(kwargs, message):
 
 
 def test_isotropic_last_3_needs_enough_blocks():
-    with pytest.raises(ValueError, match="moe_placement='last-3'"):
+    with pytest.raises(ValueError, match="moe_layers='last-3'"):
         ConvNeXtMoEBackbone(
-            **{**ISOTROPIC, "depths": [4]}, moe_placement="last-3"
+            **{**ISOTROPIC, "depths": [4]}, moe_layers="last-3"
         )
 
 
@@ -97,7 +97,7 @@ def test_every_family_builds_with_correct_shapes(
     family, expected_shape, placement
 ):
     backbone = ConvNeXtMoEBackbone(
-        **family, moe_placement=placement, num_experts=4, expert_mlp_ratio=2
+        **family, moe_layers=placement, num_experts=4, expert_mlp_ratio=2
     )
     assert backbone(IMAGES).shape == expected_shape
     moe_blocks = [
@@ -124,7 +124,7 @@ def test_moe_block_adds_the_skip_connection_around_the_moe():
 def test_moe_with_one_expert_equals_the_dense_convnext():
     dense = ConvNeXtMoEBackbone(**HIERARCHICAL)
     moe = ConvNeXtMoEBackbone(
-        **HIERARCHICAL, moe_placement="every-2", num_experts=1
+        **HIERARCHICAL, moe_layers="every-2", num_experts=1
     )
     upcycle_convnext(dense, moe)
     np.testing.assert_allclose(
@@ -136,7 +136,7 @@ def test_gradients_reach_every_weight():
     backbone = ConvNeXtMoEBackbone(
         depths=[1, 2],
         hidden_dims=[8, 16],
-        moe_placement=[0, 2],
+        moe_layers=[0, 2],
         num_experts=4,
         shared_expert=True,
         drop_path_rate=0.1,
@@ -147,13 +147,13 @@ def test_gradients_reach_every_weight():
 
 def test_isotropic_gradients_reach_every_weight():
     backbone = ConvNeXtMoEBackbone(
-        **ISOTROPIC, moe_placement="last-2", num_experts=4, router="cosine"
+        **ISOTROPIC, moe_layers="last-2", num_experts=4, router="cosine"
     )
     assert_every_weight_has_gradient(backbone, IMAGES)
 
 
 def test_training_adds_the_auxiliary_losses():
-    backbone = ConvNeXtMoEBackbone(**HIERARCHICAL, moe_placement="last-2")
+    backbone = ConvNeXtMoEBackbone(**HIERARCHICAL, moe_layers="last-2")
     backbone(IMAGES, training=True)
     assert len(backbone.losses) == 2
 
@@ -161,18 +161,19 @@ def test_training_adds_the_auxiliary_losses():
 def test_keras_round_trip_is_bit_exact(tmp_path):
     backbone = ConvNeXtMoEBackbone(
         **HIERARCHICAL,
-        moe_placement=[(2, 1), 7],
+        moe_layers=[(2, 1), 7],
         num_experts=4,
         router="l2",
         routing="image",
-        moe_kwargs={"router_dim": 8, "z_loss_weight": 1e-3},
+        router_dim=8,
+        z_loss_weight=1e-3,
     )
     restored = assert_keras_round_trip(backbone, IMAGES, tmp_path)
     assert restored.get_config() == backbone.get_config()
 
 
 def test_config_round_trip_rebuilds_the_same_model():
-    backbone = ConvNeXtMoEBackbone(**ISOTROPIC, moe_placement="every-2")
+    backbone = ConvNeXtMoEBackbone(**ISOTROPIC, moe_layers="every-2")
     clone = ConvNeXtMoEBackbone.from_config(backbone.get_config())
     assert clone.get_config() == backbone.get_config()
     assert clone.count_params() == backbone.count_params()
@@ -180,7 +181,7 @@ def test_config_round_trip_rebuilds_the_same_model():
 
 def test_mixed_bfloat16_forward():
     keras.config.set_dtype_policy("mixed_bfloat16")
-    backbone = ConvNeXtMoEBackbone(**HIERARCHICAL, moe_placement="last-3")
+    backbone = ConvNeXtMoEBackbone(**HIERARCHICAL, moe_layers="last-3")
     outputs = backbone(IMAGES)
     assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
     assert np.all(np.isfinite(numpy(keras.ops.cast(outputs, "float32"))))
@@ -193,7 +194,7 @@ def test_per_block_mlp_width_and_dense_skip(tmp_path):
     backbone = ConvNeXtMoEBackbone(
         depths=[1, 2],
         hidden_dims=[8, 16],
-        moe_placement=[1],
+        moe_layers=[1],
         num_experts=2,
         block_mlp_dims=[None, 8, 12],
         dense_skip_blocks=[2],

@@ -81,7 +81,7 @@ def test_keras_applications_weights_file_upcycled(
     keras_application.save_weights(path)
     classifier = keras_application_classifier(
         keras_application,
-        moe_placement="last-3",
+        moe_layers="last-3",
         shared_expert=True,
         **UPCYCLED,
     )
@@ -101,9 +101,9 @@ def timm_reference():
     "kwargs",
     [
         {},
-        dict(moe_placement="every-2", **UPCYCLED),
+        dict(moe_layers="every-2", **UPCYCLED),
         dict(
-            moe_placement="stage",
+            moe_layers="stage",
             router="cosine",
             shared_expert=True,
             **UPCYCLED,
@@ -149,7 +149,7 @@ def test_timm_backbone_skips_the_head(timm_reference):
 def test_upcycled_skip_connection_starts_closed_and_is_trained():
     dense = ConvNeXtMoEBackbone(depths=[1, 2], hidden_dims=[8, 16])
     moe = ConvNeXtMoEBackbone(
-        depths=[1, 2], hidden_dims=[8, 16], moe_placement="last-2", **UPCYCLED
+        depths=[1, 2], hidden_dims=[8, 16], moe_layers="last-2", **UPCYCLED
     )
     converters.upcycle_convnext(dense, moe, noise_std=0.01, seed=0)
     block = moe.blocks[-1]

@@ -22,7 +22,7 @@ def small_classifier(preprocessor=None, **kwargs):
         **kwargs,
         depths=[1, 1, 2, 1],
         hidden_dims=[8, 16, 16, 24],
-        moe_placement="last-2",
+        moe_layers="last-2",
         num_experts=4,
         expert_mlp_ratio=2,
         image_shape=(32, 32, 3),
@@ -33,8 +33,8 @@ def small_classifier(preprocessor=None, **kwargs):
 
 
 def test_fit_trains_the_classifier_with_the_weighted_aux_losses():
-    plain = small_classifier(moe_kwargs={"load_balance_loss_weight": 0.0})
-    weighted = small_classifier(moe_kwargs={"load_balance_loss_weight": 10.0})
+    plain = small_classifier(load_balance_loss_weight=0.0)
+    weighted = small_classifier(load_balance_loss_weight=10.0)
     weighted.set_weights(plain.get_weights())
     router = weighted.backbone.blocks[-1].mlp.router.kernel
     before = keras.ops.convert_to_numpy(router).copy()

@@ -35,7 +35,7 @@ BUILT = ["convnext_moe_tiny_e4_last2", "convnext_moe_isotropic_small_e8_last2"]
 def test_preset_names_follow_the_scheme():
     for name, preset in PRESETS.items():
         assert NAME.match(name), name
-        moe = preset["config"].get("moe_placement") is not None
+        moe = preset["config"].get("moe_layers") is not None
         assert moe == name.startswith("convnext_moe_"), name
 
 
@@ -62,14 +62,14 @@ def test_recorded_stats_equal_model_stats_of_the_built_model(name):
     "config",
     [
         dict(
-            moe_placement="every-2",
+            moe_layers="every-2",
             shared_expert=True,
             top_k=2,
             router="cosine",
-            moe_kwargs={"router_dim": 8},
+            router_dim=8,
         ),
         dict(
-            moe_placement=[0, 3],
+            moe_layers=[0, 3],
             router="l2",
             expert_mlp_ratio=1,
             moe_skip_connection=False,

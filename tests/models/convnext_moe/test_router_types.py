@@ -18,7 +18,7 @@ TINY = dict(
     depths=[1, 2],
     hidden_dims=[8, 16],
     image_shape=(16, 16, 3),
-    moe_placement="every-2",
+    moe_layers="every-2",
     num_experts=4,
 )
 ROUTER_TYPES = {
@@ -113,7 +113,7 @@ def test_gradient_reaches_every_weight(router_type):
         (
             dict(
                 router_type="soft",
-                moe_kwargs={"load_balance_loss_weight": 0.1},
+                load_balance_loss_weight=0.1,
             ),
             "load_balance_loss_weight",
         ),
@@ -126,8 +126,8 @@ def test_bad_router_type_arguments_raise_naming_them(overrides, message):
         ConvNeXtMoEBackbone(**config)
 
 
-def test_moe_kwargs_reach_the_soft_moe_layer():
-    backbone = _backbone("soft", moe_kwargs={"normalize": False})
+def test_normalize_reaches_the_soft_moe_layer():
+    backbone = _backbone("soft", normalize=False)
     assert all(not block.mlp.normalize for block in _moe_blocks(backbone))
 
 
