@@ -8,6 +8,7 @@ errors deep in a backend) or be dropped silently.
 
 import math
 import numbers
+import warnings
 
 # Keyword arguments that `keras.Model` / KerasHub `Backbone` and `Task`
 # accept (and that `get_config` / `from_config` / `from_preset` pass back).
@@ -130,3 +131,45 @@ def check_head_args(backbone, backbone_cls, num_classes, dropout):
     check_number(
         "dropout", dropout, minimum=0, maximum=1, max_inclusive=False
     )
+
+
+# The release that removes the deprecated argument spellings.
+REMOVAL_VERSION = "0.3"
+
+
+def warn_deprecated(old, new, stacklevel=3):
+    """Emits the `DeprecationWarning` of the argument `old`.
+
+    Args:
+        old: the deprecated argument's name.
+        new: what to use instead, as it should read in the message.
+        stacklevel: passed to `warnings.warn`; the default points at the
+            caller of the function that calls this one.
+    """
+    warnings.warn(
+        f"`{old}` is deprecated; use {new} instead. `{old}` will be removed "
+        f"in keras-vmoe {REMOVAL_VERSION}.",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def deprecated_alias(old, old_value, new, new_value, new_default):
+    """The value of argument `new`, given its deprecated alias `old`.
+
+    `old_value=None` means the alias was not given. Given, it warns (a
+    `DeprecationWarning` pointing at the caller's caller) and its value is
+    used; giving both (`new_value` other than `new_default`) is an error.
+
+    Raises:
+        ValueError: naming both arguments and their values.
+    """
+    if old_value is None:
+        return new_value
+    if new_value != new_default:
+        raise ValueError(
+            f"`{old}` is a deprecated alias of `{new}`; pass `{new}` only. "
+            f"Received: {new}={new_value!r}, {old}={old_value!r}"
+        )
+    warn_deprecated(old, f"`{new}`", stacklevel=4)
+    return old_value

@@ -23,6 +23,7 @@ from keras_vmoe.converters.common import WeightAssigner
 from keras_vmoe.converters.common import check_h5_file
 from keras_vmoe.converters.common import load_state_dict
 from keras_vmoe.converters.upcycle import upcycle_feed_forward
+from keras_vmoe.validation import deprecated_alias
 
 KERAS_APPLICATIONS_VARIANTS = {
     "ConvNeXtTiny": ([3, 3, 9, 3], [96, 192, 384, 768]),
@@ -214,7 +215,9 @@ def timm_backbone_config(source):
     }
 
 
-def convert_timm_weights(source, model, upcycle_noise_std=0.0, seed=None):
+def convert_timm_weights(
+    source, model, upcycle_noise_std=0.0, upcycle_seed=None, seed=None
+):
     """Loads a timm `convnext_*` checkpoint into a ConvNeXt-MoE model.
 
     Keys: `stem.0/1`, `stages.i.downsample.0/1`, `stages.i.blocks.j.conv_dw`,
@@ -228,7 +231,9 @@ def convert_timm_weights(source, model, upcycle_noise_std=0.0, seed=None):
             or a `ConvNeXtMoEImageClassifier`, built with the checkpoint's
             architecture (`timm_backbone_config`).
         upcycle_noise_std: relative noise added to each expert's copy.
-        seed: seed of that noise.
+        upcycle_seed: seed of that noise.
+        seed: deprecated alias of `upcycle_seed` (a `DeprecationWarning`;
+            removed in 0.3).
 
     Returns:
         `model`, with its weights set.
@@ -237,6 +242,9 @@ def convert_timm_weights(source, model, upcycle_noise_std=0.0, seed=None):
         ValueError: naming the key (and shapes) of any tensor that is
             missing, unused, or of the wrong shape.
     """
+    upcycle_seed = deprecated_alias(
+        "seed", seed, "upcycle_seed", upcycle_seed, None
+    )
     state_dict = load_state_dict(source)
     head_keys = (
         "head.norm.weight",
@@ -245,7 +253,12 @@ def convert_timm_weights(source, model, upcycle_noise_std=0.0, seed=None):
         "head.fc.bias",
     )
     return _load(
-        model, state_dict, _timm_key, head_keys, upcycle_noise_std, seed
+        model,
+        state_dict,
+        _timm_key,
+        head_keys,
+        upcycle_noise_std,
+        upcycle_seed,
     )
 
 
@@ -334,7 +347,12 @@ def keras_applications_backbone_config(model):
 
 
 def convert_keras_applications_weights(
-    source, model, variant=None, upcycle_noise_std=0.0, seed=None
+    source,
+    model,
+    variant=None,
+    upcycle_noise_std=0.0,
+    upcycle_seed=None,
+    seed=None,
 ):
     """Loads a `keras.applications.ConvNeXt*` model's weights into `model`.
 
@@ -349,11 +367,16 @@ def convert_keras_applications_weights(
             ("ConvNeXtTiny", ...); default: the one whose depths and widths
             match `model`.
         upcycle_noise_std: relative noise added to each expert's copy.
-        seed: seed of that noise.
+        upcycle_seed: seed of that noise.
+        seed: deprecated alias of `upcycle_seed` (a `DeprecationWarning`;
+            removed in 0.3).
 
     Returns:
         `model`, with its weights set.
     """
+    upcycle_seed = deprecated_alias(
+        "seed", seed, "upcycle_seed", upcycle_seed, None
+    )
     if isinstance(source, (str, os.PathLike)):
         source = _keras_applications_model(os.fspath(source), model, variant)
     state_dict = keras_applications_state_dict(source)
@@ -369,7 +392,7 @@ def convert_keras_applications_weights(
         _keras_applications_key,
         head_keys,
         upcycle_noise_std,
-        seed,
+        upcycle_seed,
     )
 
 

@@ -24,6 +24,7 @@ from keras_vmoe.converters.common import WeightAssigner
 from keras_vmoe.converters.common import load_state_dict
 from keras_vmoe.converters.upcycle import upcycle_feed_forward
 from keras_vmoe.models.vit_moe.layers import bicubic_resize_matrix
+from keras_vmoe.validation import deprecated_alias
 
 _SKIPPED_KEYS = ("mask_token",)
 
@@ -237,7 +238,14 @@ def upcycle_vit(dense, moe, noise_std=0.0, seed=None):
             target_weight.assign(source_weight)
 
 
-def load_vit_checkpoint(source, model, noise_std=0.0, seed=None):
+def load_vit_checkpoint(
+    source,
+    model,
+    upcycle_noise_std=0.0,
+    upcycle_seed=None,
+    noise_std=None,
+    seed=None,
+):
     """Loads a dense timm / DINOv2 checkpoint into any ViT(-MoE) model.
 
     A dense model is loaded directly (`convert_vit_checkpoint`); a MoE
@@ -251,11 +259,21 @@ def load_vit_checkpoint(source, model, noise_std=0.0, seed=None):
         model: the target `ViTMoEBackbone` (a head in the checkpoint is
             skipped) or `ViTMoEImageClassifier` (the checkpoint must have a
             head of `num_classes` outputs and the classifier's `pooling`).
-        noise_std, seed: upcycling noise, see `upcycle_vit`.
+        upcycle_noise_std: relative noise added to each routed expert's
+            copy (`noise_std` of `upcycle_vit`).
+        upcycle_seed: seed of that noise (`seed` of `upcycle_vit`).
+        noise_std, seed: deprecated aliases of `upcycle_noise_std` and
+            `upcycle_seed` (a `DeprecationWarning`; removed in 0.3).
 
     Returns:
         `model`, with its weights set.
     """
+    upcycle_noise_std = deprecated_alias(
+        "noise_std", noise_std, "upcycle_noise_std", upcycle_noise_std, 0.0
+    )
+    upcycle_seed = deprecated_alias(
+        "seed", seed, "upcycle_seed", upcycle_seed, None
+    )
     backbone = getattr(model, "backbone", None)
     if backbone is None:
         backbone = model
@@ -272,7 +290,7 @@ def load_vit_checkpoint(source, model, noise_std=0.0, seed=None):
     dense_backbone = dense_twin(backbone)
     if model is backbone:
         convert_vit_checkpoint(source, dense_backbone)
-        upcycle_vit(dense_backbone, backbone, noise_std, seed)
+        upcycle_vit(dense_backbone, backbone, upcycle_noise_std, upcycle_seed)
         return model
     # A classifier: fill a dense classifier (backbone + head, coverage
     # checked), upcycle its backbone, copy its head.
@@ -283,7 +301,7 @@ def load_vit_checkpoint(source, model, noise_std=0.0, seed=None):
         activation=model.activation,
     )
     convert_vit_checkpoint(source, dense)
-    upcycle_vit(dense_backbone, backbone, noise_std, seed)
+    upcycle_vit(dense_backbone, backbone, upcycle_noise_std, upcycle_seed)
     for source_weight, target_weight in zip(
         dense.output_dense.weights, model.output_dense.weights
     ):

@@ -11,17 +11,15 @@ arguments, and forward them to every MoE block. This module defines:
 - `build_moe_config`: validation and assembly of the per-block
   `moe_config`, `block_moe_config` the per-block `seed`;
 - `get_config`: the backbone's config entries for them;
-- `merge_moe_kwargs` and `warn_deprecated`: the deprecated ConvNeXt
-  `moe_kwargs` dict and the deprecation messages.
+- `merge_moe_kwargs`: the deprecated ConvNeXt `moe_kwargs` dict.
 
 The tests check that both backbones' signatures list exactly these names
 with exactly these defaults, so the families cannot drift apart.
 """
 
-import warnings
-
 from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.layers.moe_types import check_router_type
+from keras_vmoe.validation import warn_deprecated
 
 # Names of the `MoEFeedForward` (or `SoftMoEFeedForward`,
 # `ExpertChoiceFeedForward`) arguments a backbone forwards to its MoE
@@ -110,9 +108,6 @@ ROUTER_TYPE_ARGUMENTS = {
     ),
 }
 
-REMOVAL_VERSION = "0.3"
-
-
 def defaults(family):
     """`{name: default}` of the MoE arguments of `family` ("vit" or
     "convnext"), in `MOE_ARGUMENTS` order."""
@@ -123,16 +118,6 @@ def defaults(family):
 def collect(values):
     """The MoE arguments out of a dict holding them (e.g. `locals()`)."""
     return {name: values[name] for name in MOE_ARGUMENTS}
-
-
-def warn_deprecated(old, new, stacklevel=3):
-    """Emits the `DeprecationWarning` of the argument `old`."""
-    warnings.warn(
-        f"`{old}` is deprecated; use {new} instead. `{old}` will be removed "
-        f"in keras-vmoe {REMOVAL_VERSION}.",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
 
 
 def merge_moe_kwargs(moe_kwargs, values, family):

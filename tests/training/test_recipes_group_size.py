@@ -30,11 +30,18 @@ def test_vit_preset_names_take_group_size():
     assert _group_sizes(model) == {64}
 
 
+@pytest.mark.slow
+def test_convnext_preset_names_take_group_size():
+    # The same flat `group_size` argument as the ViT presets.
+    model = build_classifier("convnext_moe_tiny_e4_last2", 10, group_size=64)
+    assert _group_sizes(model) == {64}
+
+
 @pytest.mark.parametrize(
     "name, group_size, message",
     [
         ("vimoe_mnist", 0, "group_size=0"),
-        ("convnext_moe_tiny_e8_last2", 64, "group_size=64, model='convnext_moe_tiny_e8_last2'"),
+        ("no/such/preset", 64, "group_size=64, model='no/such/preset'"),
     ],
 )
 def test_group_size_errors_name_the_value(name, group_size, message):

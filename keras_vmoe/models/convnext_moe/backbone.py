@@ -10,6 +10,7 @@ from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.validation import check_int
 from keras_vmoe.validation import check_no_unknown_kwargs
 from keras_vmoe.validation import check_number
+from keras_vmoe.validation import deprecated_alias
 
 MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
 
@@ -373,16 +374,9 @@ class ConvNeXtMoEBackbone(
     ):
         # keras.Model would silently ignore a misspelt argument.
         check_no_unknown_kwargs(type(self).__name__, kwargs)
-        if moe_placement is not None:
-            if moe_layers is not None:
-                raise ValueError(
-                    "`moe_placement` is a deprecated alias of `moe_layers`; "
-                    "pass `moe_layers` only. Received: "
-                    f"moe_layers={moe_layers!r}, "
-                    f"moe_placement={moe_placement!r}"
-                )
-            moe_arguments.warn_deprecated("moe_placement", "`moe_layers`")
-            moe_layers = moe_placement
+        moe_layers = deprecated_alias(
+            "moe_placement", moe_placement, "moe_layers", moe_layers, None
+        )
         moe_values = moe_arguments.merge_moe_kwargs(
             moe_kwargs, moe_arguments.collect(locals()), "convnext"
         )

@@ -38,6 +38,7 @@ ConvNeXt-T-4 Last-2 34.5 / 25.6 / 4.24 (4.2), ConvNeXt-T-8 Stage 47.4 /
 from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
 from keras_vmoe.models.normalization import IMAGENET_MEAN
 from keras_vmoe.models.normalization import IMAGENET_STD
+from keras_vmoe.validation import deprecated_alias
 
 TINY = {"depths": [3, 3, 9, 3], "hidden_dims": [96, 192, 384, 768]}
 SMALL = {"depths": [3, 3, 27, 3], "hidden_dims": [96, 192, 384, 768]}
@@ -276,6 +277,7 @@ def build_model(
     load_weights=True,
     weights_path=None,
     upcycle_noise_std=0.0,
+    upcycle_seed=None,
     seed=None,
     **overrides,
 ):
@@ -294,7 +296,10 @@ def build_model(
             with `expert_mlp_ratio=4`.
         weights_path: a local dense checkpoint: a timm `.safetensors` /
             `.npz`, or a keras.applications `.weights.h5`.
-        upcycle_noise_std, seed: noise of the expert copies.
+        upcycle_noise_std, upcycle_seed: noise of the expert copies.
+        seed: deprecated alias of `upcycle_seed` (a `DeprecationWarning`;
+            removed in 0.3, after which `seed` will override the MoE
+            blocks' gating-noise `seed` like any backbone argument).
         **overrides: `ConvNeXtMoEBackbone` arguments replacing the preset's
             (e.g. `image_shape`, `dtype`, `normalize_gates`).
     """
@@ -312,6 +317,9 @@ def build_model(
         ConvNeXtMoEImageConverter,
     )
 
+    upcycle_seed = deprecated_alias(
+        "seed", seed, "upcycle_seed", upcycle_seed, None
+    )
     if weights_path is not None and not load_weights:
         raise ValueError(
             "`weights_path` is only read with `load_weights=True`. Received: "
@@ -343,7 +351,10 @@ def build_model(
         return model
     # The ImageNet head is loaded for 1000 classes; otherwise it is new.
     target = model if num_classes == 1000 else backbone
-    upcycling = {"upcycle_noise_std": upcycle_noise_std, "seed": seed}
+    upcycling = {
+        "upcycle_noise_std": upcycle_noise_std,
+        "upcycle_seed": upcycle_seed,
+    }
     if weights_path is not None and str(weights_path).endswith(
         (".safetensors", ".npz")
     ):

@@ -47,6 +47,7 @@ from keras_vmoe.models.normalization import INCEPTION_MEAN
 from keras_vmoe.models.normalization import INCEPTION_STD
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.models.vit_moe.backbone import resolve_moe_layers
+from keras_vmoe.validation import deprecated_alias
 
 _DINOV2_SMALL = {
     "image_shape": (224, 224, 3),
@@ -195,6 +196,7 @@ def build_backbone(
     load_weights=True,
     weights_path=None,
     upcycle_noise_std=0.0,
+    upcycle_seed=None,
     seed=None,
     **overrides,
 ):
@@ -205,11 +207,17 @@ def build_backbone(
         load_weights: download (or read `weights_path`), convert and upcycle
             the dense checkpoint; False leaves the random initialisation.
         weights_path: a local copy of the dense checkpoint (`.safetensors`).
-        upcycle_noise_std, seed: noise of the expert copies.
+        upcycle_noise_std, upcycle_seed: noise of the expert copies.
+        seed: deprecated alias of `upcycle_seed` (a `DeprecationWarning`;
+            removed in 0.3, after which `seed` will override the MoE
+            blocks' gating-noise `seed` like any backbone argument).
         **overrides: `ViTMoEBackbone` arguments replacing the preset's.
     """
     from keras_vmoe.converters.vit import load_vit_checkpoint
 
+    upcycle_seed = deprecated_alias(
+        "seed", seed, "upcycle_seed", upcycle_seed, None
+    )
     if weights_path is not None and not load_weights:
         raise ValueError(
             "`weights_path` is only read with `load_weights=True`. Received: "
@@ -221,7 +229,9 @@ def build_backbone(
         source = weights_path or download_checkpoint(
             preset["source"], preset=name
         )
-        load_vit_checkpoint(source, backbone, upcycle_noise_std, seed)
+        load_vit_checkpoint(
+            source, backbone, upcycle_noise_std, upcycle_seed
+        )
     return backbone
 
 
