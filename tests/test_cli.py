@@ -125,3 +125,33 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     # tolerance far below what one epoch of training changes.
     assert max(np.abs(a - b).max() for a, b in zip(straight, crashed)) > 1e-2
     assert max(np.abs(a - b).max() for a, b in zip(straight, resumed)) < 1e-4
+
+
+class _Built(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "model", ["vimoe_mnist", "convnext_moe_mnist", "convnext_moe_tiny_e4_last2"]
+)
+def test_group_size_flag_reaches_both_families(model, monkeypatch, tmp_path):
+    # The same `--group-size` flag configures ViT-MoE and MoE-ConvNeXt
+    # (recipes and preset names): it becomes the flat `group_size`.
+    from keras_vmoe.training import recipes
+
+    received = {}
+
+    def build_classifier(name, num_classes, **kwargs):
+        received.update(kwargs, name=name)
+        raise _Built
+
+    monkeypatch.setattr(cli, "load_split", lambda *a, **k: (None, list("ab")))
+    monkeypatch.setattr(recipes, "build_classifier", build_classifier)
+    with pytest.raises(_Built):
+        cli.main(
+            [
+                "train", "--debug", "--model", model, "--group-size", "16",
+                "--output-dir", str(tmp_path),
+            ]
+        )
+    assert received["name"] == model and received["group_size"] == 16
