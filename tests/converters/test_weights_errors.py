@@ -272,7 +272,7 @@ def test_convnext_seed_differs_per_block():
     )
     seeds = [block.mlp.seed for block in backbone.blocks if block.is_moe]
     assert len(seeds) == 2 and seeds[0] != seeds[1]
-    assert seeds == [5 + 1, 5 + 2]  # seed + global block index
+    assert seeds == [5 + 0, 5 + 2]  # seed + global block index (0, 2)
     assert backbone.get_config()["seed"] == 5
 
 
