@@ -28,6 +28,8 @@ from keras_vmoe.layers.experts import check_positive_int
 from keras_vmoe.layers.experts import run_experts
 from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.layers.feed_forward import make_shared_expert
+from keras_vmoe.layers.quantization import QuantizedExpertsMixin
+from keras_vmoe.layers.quantization import unquantized_policy
 from keras_vmoe.layers.routers import ROUTERS
 from keras_vmoe.layers.routers import get_router
 from keras_vmoe.layers.routing import compute_capacity
@@ -87,7 +89,7 @@ def expert_choice_gates(gates, item_index, group_size):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ExpertChoiceFeedForward(keras.layers.Layer):
+class ExpertChoiceFeedForward(QuantizedExpertsMixin, keras.layers.Layer):
     """Mixture-of-Experts feed-forward layer with Expert Choice routing.
 
     Its own layer rather than a `routing=` option of `MoEFeedForward`: the
@@ -220,7 +222,9 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
             self.dtype_policy,
         )
         self.dropout_layer = keras.layers.Dropout(
-            dropout, dtype=self.dtype_policy, name="dropout"
+            dropout,
+            dtype=unquantized_policy(self.dtype_policy),
+            name="dropout",
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._routing_observers = []

@@ -8,6 +8,7 @@ analysis tools treat them alike. The forward pass over [E, N, d] rows is
 `MoEFeedForward._run_experts`, reused here as it is.
 """
 
+from keras_vmoe.layers import quantization
 from keras_vmoe.layers.moe import MoEFeedForward
 
 # [E, N, d] -> [E, N, d]: expert e runs on its own N rows. Needs the four
@@ -16,20 +17,41 @@ run_experts = MoEFeedForward._run_experts
 
 
 def add_expert_weights(layer, num_experts, input_dim, hidden_dim, initializer):
-    """Adds the four stacked expert weights to `layer` (in its `build`)."""
+    """Adds the four stacked expert weights to `layer` (in its `build`).
+
+    `layer` is a `QuantizedExpertsMixin`: the float kernels are stored as
+    `_expert_kernel_1` / `_expert_kernel_2` (read through the
+    `expert_kernel_*` properties). When the layer's policy is quantized (a
+    quantized layer being loaded), the float kernels are replaced by the
+    stored kernels and their scales, added after the biases, in the order
+    `quantize` leaves them.
+    """
     e, d, h = num_experts, input_dim, hidden_dim
-    layer.expert_kernel_1 = layer.add_weight(
-        name="expert_kernel_1", shape=(e, d, h), initializer=initializer
-    )
-    layer.expert_bias_1 = layer.add_weight(
-        name="expert_bias_1", shape=(e, h), initializer="zeros"
-    )
-    layer.expert_kernel_2 = layer.add_weight(
-        name="expert_kernel_2", shape=(e, h, d), initializer=initializer
-    )
-    layer.expert_bias_2 = layer.add_weight(
-        name="expert_bias_2", shape=(e, d), initializer="zeros"
-    )
+    mode = layer.quantization_mode
+    if mode is not None:
+        quantization.check_mode(mode)
+    for index, (shape_in, shape_out) in enumerate(((d, h), (h, d)), 1):
+        if mode is None:
+            setattr(
+                layer,
+                f"_expert_kernel_{index}",
+                layer.add_weight(
+                    name=f"expert_kernel_{index}",
+                    shape=(e, shape_in, shape_out),
+                    initializer=initializer,
+                ),
+            )
+        setattr(
+            layer,
+            f"expert_bias_{index}",
+            layer.add_weight(
+                name=f"expert_bias_{index}",
+                shape=(e, shape_out),
+                initializer="zeros",
+            ),
+        )
+    if mode is not None:
+        layer._build_quantized_kernels(mode)
 
 
 def check_positive_int(name, value):

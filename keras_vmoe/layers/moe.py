@@ -68,7 +68,7 @@ def _check_choice(name, value, choices):
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class MoEFeedForward(
-    quantization.QuantizedCallMixin, keras.layers.Layer
+    quantization.QuantizedExpertsMixin, keras.layers.Layer
 ):
     """Mixture-of-Experts feed-forward layer with top-k routing.
 
@@ -403,89 +403,6 @@ class MoEFeedForward(
         )
         if mode is not None:
             self._build_quantized_kernels(mode)
-
-    # === Quantization ===
-    def _build_quantized_kernels(self, mode):
-        """Stored kernels and per-expert, per-channel scales (after the
-        float weights, so a quantized layer saves and loads in one order)."""
-        e, d, h = self.num_experts, self.input_dim, self.hidden_dim
-        self._is_quantized = True  # Keras' marker: setting the policy is done
-        for index, (shape_in, shape_out) in enumerate(((d, h), (h, d)), 1):
-            setattr(
-                self,
-                f"_expert_kernel_{index}",
-                self.add_weight(
-                    name=f"expert_kernel_{index}",
-                    shape=(e, shape_in, shape_out),
-                    initializer="zeros",
-                    dtype=quantization.STORAGE_DTYPES[mode],
-                    trainable=False,
-                ),
-            )
-            setattr(
-                self,
-                f"expert_kernel_{index}_scale",
-                self.add_weight(
-                    name=f"expert_kernel_{index}_scale",
-                    shape=(e, 1, shape_out),
-                    initializer="ones",
-                    dtype="float32",
-                    trainable=False,
-                ),
-            )
-
-    @property
-    def expert_kernel_1(self):
-        """[E, d, h] first expert kernels (dequantized when quantized)."""
-        return self._expert_kernel(1)
-
-    @property
-    def expert_kernel_2(self):
-        """[E, h, d] second expert kernels (dequantized when quantized)."""
-        return self._expert_kernel(2)
-
-    def _expert_kernel(self, index):
-        stored = getattr(self, f"_expert_kernel_{index}")
-        mode = self.quantization_mode
-        if mode is None:
-            return stored
-        scale = getattr(self, f"expert_kernel_{index}_scale")
-        return quantization.dequantize_kernel(
-            stored, scale, mode, self.compute_dtype
-        )
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        """Weight-only quantization of the experts: "int8" or "float8".
-
-        Every routed expert kernel gets one scale per expert and output
-        channel (see `keras_vmoe.layers.quantization`); the shared expert's
-        `Dense` layers are quantized with Keras' own `Dense.quantize` (if
-        `model.quantize` has not done so already). Biases stay in float
-        and the router stays float32. `model.quantize(mode)` on keras-vmoe
-        models calls this for every MoE layer.
-        """
-        del type_check, config  # the experts take no quantizer config
-        quantization.check_mode(mode)
-        stored = {}
-        for index in (1, 2):
-            kernel = getattr(self, f"_expert_kernel_{index}")
-            stored[index] = quantization.quantize_kernel(
-                ops.convert_to_numpy(kernel), mode
-            )
-            delattr(self, f"_expert_kernel_{index}")
-        self._build_quantized_kernels(mode)
-        for index, (values, scale) in stored.items():
-            getattr(self, f"_expert_kernel_{index}").assign(values)
-            getattr(self, f"expert_kernel_{index}_scale").assign(scale)
-        if self.shared_ffn is not None:
-            for dense in (self.shared_ffn.fc1, self.shared_ffn.fc2):
-                if dense.quantization_mode is None:
-                    dense.quantize(mode)
-        if self.dtype_policy.quantization_mode is None:
-            self.dtype_policy = keras.dtype_policies.get(
-                f"{mode}_from_{self.dtype_policy.name}"
-            )
-
 
     # === Forward ===
     def _router_logits(self, router_input, training):

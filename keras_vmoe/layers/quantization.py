@@ -1,10 +1,12 @@
 """Weight quantization of stacked expert kernels ([E, in, out]).
 
 Keras quantizes leaf layers (`Dense`, `EinsumDense`, ...) only; the routed
-experts of `MoEFeedForward` live in stacked [E, in, out] kernels of a
+experts of the MoE layers (`MoEFeedForward`, `SoftMoEFeedForward`,
+`ExpertChoiceFeedForward`) live in stacked [E, in, out] kernels of a
 non-leaf layer, so `model.quantize` would leave them in float. This module
-gives them their own weight-only quantization, with one scale per expert
-and output channel (absmax over the input axis):
+gives them their own weight-only quantization (`QuantizedExpertsMixin`,
+shared by the three layers), with one scale per expert and output channel
+(absmax over the input axis):
 
 - `"int8"`: `q = round(w / s)` in [-127, 127], `s = absmax / 127`;
   4x smaller than float32.
@@ -106,3 +108,94 @@ class QuantizedCallMixin:
 
     def _float8_call(self, *args, **kwargs):
         return self.call(*args, **kwargs)
+
+
+class QuantizedExpertsMixin(QuantizedCallMixin):
+    """Per-expert quantization of the stacked expert kernels of a MoE layer.
+
+    The layer stores its float kernels as `_expert_kernel_1` [E, d, h] and
+    `_expert_kernel_2` [E, h, d] (`keras_vmoe.layers.experts`), has
+    `num_experts`, `hidden_dim`, `input_dim` (set in `build`) and
+    `shared_ffn` (a `FeedForward` or None), and calls
+    `_build_quantized_kernels(mode)` at the end of its own weights in
+    `build` when its policy is quantized (a quantized layer being loaded).
+    `expert_kernel_1` / `expert_kernel_2` read the kernels, dequantized to
+    the compute dtype when quantized.
+    """
+
+    def _build_quantized_kernels(self, mode):
+        """Stored kernels and per-expert, per-channel scales (after the
+        float weights, so a quantized layer saves and loads in one order)."""
+        e, d, h = self.num_experts, self.input_dim, self.hidden_dim
+        self._is_quantized = True  # Keras' marker: setting the policy is done
+        for index, (shape_in, shape_out) in enumerate(((d, h), (h, d)), 1):
+            setattr(
+                self,
+                f"_expert_kernel_{index}",
+                self.add_weight(
+                    name=f"expert_kernel_{index}",
+                    shape=(e, shape_in, shape_out),
+                    initializer="zeros",
+                    dtype=STORAGE_DTYPES[mode],
+                    trainable=False,
+                ),
+            )
+            setattr(
+                self,
+                f"expert_kernel_{index}_scale",
+                self.add_weight(
+                    name=f"expert_kernel_{index}_scale",
+                    shape=(e, 1, shape_out),
+                    initializer="ones",
+                    dtype="float32",
+                    trainable=False,
+                ),
+            )
+
+    @property
+    def expert_kernel_1(self):
+        """[E, d, h] first expert kernels (dequantized when quantized)."""
+        return self._expert_kernel(1)
+
+    @property
+    def expert_kernel_2(self):
+        """[E, h, d] second expert kernels (dequantized when quantized)."""
+        return self._expert_kernel(2)
+
+    def _expert_kernel(self, index):
+        stored = getattr(self, f"_expert_kernel_{index}")
+        mode = self.quantization_mode
+        if mode is None:
+            return stored
+        scale = getattr(self, f"expert_kernel_{index}_scale")
+        return dequantize_kernel(stored, scale, mode, self.compute_dtype)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Weight-only quantization of the experts: "int8" or "float8".
+
+        Every routed expert kernel gets one scale per expert and output
+        channel (see `keras_vmoe.layers.quantization`); the shared expert's
+        `Dense` layers are quantized with Keras' own `Dense.quantize` (if
+        `model.quantize` has not done so already). Biases stay in float
+        and the router stays float32. `model.quantize(mode)` on keras-vmoe
+        models calls this for every MoE layer.
+        """
+        del type_check, config  # the experts take no quantizer config
+        check_mode(mode)
+        stored = {}
+        for index in (1, 2):
+            kernel = getattr(self, f"_expert_kernel_{index}")
+            stored[index] = quantize_kernel(ops.convert_to_numpy(kernel), mode)
+            delattr(self, f"_expert_kernel_{index}")
+        self._build_quantized_kernels(mode)
+        for index, (values, scale) in stored.items():
+            getattr(self, f"_expert_kernel_{index}").assign(values)
+            getattr(self, f"expert_kernel_{index}_scale").assign(scale)
+        if self.shared_ffn is not None:
+            for dense in (self.shared_ffn.fc1, self.shared_ffn.fc2):
+                if dense.quantization_mode is None:
+                    dense.quantize(mode)
+        if self.dtype_policy.quantization_mode is None:
+            self.dtype_policy = keras.dtype_policies.get(
+                f"{mode}_from_{self.dtype_policy.name}"
+            )

@@ -33,6 +33,8 @@ from keras_vmoe.layers.experts import check_positive_int
 from keras_vmoe.layers.experts import run_experts
 from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.layers.feed_forward import make_shared_expert
+from keras_vmoe.layers.quantization import QuantizedExpertsMixin
+from keras_vmoe.layers.quantization import unquantized_policy
 
 NORM_EPSILON = 1e-6
 
@@ -83,7 +85,7 @@ def slot_entropy(dispatch, num_experts):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class SoftMoEFeedForward(keras.layers.Layer):
+class SoftMoEFeedForward(QuantizedExpertsMixin, keras.layers.Layer):
     """Soft Mixture-of-Experts feed-forward layer.
 
     `y = E_s(x) + C(x) expert(D(x)^T x)`: see the module docstring for the
@@ -187,7 +189,10 @@ class SoftMoEFeedForward(keras.layers.Layer):
             self.dtype_policy,
         )
         self.dropout_layer = keras.layers.Dropout(
-            dropout, seed=seed, dtype=self.dtype_policy, name="dropout"
+            dropout,
+            seed=seed,
+            dtype=unquantized_policy(self.dtype_policy),
+            name="dropout",
         )
         self._routing_observers = []
         # Set by `RoutingMetricsMixin`: keep this step's combine-mass load

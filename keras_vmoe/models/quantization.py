@@ -1,11 +1,12 @@
 """`model.quantize` that reaches the routed experts.
 
 Keras' `Model.quantize` only visits leaf layers; the stacked experts of
-`MoEFeedForward` sit in a layer with sublayers (router, shared expert), so
-plain Keras would leave them in float without a word. keras-vmoe backbones
-and tasks add this mixin: after Keras has quantized the leaves, every MoE
-layer that the filters select quantizes its experts too
-(`MoEFeedForward.quantize`).
+the MoE layers (`MoEFeedForward`, `SoftMoEFeedForward`,
+`ExpertChoiceFeedForward`) sit in a layer with sublayers (router, shared
+expert, dropout), so plain Keras would leave them in float without a word.
+keras-vmoe backbones and tasks add this mixin: after Keras has quantized
+the leaves, every MoE layer that the filters select quantizes its experts
+too (`QuantizedExpertsMixin.quantize`).
 """
 
 import re
@@ -13,7 +14,7 @@ import warnings
 
 import keras
 
-from keras_vmoe.layers.moe import MoEFeedForward
+from keras_vmoe.layers.quantization import QuantizedExpertsMixin
 
 
 def _selected(layer, filters):
@@ -40,7 +41,7 @@ class ExpertQuantizationMixin:
                 layer, filters
             ):
                 continue
-            if isinstance(layer, MoEFeedForward):
+            if isinstance(layer, QuantizedExpertsMixin):
                 layer.quantize(mode)
                 changed = True
             elif hasattr(layer, "expert_kernel_1"):

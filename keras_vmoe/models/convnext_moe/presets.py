@@ -5,8 +5,12 @@ Names: `convnext_{size}` for the dense baselines, and
 `placement` is every2 / stage / last2 / last3 (see `moe_block_indices`)
 and the expert mlp_ratio is the paper's ImageNet-1k default (§5.4): 2 for
 hierarchical and 4 for isotropic models, unless `_mlp4` says 4 (the
-paper's ImageNet-21k hierarchical models, Tab. 2, 5, 6). All MoE presets
-use top-1 token routing and the linear router, as the paper does.
+paper's ImageNet-21k hierarchical models, Tab. 2, 5, 6). All these MoE
+presets use top-1 token routing and the linear router, as the paper does.
+
+Soft MoE presets (not in the paper; `router_type="soft"`):
+`convnext_soft_moe_{size}_e{E}_s{S}_{placement}_mlp4`, a
+`SoftMoEFeedForward` with E experts of S slots each in the MoE blocks.
 
 Each preset records `params`, `active_params` (per token: only the routed
 experts count) and `flops` (multiply-accumulates, the papers' convention)
@@ -86,7 +90,8 @@ def _paper(table, params_m, active_params_m, flops_g):
     }
 
 
-# name: (architecture, (E, placement, expert mlp_ratio) or None, paper)
+# name: (architecture, (E, placement, expert mlp_ratio[, Soft MoE slots per
+# expert]) or None, paper)
 _MODELS = {
     # === Dense baselines ===
     "convnext_tiny": ("tiny", None, _paper("Tab. 1", 28.6, 28.6, 4.5)),
@@ -203,6 +208,24 @@ _MODELS = {
         (8, "last2", 4),
         _paper("Tab. 1", 115.4, None, 16.9),
     ),
+    # === Soft MoE (router_type="soft"), upcycled like the `_mlp4` rows ===
+    # Last-2 puts one Soft MoE block at stage 3 (14x14 = 196 tokens at
+    # 224x224, d 384) and one at stage 4 (7x7 = 49 tokens, d 768); the
+    # backbone gives both the same E x S slots, so no single choice equals
+    # both token counts. E = 8, S = 10: 80 slots per image, between 49 and
+    # 196 (0.41x and 1.63x the tokens), for which the two blocks' experts
+    # cost what the dense MLPs cost: 80 x 5.90M = 472M MACs against
+    # 196 x 1.18M + 49 x 4.72M = 462M.
+    "convnext_soft_moe_tiny_e8_s10_last2_mlp4": (
+        "tiny",
+        (8, "last2", 4, 10),
+        None,
+    ),
+    "convnext_soft_moe_small_e8_s10_last2_mlp4": (
+        "small",
+        (8, "last2", 4, 10),
+        None,
+    ),
 }
 
 
@@ -220,6 +243,8 @@ def analytic_stats(config, image_size=224, num_classes=1000):
     expert_ratio = config.get("expert_mlp_ratio") or mlp_ratio
     experts = config.get("num_experts", 4)
     top_k = config.get("top_k", 1)
+    soft = config.get("router_type", "top_k") == "soft"
+    slots = experts * config.get("slots_per_expert", 1)
     shared = config.get("shared_expert", False)
     router = config.get("router", "linear")
     layer_scale = config.get("layer_scale_init_value", 1e-6) is not None
@@ -251,6 +276,13 @@ def analytic_stats(config, image_size=224, num_classes=1000):
                 continue
             h = int(d * expert_ratio)
             expert = 2 * d * h + h + d
+            if soft:
+                # phi [d, N] and the logit scale; every expert is active.
+                params += experts * expert + d * slots + 1 + skip * d
+                params += shared * expert
+                flops += 3 * tokens * d * slots + slots * 2 * d * h
+                flops += shared * tokens * 2 * d * h
+                continue
             if router == "linear":
                 router_params = router_flops = d * experts
             else:
@@ -391,6 +423,20 @@ def _preset(name):
     config = dict(config)
     if moe is None:
         description = f"{title}, dense"
+    elif len(moe) == 4:
+        num_experts, placement, expert_mlp_ratio, slots_per_expert = moe
+        config.update(
+            moe_layers=PLACEMENTS[placement],
+            num_experts=num_experts,
+            expert_mlp_ratio=expert_mlp_ratio,
+            router_type="soft",
+            slots_per_expert=slots_per_expert,
+        )
+        description = (
+            f"{title}-{num_experts} {PLACEMENTS[placement]} Soft MoE, "
+            f"{slots_per_expert} slots per expert, expert mlp_ratio "
+            f"{expert_mlp_ratio}"
+        )
     else:
         num_experts, placement, expert_mlp_ratio = moe
         config.update(
@@ -454,6 +500,12 @@ _STATS = {
     ),
     "convnext_moe_isotropic_base_e8_last2": _stats(
         153211624, 87097576, 16912291584
+    ),
+    "convnext_soft_moe_tiny_e8_s10_last2_mlp4": _stats(
+        70010442, 70010442, 4506931968
+    ),
+    "convnext_soft_moe_small_e8_s10_last2_mlp4": _stats(
+        91645002, 91645002, 8741886720
     ),
 }
 
