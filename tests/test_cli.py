@@ -155,3 +155,41 @@ def test_group_size_flag_reaches_both_families(model, monkeypatch, tmp_path):
             ]
         )
     assert received["name"] == model and received["group_size"] == 16
+
+
+def test_train_defaults_to_a_moe_recipe():
+    from keras_vmoe.training.recipes import SMALL_MODELS
+
+    args = cli.build_parser().parse_args(["train"])
+    assert args.model == cli.DEFAULT_MODEL == "convnext_moe_mnist"
+    assert args.model in SMALL_MODELS
+    assert not args.no_plot
+
+
+def test_routing_figure_is_the_deepest_heatmap():
+    files = [
+        "r/load.png", "r/heatmap_layer_3.png", "r/gating_layer_3.png",
+        "r/heatmap_layer_5.png", "r/gating_layer_5.png", "r/report.json",
+        "r/index.md",
+    ]
+    assert cli._routing_figure(files) == "r/heatmap_layer_5.png"
+    # Without labels there is no heatmap: the gating map, then the load.
+    assert cli._routing_figure(files[2:3] + files[:1]) == "r/gating_layer_3.png"
+    assert cli._routing_figure(["r/load.png", "r/index.md"]) == "r/load.png"
+    with pytest.raises(ValueError, match="files=\\['index.md'\\]"):
+        cli._routing_figure(["r/index.md"])
+
+
+@pytest.mark.slow
+def test_train_prints_the_routing_figure_last(tmp_path, capsys):
+    summary = cli.main(
+        [
+            "train", "--epochs", "1", "--max-examples", "128",
+            "--batch-size", "64", "--output-dir", str(tmp_path),
+        ]
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == summary["routing_figure"]
+    assert last.endswith(".png") and os.path.isfile(last)
+    assert os.path.basename(last).startswith("heatmap_layer_")
+    assert os.path.isfile(summary["routing_report"])

@@ -5,7 +5,8 @@ any keras-vmoe classifier by name.
 - a small recipe (`SMALL_MODELS`): "vimoe_mnist" (ViMoE: image routing from
   the CLS token, top-1, shared expert, MoE in the last 2 of 6 blocks) or
   "convnext_moe_mnist" (MoE-ConvNeXt with three stages, token routing,
-  top-1, Last-2 placement, the Sweet-spot skip connection);
+  top-1, Last-2 placement, the Sweet-spot skip connection; the
+  `keras-vmoe train` default: it converges in fewer CPU minutes);
 - a preset name from `keras_vmoe.models.list_presets()` (the ImageNet
   architectures; `pretrained=True` loads the dense checkpoint and upcycles);
 - a directory written by `save_to_preset`.
