@@ -194,17 +194,19 @@ def tile_items(num_choices, num_experts, per_item):
     return max(1, tokens // per_item)
 
 
-def _tile_matmul(rows, kernels, biases, tile_expert, num_tiles):
+def _tile_matmul(rows, kernels, biases, tile_expert, live):
     """[R, a] rows in tiles, each tile through its expert's kernel and bias.
 
-    One batched matmul over the tiles with the kernels gathered per tile
-    ([num_tiles, a, c]): static shapes, differentiable on every backend
-    (Keras' TensorFlow `scan` cannot be differentiated under XLA).
+    Static shapes, differentiable on every backend (Keras' TensorFlow
+    `scan` cannot be differentiated under XLA, so the backend adapter
+    picks the form). `live` marks the tiles before the last routed row;
+    the others are never read back.
     """
     width = kernels.shape[-1]
-    tiles = ops.reshape(rows, (num_tiles, -1, rows.shape[-1]))
-    outputs = ops.matmul(tiles, ops.take(kernels, tile_expert, axis=0))
-    outputs = outputs + ops.take(biases, tile_expert, axis=0)[:, None, :]
+    tiles = ops.reshape(rows, (live.shape[0], -1, rows.shape[-1]))
+    outputs = dispatch_backend.tile_matmul(
+        tiles, kernels, biases, tile_expert, live
+    )
     return ops.reshape(outputs, (-1, width))
 
 
@@ -286,9 +288,10 @@ def sorted_dispatch(
             axis=1,
         )
         tile_expert = ops.minimum(tile_expert, e - 1)
+        live = tile_start < padded_ends[-1]
 
         def matmul(x, kernels, biases):
-            return _tile_matmul(x, kernels, biases, tile_expert, num_tiles)
+            return _tile_matmul(x, kernels, biases, tile_expert, live)
 
     else:
         counts = totals * per_item

@@ -1,6 +1,6 @@
 """Backend adapter for the sorted dispatch: the only backend-specific code.
 
-Two questions `keras.ops` cannot answer portably:
+Three things `keras.ops` cannot do portably:
 
 - Is the current step compiled with XLA (static shapes only)? JAX always
   is. TensorFlow is when the enclosing `tf.function` has
@@ -9,7 +9,12 @@ Two questions `keras.ops` cannot answer portably:
   (eager, and `torch.compile` accepts dynamic shapes).
 - A matmul per expert segment of rows whose lengths are known only at run
   time (dynamic shapes: TensorFlow without XLA, torch, eager JAX/NumPy).
+- Under XLA, a matmul per fixed-size tile of rows with the tile's expert
+  kernel read in place, skipping the tiles past the routed rows (JAX: a
+  loop with a hand-written VJP; elsewhere kernels gathered per tile).
 """
+
+import functools
 
 import keras
 import numpy as np
@@ -90,3 +95,109 @@ def segment_matmul(rows, kernels, biases, counts):
         for part, kernel, bias in zip(parts, kernels, biases)
     ]
     return keras.ops.concatenate(outputs, axis=0)
+
+
+def tile_matmul(tiles, kernels, biases, tile_expert, live):
+    """Each tile of rows through its expert's kernel and bias (XLA layout).
+
+    Args:
+        tiles: [T, t, a] rows in T tiles of t rows, sorted by expert.
+        kernels: [E, a, c].
+        biases: [E, c].
+        tile_expert: [T] int32 expert of each tile.
+        live: [T] bool, False for the tiles past the last routed row
+            (the static bound counts every expert's worst-case padding).
+
+    Returns:
+        [T, t, c]; rows of dead tiles are never read back (zeros on JAX,
+        the expert's bias elsewhere).
+
+    On JAX, a loop over the tiles reads each tile's kernel in place and
+    skips dead tiles, with a hand-written backward pass that accumulates
+    each tile's kernel gradient into its expert's slice (autodiff of the
+    loop would add a full [E, a, c] tensor per tile). Elsewhere, one
+    batched matmul with the kernels gathered per tile ([T, a, c]).
+    """
+    ops = keras.ops
+    if keras.backend.backend() == "jax":
+        return _jax_tile_matmul()(
+            *(
+                ops.convert_to_tensor(v)
+                for v in (tiles, kernels, biases, tile_expert, live)
+            )
+        )
+    outputs = ops.matmul(tiles, ops.take(kernels, tile_expert, axis=0))
+    # Dead tiles hold zero rows and are never read back: no mask needed.
+    return outputs + ops.take(biases, tile_expert, axis=0)[:, None, :]
+
+
+@functools.cache
+def _jax_tile_matmul():
+    """The JAX tile matmul with its custom VJP (built once, lazily)."""
+    import jax
+    import jax.numpy as jnp
+
+    def forward(tiles, kernels, biases, tile_expert, live):
+        # The VJP rule may see the caller's NumPy primals.
+        tiles, kernels, biases, tile_expert, live = (
+            jnp.asarray(v) for v in (tiles, kernels, biases, tile_expert, live)
+        )
+        dtype = jnp.result_type(tiles.dtype, kernels.dtype)
+        num_tiles, tile = tiles.shape[0], tiles.shape[1]
+        width = kernels.shape[-1]
+
+        def body(i, outputs):
+            def run(outputs):
+                e = tile_expert[i]
+                y = jnp.matmul(tiles[i], kernels[e]) + biases[e]
+                return outputs.at[i].set(y.astype(dtype))
+
+            return jax.lax.cond(live[i], run, lambda o: o, outputs)
+
+        init = jnp.zeros((num_tiles, tile, width), dtype)
+        return jax.lax.fori_loop(0, num_tiles, body, init)
+
+    @jax.custom_vjp
+    def tile_matmul(tiles, kernels, biases, tile_expert, live):
+        return forward(tiles, kernels, biases, tile_expert, live)
+
+    def tile_matmul_fwd(tiles, kernels, biases, tile_expert, live):
+        outputs = forward(tiles, kernels, biases, tile_expert, live)
+        return outputs, (tiles, kernels, biases, tile_expert, live)
+
+    def tile_matmul_bwd(residuals, grads):
+        tiles, kernels, biases, tile_expert, live = (
+            jnp.asarray(v) for v in residuals
+        )
+
+        def body(i, carry):
+            def run(carry):
+                d_tiles, d_kernels, d_biases = carry
+                e = tile_expert[i]
+                g = grads[i]
+                d_tiles = d_tiles.at[i].set(
+                    jnp.matmul(g, kernels[e].T).astype(d_tiles.dtype)
+                )
+                d_kernels = d_kernels.at[e].add(
+                    jnp.matmul(tiles[i].T, g).astype(d_kernels.dtype)
+                )
+                d_biases = d_biases.at[e].add(
+                    jnp.sum(g, axis=0).astype(d_biases.dtype)
+                )
+                return d_tiles, d_kernels, d_biases
+
+            return jax.lax.cond(live[i], run, lambda c: c, carry)
+
+        init = (
+            jnp.zeros_like(tiles),
+            jnp.zeros_like(kernels),
+            jnp.zeros_like(biases),
+        )
+        d_tiles, d_kernels, d_biases = jax.lax.fori_loop(
+            0, tiles.shape[0], body, init
+        )
+        return d_tiles, d_kernels, d_biases, None, None
+
+    tile_matmul.defvjp(tile_matmul_fwd, tile_matmul_bwd)
+    return tile_matmul
+    return tile_matmul
