@@ -10,8 +10,8 @@ from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
     ConvNeXtMoEImageClassifierPreprocessor,
 )
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
-from keras_vmoe.training.metrics import RoutingMetricsMixin
-from keras_vmoe.training.shuffle import ShuffledFitMixin
+from keras_vmoe.models.routing_metrics import RoutingMetricsMixin
+from keras_vmoe.models.shuffle import ShuffledFitMixin
 from keras_vmoe.validation import TASK_KWARGS
 from keras_vmoe.validation import check_head_args
 from keras_vmoe.validation import check_no_unknown_kwargs
@@ -33,7 +33,7 @@ class ConvNeXtMoEImageClassifier(
     layer. The MoE blocks' auxiliary (load-balancing) losses are added with
     `add_loss`, so `fit()` trains them with the classification loss, and
     the `fit` logs show `aux_loss` and each MoE layer's `max_load` (see
-    `keras_vmoe.training.RoutingMetricsMixin`).
+    `keras_vmoe.models.routing_metrics.RoutingMetricsMixin`).
 
     Args:
         backbone: a `ConvNeXtMoEBackbone`.

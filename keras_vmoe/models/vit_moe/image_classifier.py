@@ -8,8 +8,8 @@ from keras_vmoe.models import preset_io
 from keras_vmoe.models.normalization import ImageNetConverterMixin
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
-from keras_vmoe.training.metrics import RoutingMetricsMixin
-from keras_vmoe.training.shuffle import ShuffledFitMixin
+from keras_vmoe.models.routing_metrics import RoutingMetricsMixin
+from keras_vmoe.models.shuffle import ShuffledFitMixin
 from keras_vmoe.validation import TASK_KWARGS
 from keras_vmoe.validation import check_head_args
 from keras_vmoe.validation import check_no_unknown_kwargs
