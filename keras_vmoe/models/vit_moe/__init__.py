@@ -3,7 +3,7 @@
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.models.vit_moe.backbone import resolve_moe_layers
 from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageClassifier
-from keras_vmoe.models.vit_moe.image_classifier import (
+from keras_vmoe.models.vit_moe.image_classifier_preprocessor import (
     ViTMoEImageClassifierPreprocessor,
 )
-from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageConverter
+from keras_vmoe.models.vit_moe.image_converter import ViTMoEImageConverter

@@ -5,42 +5,25 @@ import keras_hub
 from keras import ops
 
 from keras_vmoe.models import preset_io
-from keras_vmoe.models.normalization import ImageNetConverterMixin
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
-from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 from keras_vmoe.models.routing_metrics import RoutingMetricsMixin
 from keras_vmoe.models.shuffle import ShuffledFitMixin
+from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+from keras_vmoe.models.vit_moe.image_classifier_preprocessor import (
+    ViTMoEImageClassifierPreprocessor,
+)
+
+# Re-exported: presets and .keras files saved before the split name this
+# module for the converter (their registered name, "keras_vmoe>...", is
+# unchanged).
+from keras_vmoe.models.vit_moe.image_converter import (  # noqa: F401
+    ViTMoEImageConverter,
+)
 from keras_vmoe.validation import TASK_KWARGS
 from keras_vmoe.validation import check_head_args
 from keras_vmoe.validation import check_no_unknown_kwargs
 
 POOLINGS = ("cls", "cls+mean")
-
-
-@keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEImageConverter(
-    ImageNetConverterMixin, keras_hub.layers.ImageConverter
-):
-    """Resizes and normalises images for a `ViTMoEBackbone`.
-
-    A KerasHub `ImageConverter`; `ViTMoEImageConverter.normalized(size,
-    mean, std)` gives `(x / 255 - mean) / std` for images in [0, 255]
-    (`.imagenet(size)`: ImageNet statistics, as DINOv2; the timm AugReg
-    ViT-S/16 and ViT-B/16 use mean = std = 0.5, see
-    `keras_vmoe.models.preset_normalization`).
-    """
-
-    backbone_cls = ViTMoEBackbone
-
-
-@keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEImageClassifierPreprocessor(
-    keras_hub.models.ImageClassifierPreprocessor
-):
-    """Preprocessor of `ViTMoEImageClassifier` (wraps the image converter)."""
-
-    backbone_cls = ViTMoEBackbone
-    image_converter_cls = ViTMoEImageConverter
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
