@@ -35,9 +35,9 @@ ConvNeXt-T-4 Last-2 34.5 / 25.6 / 4.24 (4.2), ConvNeXt-T-8 Stage 47.4 /
   row (ConvNeXt-S's figure); Tab. 1 and ours give 4.3G.
 """
 
-from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
 from keras_vmoe.models.normalization import IMAGENET_MEAN
 from keras_vmoe.models.normalization import IMAGENET_STD
+from keras_vmoe.models.placement import moe_block_indices
 
 TINY = {"depths": [3, 3, 9, 3], "hidden_dims": [96, 192, 384, 768]}
 SMALL = {"depths": [3, 3, 27, 3], "hidden_dims": [96, 192, 384, 768]}

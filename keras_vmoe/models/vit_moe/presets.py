@@ -45,8 +45,8 @@ from keras_vmoe.models.normalization import IMAGENET_MEAN
 from keras_vmoe.models.normalization import IMAGENET_STD
 from keras_vmoe.models.normalization import INCEPTION_MEAN
 from keras_vmoe.models.normalization import INCEPTION_STD
+from keras_vmoe.models.placement import resolve_moe_layers
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
-from keras_vmoe.models.vit_moe.backbone import resolve_moe_layers
 
 _DINOV2_SMALL = {
     "image_shape": (224, 224, 3),
