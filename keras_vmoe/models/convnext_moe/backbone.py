@@ -6,6 +6,8 @@ from keras_hub.models import Backbone
 from keras_vmoe.layers import moe_types
 from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.models import preset_io
+from keras_vmoe.models import registry
+from keras_vmoe.models.convnext_moe import presets
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
 from keras_vmoe.models.placement import MOE_PLACEMENTS  # noqa: F401
 from keras_vmoe.models.placement import moe_block_indices
@@ -501,13 +503,11 @@ class ConvNeXtMoEBackbone(
             load_weights: load pretrained weights.
             **kwargs: for a preset name, `weights_path`,
                 `upcycle_noise_std`, `seed` and constructor overrides (see
-                `keras_vmoe.models.convnext_moe.presets.build_model`);
+                `keras_vmoe.models.convnext_moe.preset_builder.build_model`);
                 otherwise passed to KerasHub.
         """
-        from keras_vmoe.models.convnext_moe import presets
-
         if isinstance(preset, str) and preset in presets.PRESETS:
-            return presets.build_model(preset, None, load_weights, **kwargs)
+            return registry.build_preset(cls, preset, load_weights, **kwargs)
         preset_io.check_preset_name(preset, "ConvNeXtMoE", cls.__name__)
         preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
         return preset_io._wrap_loading_errors(

@@ -9,8 +9,10 @@ from keras_vmoe.layers import moe_types
 from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.layers.moe_types import check_router_type
 from keras_vmoe.models import preset_io
+from keras_vmoe.models import registry
 from keras_vmoe.models.placement import resolve_moe_layers
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
+from keras_vmoe.models.vit_moe import presets
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
 from keras_vmoe.validation import check_no_unknown_kwargs
@@ -372,10 +374,8 @@ class ViTMoEBackbone(
                 override (e.g. `image_shape`, `dtype`, `normalize_gates`);
                 otherwise passed to KerasHub.
         """
-        from keras_vmoe.models.vit_moe import presets
-
         if isinstance(preset, str) and preset in presets.PRESETS:
-            return presets.build_backbone(preset, load_weights, **kwargs)
+            return registry.build_preset(cls, preset, load_weights, **kwargs)
         preset_io.check_preset_name(preset, "ViTMoE", cls.__name__)
         preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
         return preset_io._wrap_loading_errors(
