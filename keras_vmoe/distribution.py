@@ -44,6 +44,10 @@ import re
 
 import keras
 
+# Re-exported: the hook the MoE layers call; `ExpertParallel.
+# dispatch_constraint` answers it.
+from keras_vmoe.layers.distribution_hooks import dispatch_constraint
+
 EXPERT_KERNEL_KEY = r"(?:.*/)?expert_kernel_[12]"
 EXPERT_BIAS_KEY = r"(?:.*/)?expert_bias_[12]"
 
@@ -124,6 +128,32 @@ class ExpertParallel(keras.distribution.ModelParallel):
             axes = (self.expert_axis, self.batch_axis)
         axes = axes + (None,) * (rank - 2)
         return _MultiAxisLayout(axes, self.device_mesh)
+
+    def dispatch_constraint(self, layer):
+        """The `constrain` hook of `slot_dispatch` for `layer`.
+
+        `constrain(tensor, name)` places a buffer: names `"dispatch_groups"`
+        and `"combine_groups"` for [G, E, ...] buffers (sharded on G over
+        all devices), `"dispatch_experts"` and `"combine_experts"` for
+        [E, G, ...] buffers (E over the expert axis, G over the batch
+        axis). `MoEFeedForward`, `ExpertChoiceFeedForward` and
+        `SoftMoEFeedForward` (groups = images) use it through
+        `dispatch_constraint(layer)` while this distribution is active. It
+        needs routing groups, so an MoE layer without `group_size` raises
+        instead of routing the whole batch on every device.
+        """
+        _require_jax("Expert parallelism")
+        if _routing_groups(layer) is None:
+            raise ValueError(
+                "Expert parallelism needs routing groups: set `group_size` "
+                f"on MoE layer {layer.path!r}. Received: group_size=None"
+            )
+
+        def constrain(tensor, name):
+            layout = self.dispatch_layout(name, len(tensor.shape))
+            return keras.distribution.distribute_tensor(tensor, layout)
+
+        return constrain
 
 
 def _moe_layer_types():
@@ -381,36 +411,6 @@ def distribute_for_training(model, devices=None, expert_shards=None):
     model = distribute_model(model, distribution)
     keras.distribution.set_distribution(distribution)
     return model
-
-
-def dispatch_constraint(layer):
-    """The `constrain` hook of `slot_dispatch` for `layer`, or None.
-
-    `constrain(tensor, name)` places a buffer: names `"dispatch_groups"`
-    and `"combine_groups"` for [G, E, ...] buffers (sharded on G over all
-    devices), `"dispatch_experts"` and `"combine_experts"` for
-    [E, G, ...] buffers (E over the expert axis, G over the batch axis).
-    `MoEFeedForward`, `ExpertChoiceFeedForward` and `SoftMoEFeedForward`
-    (groups = images) use it. Active only under an `ExpertParallel`
-    distribution; it needs routing groups, so an MoE layer without
-    `group_size` raises instead of routing the whole batch on every
-    device.
-    """
-    distribution = keras.distribution.distribution()
-    if not isinstance(distribution, ExpertParallel):
-        return None
-    _require_jax("Expert parallelism")
-    if _routing_groups(layer) is None:
-        raise ValueError(
-            "Expert parallelism needs routing groups: set `group_size` on "
-            f"MoE layer {layer.path!r}. Received: group_size=None"
-        )
-
-    def constrain(tensor, name):
-        layout = distribution.dispatch_layout(name, len(tensor.shape))
-        return keras.distribution.distribute_tensor(tensor, layout)
-
-    return constrain
 
 
 def expert_shardings(model):

@@ -20,7 +20,7 @@ import numbers
 import keras
 from keras import ops
 
-from keras_vmoe.distribution import dispatch_constraint
+from keras_vmoe.layers.distribution_hooks import dispatch_constraint
 from keras_vmoe.layers.experts import add_expert_weights
 from keras_vmoe.layers.experts import check_dropout
 from keras_vmoe.layers.experts import check_input_shape

@@ -19,13 +19,13 @@ import numbers
 import keras
 from keras import ops
 
-from keras_vmoe.distribution import dispatch_constraint
 from keras_vmoe.layers import losses as moe_losses
 from keras_vmoe.layers import quantization
 from keras_vmoe.layers.dispatch import DISPATCH_MODES
 from keras_vmoe.layers.dispatch import resolve_dispatch
 from keras_vmoe.layers.dispatch import slot_dispatch
 from keras_vmoe.layers.dispatch import sorted_dispatch
+from keras_vmoe.layers.distribution_hooks import dispatch_constraint
 from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.layers.feed_forward import make_shared_expert

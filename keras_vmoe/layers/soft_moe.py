@@ -25,7 +25,7 @@ others in the batch.
 import keras
 from keras import ops
 
-from keras_vmoe.distribution import dispatch_constraint
+from keras_vmoe.layers.distribution_hooks import dispatch_constraint
 from keras_vmoe.layers.experts import add_expert_weights
 from keras_vmoe.layers.experts import check_dropout
 from keras_vmoe.layers.experts import check_input_shape

@@ -20,6 +20,7 @@ import os
 
 import keras
 
+from keras_vmoe.models import registry
 from keras_vmoe.models.shipped import SHIPPED_PRESETS
 from keras_vmoe.models.shipped import shipped_preset_dir
 from keras_vmoe.utils.io import atomic_directory
@@ -272,11 +273,10 @@ def load_classifier(preset, **kwargs):
     preset = shipped_preset_dir(preset) or preset
     if isinstance(preset, str) and not _is_handle_or_path(preset):
         preset_table_entry(preset)  # raises for an unknown name
-        for table, cls_name in _families().values():
+        for family, (table, _) in _families().items():
             if preset in table:
-                from keras_vmoe import models
-
-                return getattr(models, cls_name).from_preset(preset, **kwargs)
+                classifier = registry.family_class(family, "classifier")
+                return classifier.from_preset(preset, **kwargs)
     check_preset_dir(preset, task=True, **kwargs)
     return _wrap_loading_errors(
         preset,

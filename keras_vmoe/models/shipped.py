@@ -15,6 +15,8 @@ the names.
 
 import os
 
+from keras_vmoe.models import registry
+
 PRESETS_DATA = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     "presets_data",
@@ -56,13 +58,13 @@ def shipped_preset_dir(preset):
 
 
 def register_with_keras_hub():
-    """Registers the shipped names as KerasHub built-in presets."""
+    """Registers the shipped names as KerasHub built-in presets.
+
+    Run by `keras_vmoe.models` once both families are registered
+    (`keras_vmoe.models.registry`).
+    """
     from keras_hub.src.utils.preset_utils import register_presets
 
-    from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
-    from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
-
-    backbones = {"ViTMoE": ViTMoEBackbone, "ConvNeXtMoE": ConvNeXtMoEBackbone}
     for name, (family, description) in SHIPPED_PRESETS.items():
         entry = {
             "metadata": {
@@ -74,4 +76,6 @@ def register_with_keras_hub():
             # folder is a valid one.
             "kaggle_handle": os.path.join(PRESETS_DATA, name),
         }
-        register_presets({name: entry}, backbones[family])
+        register_presets(
+            {name: entry}, registry.family_class(family, "backbone")
+        )

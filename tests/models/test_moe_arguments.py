@@ -16,8 +16,10 @@ from keras_vmoe.converters import convnext as convnext_converters
 from keras_vmoe.converters import vit as vit_converters
 from keras_vmoe.models import moe_arguments
 from keras_vmoe.models.convnext_moe import presets as convnext_presets
+from keras_vmoe.models.convnext_moe import preset_builder as convnext_builder
 from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
 from keras_vmoe.models.vit_moe import presets as vit_presets
+from keras_vmoe.models.vit_moe import preset_builder as vit_builder
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
 
 FAMILIES = {"vit": ViTMoEBackbone, "convnext": ConvNeXtMoEBackbone}
@@ -337,8 +339,8 @@ def test_load_vit_checkpoint_noise_std_and_seed_are_deprecated_aliases(
         convnext_converters.convert_timm_weights,
         convnext_converters.convert_keras_applications_weights,
         vit_converters.load_vit_checkpoint,
-        convnext_presets.build_model,
-        vit_presets.build_backbone,
+        convnext_builder.build_model,
+        vit_builder.build_backbone,
     ],
 )
 def test_loaders_take_the_same_upcycling_argument_names(function):

@@ -5,114 +5,16 @@ from keras_hub.models import Backbone
 
 from keras_vmoe.models import moe_arguments
 from keras_vmoe.models import preset_io
+from keras_vmoe.models import registry
+from keras_vmoe.models.convnext_moe import presets
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
+from keras_vmoe.models.placement import MOE_PLACEMENTS  # noqa: F401
+from keras_vmoe.models.placement import moe_block_indices
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.validation import check_int
 from keras_vmoe.validation import check_no_unknown_kwargs
 from keras_vmoe.validation import check_number
 from keras_vmoe.validation import deprecated_alias
-
-MOE_PLACEMENTS = ("every-2", "stage", "last-2", "last-3")
-
-
-def _placement_error(placement, reason):
-    return ValueError(
-        f"`moe_layers` {reason}. It must be None, one of "
-        f"{MOE_PLACEMENTS}, or a list of (stage, block) pairs / global "
-        f"block indices. Received: moe_layers={placement!r}"
-    )
-
-
-def moe_block_indices(depths, placement):
-    """The (stage, block) positions of the MoE blocks, sorted.
-
-    Named placements (Sweet-spot §4.3.1, Tab. 3), with 0-based indices:
-    - hierarchical models (several stages):
-      - "every-2": every second block of each stage, j = 1, 3, 5, ...
-        (ConvNeXt-T: 1 + 1 + 4 + 1 = 7 MoE blocks; this reproduces the
-        paper's Tab. 5 size, 97.5M, for E = 8 and mlp_ratio 4);
-      - "stage": the last block of each stage (4 for ConvNeXt);
-      - "last-2": the last block of each of the last two stages;
-      - "last-3": "last-2" plus the middle block of the third stage,
-        j = depth // 2 (block 4 of 9, block 13 of 27).
-    - isotropic models (one stage of L blocks), as V-MoE counts "every
-      second layer" and "the last n even layers" (1-based even = 0-based
-      odd):
-      - "every-2": j = 1, 3, ..., the 0-based odd blocks;
-      - "last-2": the last two of those (L-3 and L-1 when L is even);
-      - "last-3": the last three of those;
-      - "stage": the last block.
-
-    Args:
-        depths: blocks per stage.
-        placement: None (dense), a named placement, or a list whose items
-            are (stage, block) pairs or global block indices (0-based over
-            all blocks in order).
-
-    Returns:
-        A sorted list of unique (stage, block) tuples.
-    """
-    if placement is None:
-        return []
-    num_stages = len(depths)
-    if isinstance(placement, str):
-        if placement not in MOE_PLACEMENTS:
-            raise _placement_error(placement, "is unknown")
-        if placement == "stage":
-            return [(i, depth - 1) for i, depth in enumerate(depths)]
-        if placement == "every-2":
-            return [
-                (i, j)
-                for i, depth in enumerate(depths)
-                for j in range(1, depth, 2)
-            ]
-        count = int(placement[-1])
-        if num_stages == 1:
-            positions = [(0, j) for j in range(1, depths[0], 2)][-count:]
-        else:
-            last = [
-                (i, depths[i] - 1) for i in (num_stages - 2, num_stages - 1)
-            ]
-            middle = [(num_stages - 2, depths[num_stages - 2] // 2)]
-            positions = sorted(set(last + middle[: count - 2]))
-        if len(positions) < count:
-            raise _placement_error(
-                placement, f"needs more blocks than depths={tuple(depths)}"
-            )
-        return positions
-    if not isinstance(placement, (list, tuple)):
-        raise _placement_error(placement, "has an unsupported type")
-    positions = []
-    for item in placement:
-        if isinstance(item, int) and not isinstance(item, bool):
-            stage, block = _global_to_stage(depths, item, placement)
-        elif (
-            isinstance(item, (list, tuple))
-            and len(item) == 2
-            and all(isinstance(v, int) for v in item)
-        ):
-            stage, block = item
-            if not (0 <= stage < num_stages and 0 <= block < depths[stage]):
-                raise _placement_error(
-                    placement,
-                    f"has a position {tuple(item)} outside depths "
-                    f"{tuple(depths)}",
-                )
-        else:
-            raise _placement_error(placement, f"has an invalid item {item!r}")
-        positions.append((stage, block))
-    return sorted(set(positions))
-
-
-def _global_to_stage(depths, index, placement):
-    if index >= 0:
-        for stage, depth in enumerate(depths):
-            if index < depth:
-                return stage, index
-            index -= depth
-    raise _placement_error(
-        placement, f"has a block index outside 0..{sum(depths) - 1}"
-    )
 
 
 def _check_positive_ints(name, values):
@@ -531,14 +433,13 @@ class ConvNeXtMoEBackbone(
                 or a KerasHub handle.
             load_weights: load pretrained weights.
             **kwargs: for a preset name, `weights_path`,
-                `upcycle_noise_std`, `seed` and constructor overrides (see
-                `keras_vmoe.models.convnext_moe.presets.build_model`);
+                `upcycle_noise_std`, `upcycle_seed` and constructor
+                overrides (see
+                `keras_vmoe.models.convnext_moe.preset_builder.build_model`);
                 otherwise passed to KerasHub.
         """
-        from keras_vmoe.models.convnext_moe import presets
-
         if isinstance(preset, str) and preset in presets.PRESETS:
-            return presets.build_model(preset, None, load_weights, **kwargs)
+            return registry.build_preset(cls, preset, load_weights, **kwargs)
         preset_io.check_preset_name(preset, "ConvNeXtMoE", cls.__name__)
         preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
         return preset_io._wrap_loading_errors(

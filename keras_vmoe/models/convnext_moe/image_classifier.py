@@ -5,13 +5,15 @@ from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
 from keras_vmoe.models import preset_io
+from keras_vmoe.models import registry
+from keras_vmoe.models.convnext_moe import presets
 from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
     ConvNeXtMoEImageClassifierPreprocessor,
 )
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
-from keras_vmoe.training.metrics import RoutingMetricsMixin
-from keras_vmoe.training.shuffle import ShuffledFitMixin
+from keras_vmoe.models.routing_metrics import RoutingMetricsMixin
+from keras_vmoe.models.shuffle import ShuffledFitMixin
 from keras_vmoe.validation import TASK_KWARGS
 from keras_vmoe.validation import check_head_args
 from keras_vmoe.validation import check_no_unknown_kwargs
@@ -33,7 +35,7 @@ class ConvNeXtMoEImageClassifier(
     layer. The MoE blocks' auxiliary (load-balancing) losses are added with
     `add_loss`, so `fit()` trains them with the classification loss, and
     the `fit` logs show `aux_loss` and each MoE layer's `max_load` (see
-    `keras_vmoe.training.RoutingMetricsMixin`).
+    `keras_vmoe.models.routing_metrics.RoutingMetricsMixin`).
 
     Args:
         backbone: a `ConvNeXtMoEBackbone`.
@@ -119,11 +121,9 @@ class ConvNeXtMoEImageClassifier(
         For a name from `keras_vmoe.models.list_presets()`, `num_classes` is
         required; with 1000 classes and `load_weights` the ImageNet head is
         loaded, otherwise the head is new; the other keyword arguments go
-        to `keras_vmoe.models.convnext_moe.presets.build_model`. Anything
-        else is handled by KerasHub.
+        to `keras_vmoe.models.convnext_moe.preset_builder.build_model`.
+        Anything else is handled by KerasHub.
         """
-        from keras_vmoe.models.convnext_moe import presets
-
         if not (isinstance(preset, str) and preset in presets.PRESETS):
             preset_io.check_preset_name(preset, "ConvNeXtMoE", cls.__name__)
             preset_io.check_preset_dir(preset, True, load_weights, **kwargs)
@@ -139,7 +139,7 @@ class ConvNeXtMoEImageClassifier(
                 f"preset {preset!r}. Received: "
                 f"num_classes={kwargs.get('num_classes')!r}"
             )
-        return presets.build_model(preset, load_weights=load_weights, **kwargs)
+        return registry.build_preset(cls, preset, load_weights, **kwargs)
 
     def get_config(self):
         config = Task.get_config(self)

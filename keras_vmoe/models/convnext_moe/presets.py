@@ -39,10 +39,9 @@ ConvNeXt-T-4 Last-2 34.5 / 25.6 / 4.24 (4.2), ConvNeXt-T-8 Stage 47.4 /
   row (ConvNeXt-S's figure); Tab. 1 and ours give 4.3G.
 """
 
-from keras_vmoe.models.convnext_moe.backbone import moe_block_indices
 from keras_vmoe.models.normalization import IMAGENET_MEAN
 from keras_vmoe.models.normalization import IMAGENET_STD
-from keras_vmoe.validation import deprecated_alias
+from keras_vmoe.models.placement import moe_block_indices
 
 TINY = {"depths": [3, 3, 9, 3], "hidden_dims": [96, 192, 384, 768]}
 SMALL = {"depths": [3, 3, 27, 3], "hidden_dims": [96, 192, 384, 768]}
@@ -301,116 +300,6 @@ def analytic_stats(config, image_size=224, num_classes=1000):
         "active_params": params - inactive,
         "flops": flops,
     }
-
-
-def build_model(
-    name,
-    num_classes=None,
-    load_weights=True,
-    weights_path=None,
-    upcycle_noise_std=0.0,
-    upcycle_seed=None,
-    seed=None,
-    **overrides,
-):
-    """Builds preset `name`: a backbone, or a classifier with `num_classes`.
-
-    Args:
-        name: a key of `PRESETS`.
-        num_classes: None for a `ConvNeXtMoEBackbone`, else the classes of
-            a `ConvNeXtMoEImageClassifier` (with 1000 and loaded weights,
-            the ImageNet head is loaded too; otherwise the head is new).
-        load_weights: load the dense checkpoint (`weights_path`, or the
-            keras.applications ImageNet weights, downloaded by Keras) and
-            upcycle it; False keeps the random initialisation (the paper
-            trains from scratch). Upcycling needs experts as wide as the
-            dense MLP: the `_mlp4` and isotropic presets, or any preset
-            with `expert_mlp_ratio=4`.
-        weights_path: a local dense checkpoint: a timm `.safetensors` /
-            `.npz`, or a keras.applications `.weights.h5`.
-        upcycle_noise_std, upcycle_seed: noise of the expert copies.
-        seed: deprecated alias of `upcycle_seed` (a `DeprecationWarning`;
-            removed in 0.3, after which `seed` will override the MoE
-            blocks' gating-noise `seed` like any backbone argument).
-        **overrides: `ConvNeXtMoEBackbone` arguments replacing the preset's
-            (e.g. `image_shape`, `dtype`, `normalize_gates`).
-    """
-    import keras
-
-    from keras_vmoe.converters import convnext as converters
-    from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
-    from keras_vmoe.models.convnext_moe.image_classifier import (
-        ConvNeXtMoEImageClassifier,
-    )
-    from keras_vmoe.models.convnext_moe.image_classifier_preprocessor import (
-        ConvNeXtMoEImageClassifierPreprocessor,
-    )
-    from keras_vmoe.models.convnext_moe.image_converter import (
-        ConvNeXtMoEImageConverter,
-    )
-
-    upcycle_seed = deprecated_alias(
-        "seed", seed, "upcycle_seed", upcycle_seed, None
-    )
-    if weights_path is not None and not load_weights:
-        raise ValueError(
-            "`weights_path` is only read with `load_weights=True`. Received: "
-            f"weights_path={weights_path!r}, load_weights={load_weights!r}"
-        )
-    if weights_path is not None and not str(weights_path).endswith(
-        (".safetensors", ".npz", ".h5")
-    ):
-        raise ValueError(
-            "`weights_path` must be a timm `.safetensors` / `.npz` or a "
-            "keras.applications `.weights.h5` file. Received: "
-            f"weights_path={weights_path!r}"
-        )
-    preset = PRESETS[name]
-    backbone = ConvNeXtMoEBackbone(**dict(preset["config"], **overrides))
-    model = backbone
-    if num_classes is not None:
-        image_size = tuple(size or 224 for size in backbone.image_shape[:2])
-        model = ConvNeXtMoEImageClassifier(
-            backbone,
-            num_classes=num_classes,
-            preprocessor=ConvNeXtMoEImageClassifierPreprocessor(
-                ConvNeXtMoEImageConverter.normalized(
-                    image_size, mean=preset["mean"], std=preset["std"]
-                )
-            ),
-        )
-    if not load_weights:
-        return model
-    # The ImageNet head is loaded for 1000 classes; otherwise it is new.
-    target = model if num_classes == 1000 else backbone
-    upcycling = {
-        "upcycle_noise_std": upcycle_noise_std,
-        "upcycle_seed": upcycle_seed,
-    }
-    if weights_path is not None and str(weights_path).endswith(
-        (".safetensors", ".npz")
-    ):
-        converters.convert_timm_weights(weights_path, target, **upcycling)
-    elif weights_path is not None:
-        converters.convert_keras_applications_weights(
-            str(weights_path), target, **upcycling
-        )
-    elif preset["source"] is None:
-        raise ValueError(
-            f"The preset {name!r} has no dense checkpoint to load (no "
-            "safe-format isotropic ConvNeXt weights exist). Pass "
-            "`load_weights=False`, or `weights_path` to a converted "
-            "checkpoint."
-        )
-    else:
-        variant = preset["source"].rsplit(".", 1)[-1]
-        source = getattr(keras.applications, variant)(
-            weights="imagenet", include_top=target is not backbone
-        )
-        converters.convert_keras_applications_weights(
-            source, target, **upcycling
-        )
-    return model
 
 
 def _stats(params, active_params, flops):

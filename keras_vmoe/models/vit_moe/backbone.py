@@ -1,93 +1,20 @@
 """`ViTMoEBackbone`: a DINOv2-style ViT whose chosen blocks are MoE."""
 
 import numbers
-import re
 
 import keras
 import keras_hub
 
 from keras_vmoe.models import moe_arguments
 from keras_vmoe.models import preset_io
+from keras_vmoe.models import registry
+from keras_vmoe.models.placement import resolve_moe_layers
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
+from keras_vmoe.models.vit_moe import presets
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
 from keras_vmoe.validation import check_no_unknown_kwargs
 from keras_vmoe.validation import check_number
-
-_PLACEMENT = re.compile(r"^(last|every)-([1-9][0-9]*)$")
-def resolve_moe_layers(moe_layers, num_layers):
-    """Indices of the blocks that get an MoE MLP, sorted.
-
-    Args:
-        moe_layers: one of
-            - None or [] : no MoE block (a dense ViT);
-            - "last-L" (e.g. "last-2", "last-3") or an int L: the last L
-              blocks (ViMoE; L = 0 is dense, L = num_layers is all);
-            - "every-n" (e.g. "every-2"): every n-th block counted back from
-              the last one, which is always MoE: blocks i with
-              `(num_layers - 1 - i) % n == 0`. For 12 blocks "every-2" is
-              1, 3, 5, 7, 9, 11 (V-MoE / Sweet-spot "Every-2");
-            - a list or tuple of block indices in [0, num_layers).
-        num_layers: depth of the ViT.
-
-    Returns:
-        A tuple of ints.
-
-    Raises:
-        ValueError: naming `moe_layers` and the value received.
-    """
-    if moe_layers is None:
-        return ()
-    received = moe_layers
-    if isinstance(moe_layers, str):
-        match = _PLACEMENT.match(moe_layers)
-        if match is None:
-            raise ValueError(
-                "`moe_layers` must be 'last-L', 'every-n', an int, or a list "
-                f"of block indices. Received: moe_layers={moe_layers!r}"
-            )
-        kind, count = match.group(1), int(match.group(2))
-        if kind == "last":
-            moe_layers = count
-        else:
-            return tuple(
-                i
-                for i in range(num_layers)
-                if (num_layers - 1 - i) % count == 0
-            )
-    if isinstance(moe_layers, numbers.Integral) and not isinstance(
-        moe_layers, bool
-    ):
-        if not 0 <= moe_layers <= num_layers:
-            raise ValueError(
-                f"`moe_layers` asks for the last {moe_layers} blocks but the "
-                f"model has num_layers={num_layers}. Received: "
-                f"moe_layers={received!r}"
-            )
-        return tuple(range(num_layers - int(moe_layers), num_layers))
-    if not isinstance(moe_layers, (list, tuple)):
-        raise ValueError(
-            "`moe_layers` must be 'last-L', 'every-n', an int, or a list of "
-            f"block indices. Received: moe_layers={moe_layers!r}"
-        )
-    indices = []
-    for index in moe_layers:
-        if (
-            not isinstance(index, numbers.Integral)
-            or isinstance(index, bool)
-            or not 0 <= index < num_layers
-        ):
-            raise ValueError(
-                f"`moe_layers` indices must be ints in [0, {num_layers}). "
-                f"Received: moe_layers={moe_layers!r}"
-            )
-        indices.append(int(index))
-    if len(set(indices)) != len(indices):
-        raise ValueError(
-            "`moe_layers` must not repeat a block index. Received: "
-            f"moe_layers={moe_layers!r}"
-        )
-    return tuple(sorted(indices))
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -367,14 +294,12 @@ class ViTMoEBackbone(
             load_weights: load pretrained weights.
             **kwargs: for a preset name, `weights_path` (a local dense
                 `.safetensors` checkpoint to use instead of the download),
-                `upcycle_noise_std`, `seed`, and any constructor argument to
-                override (e.g. `image_shape`, `dtype`, `normalize_gates`);
+                `upcycle_noise_std`, `upcycle_seed`, and any constructor
+                argument to override (e.g. `image_shape`, `dtype`, `normalize_gates`);
                 otherwise passed to KerasHub.
         """
-        from keras_vmoe.models.vit_moe import presets
-
         if isinstance(preset, str) and preset in presets.PRESETS:
-            return presets.build_backbone(preset, load_weights, **kwargs)
+            return registry.build_preset(cls, preset, load_weights, **kwargs)
         preset_io.check_preset_name(preset, "ViTMoE", cls.__name__)
         preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
         return preset_io._wrap_loading_errors(

@@ -5,42 +5,27 @@ import keras_hub
 from keras import ops
 
 from keras_vmoe.models import preset_io
-from keras_vmoe.models.normalization import ImageNetConverterMixin
+from keras_vmoe.models import registry
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
+from keras_vmoe.models.routing_metrics import RoutingMetricsMixin
+from keras_vmoe.models.shuffle import ShuffledFitMixin
+from keras_vmoe.models.vit_moe import presets
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
-from keras_vmoe.training.metrics import RoutingMetricsMixin
-from keras_vmoe.training.shuffle import ShuffledFitMixin
+from keras_vmoe.models.vit_moe.image_classifier_preprocessor import (
+    ViTMoEImageClassifierPreprocessor,
+)
+
+# Re-exported: presets and .keras files saved before the split name this
+# module for the converter (their registered name, "keras_vmoe>...", is
+# unchanged).
+from keras_vmoe.models.vit_moe.image_converter import (  # noqa: F401
+    ViTMoEImageConverter,
+)
 from keras_vmoe.validation import TASK_KWARGS
 from keras_vmoe.validation import check_head_args
 from keras_vmoe.validation import check_no_unknown_kwargs
 
 POOLINGS = ("cls", "cls+mean")
-
-
-@keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEImageConverter(
-    ImageNetConverterMixin, keras_hub.layers.ImageConverter
-):
-    """Resizes and normalises images for a `ViTMoEBackbone`.
-
-    A KerasHub `ImageConverter`; `ViTMoEImageConverter.normalized(size,
-    mean, std)` gives `(x / 255 - mean) / std` for images in [0, 255]
-    (`.imagenet(size)`: ImageNet statistics, as DINOv2; the timm AugReg
-    ViT-S/16 and ViT-B/16 use mean = std = 0.5, see
-    `keras_vmoe.models.preset_normalization`).
-    """
-
-    backbone_cls = ViTMoEBackbone
-
-
-@keras.saving.register_keras_serializable(package="keras_vmoe")
-class ViTMoEImageClassifierPreprocessor(
-    keras_hub.models.ImageClassifierPreprocessor
-):
-    """Preprocessor of `ViTMoEImageClassifier` (wraps the image converter)."""
-
-    backbone_cls = ViTMoEBackbone
-    image_converter_cls = ViTMoEImageConverter
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -149,8 +134,6 @@ class ViTMoEImageClassifier(
         except `pooling`, `activation`, `dropout` and `head_dtype`. Anything
         else is handled by KerasHub.
         """
-        from keras_vmoe.models.vit_moe import presets
-
         if not (isinstance(preset, str) and preset in presets.PRESETS):
             preset_io.check_preset_name(preset, "ViTMoE", cls.__name__)
             preset_io.check_preset_dir(preset, True, load_weights, **kwargs)
@@ -160,32 +143,4 @@ class ViTMoEImageClassifier(
                     preset, load_weights=load_weights, **kwargs
                 ),
             )
-        if "num_classes" not in kwargs:
-            raise ValueError(
-                f"`num_classes` is required to build a classifier from the "
-                f"preset {preset!r}, whose checkpoint has no head for your "
-                "task. Received: no num_classes"
-            )
-        head_kwargs = {
-            name: kwargs.pop(name)
-            for name in (
-                "num_classes",
-                "pooling",
-                "activation",
-                "dropout",
-                "head_dtype",
-                "preprocessor",
-            )
-            if name in kwargs
-        }
-        backbone = ViTMoEBackbone.from_preset(preset, load_weights, **kwargs)
-        if "preprocessor" not in head_kwargs:
-            statistics = presets.PRESETS[preset]
-            head_kwargs["preprocessor"] = ViTMoEImageClassifierPreprocessor(
-                ViTMoEImageConverter.normalized(
-                    backbone.image_shape[:2],
-                    mean=statistics["mean"],
-                    std=statistics["std"],
-                )
-            )
-        return cls(backbone=backbone, **head_kwargs)
+        return registry.build_preset(cls, preset, load_weights, **kwargs)

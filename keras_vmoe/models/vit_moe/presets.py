@@ -38,16 +38,12 @@ normalize_gates=True)` starts exactly at the dense model instead (for
 top-1 the router then learns from the auxiliary loss only).
 """
 
-import os
-
 from keras_vmoe.layers.expert_choice import expert_choice_capacity
 from keras_vmoe.models.normalization import IMAGENET_MEAN
 from keras_vmoe.models.normalization import IMAGENET_STD
 from keras_vmoe.models.normalization import INCEPTION_MEAN
 from keras_vmoe.models.normalization import INCEPTION_STD
-from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
-from keras_vmoe.models.vit_moe.backbone import resolve_moe_layers
-from keras_vmoe.validation import deprecated_alias
+from keras_vmoe.models.placement import resolve_moe_layers
 
 _DINOV2_SMALL = {
     "image_shape": (224, 224, 3),
@@ -161,78 +157,6 @@ def analytic_stats(config):
             + router_rows * router_flops
         )
     return {"params": params, "active_params": active, "flops": flops}
-
-
-def download_checkpoint(repo_id, filename="model.safetensors", preset=None):
-    """Local path of a dense checkpoint from the Hugging Face Hub (cached).
-
-    Raises:
-        ValueError: when the file is neither cached nor downloadable (e.g.
-            `HF_HUB_OFFLINE=1`), saying where to put it and how to pass a
-            local file instead.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(repo_id, filename)
-    except LocalEntryNotFoundError as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0")
-        raise ValueError(
-            f"The dense checkpoint {filename!r} of the Hugging Face repository "
-            f"{repo_id!r} is not in the local cache ({constants.HF_HUB_CACHE}) "
-            f"and could not be downloaded (HF_HUB_OFFLINE={offline}, or no "
-            "network). Either download it where there is network, "
-            f"`huggingface-cli download {repo_id} {filename}`, and copy the "
-            f"cache to {constants.HF_HUB_CACHE}; or pass the file: "
-            f"`from_preset({preset!r}, weights_path='/path/to/{filename}')`; "
-            "or build with random weights: `load_weights=False`."
-        ) from error
-
-
-def build_backbone(
-    name,
-    load_weights=True,
-    weights_path=None,
-    upcycle_noise_std=0.0,
-    upcycle_seed=None,
-    seed=None,
-    **overrides,
-):
-    """Builds the backbone of preset `name`, upcycling its dense weights.
-
-    Args:
-        name: a key of `PRESETS`.
-        load_weights: download (or read `weights_path`), convert and upcycle
-            the dense checkpoint; False leaves the random initialisation.
-        weights_path: a local copy of the dense checkpoint (`.safetensors`).
-        upcycle_noise_std, upcycle_seed: noise of the expert copies.
-        seed: deprecated alias of `upcycle_seed` (a `DeprecationWarning`;
-            removed in 0.3, after which `seed` will override the MoE
-            blocks' gating-noise `seed` like any backbone argument).
-        **overrides: `ViTMoEBackbone` arguments replacing the preset's.
-    """
-    from keras_vmoe.converters.vit import load_vit_checkpoint
-
-    upcycle_seed = deprecated_alias(
-        "seed", seed, "upcycle_seed", upcycle_seed, None
-    )
-    if weights_path is not None and not load_weights:
-        raise ValueError(
-            "`weights_path` is only read with `load_weights=True`. Received: "
-            f"weights_path={weights_path!r}, load_weights={load_weights!r}"
-        )
-    preset = PRESETS[name]
-    backbone = ViTMoEBackbone(**dict(preset["config"], **overrides))
-    if load_weights:
-        source = weights_path or download_checkpoint(
-            preset["source"], preset=name
-        )
-        load_vit_checkpoint(
-            source, backbone, upcycle_noise_std, upcycle_seed
-        )
-    return backbone
 
 
 def _preset(description, source, config, stats):

@@ -10,7 +10,7 @@ from keras_vmoe.layers import SoftMoEFeedForward
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
 from keras_vmoe.models.convnext_moe.presets import PRESETS
-from keras_vmoe.models.convnext_moe.presets import build_model
+from keras_vmoe.models.convnext_moe.preset_builder import build_model
 from keras_vmoe.models.convnext_moe.presets import analytic_stats
 from keras_vmoe.models.stats import model_stats
 
