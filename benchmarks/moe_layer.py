@@ -12,7 +12,9 @@ MoE configuration's time to the dense baseline measured in the same run
 (forward, and forward + backward, both in training mode) for capacity
 factors 1.25 and 1.0 and dropless token routing, and the peak memory of
 the compiled train step against dense where the backend reports it (XLA
-memory analysis on JAX; device peak memory on a GPU). Times are medians of
+memory analysis on JAX, where `activations` leaves out the weight
+gradients, which grow with the total rather than the active parameters;
+device peak memory on a GPU). Times are medians of
 `--rounds` interleaved calls.
 
 TensorFlow without `--xla` runs a `tf.function` without XLA, which is what
@@ -82,8 +84,20 @@ OTHER_ROUTERS = {
 }
 
 
+def jax_temp_memory_bytes(layer, inputs):
+    """Temp bytes of the compiled train step (XLA analysis): activations
+    and workspace, without the weights and their gradients (which grow with
+    the total, not the active, parameters)."""
+    return _jax_memory_analysis(layer, inputs).temp_size_in_bytes
+
+
 def jax_peak_memory_bytes(layer, inputs):
-    """Temp + output bytes of the compiled train step (XLA analysis)."""
+    """Temp + output (gradient) bytes of the compiled train step."""
+    analysis = _jax_memory_analysis(layer, inputs)
+    return analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+
+
+def _jax_memory_analysis(layer, inputs):
     import jax
     import jax.numpy as jnp
 
@@ -97,8 +111,7 @@ def jax_peak_memory_bytes(layer, inputs):
         return jnp.mean(jnp.square(outputs.astype("float32")))
 
     compiled = jax.jit(jax.grad(loss_fn)).lower(trainable, inputs).compile()
-    analysis = compiled.memory_analysis()
-    return analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+    return compiled.memory_analysis()
 
 
 def gpu_peak_memory_bytes(step, inputs):
@@ -211,6 +224,13 @@ def main():
                 f" peak mem {memory / 2**20:.1f} MiB / dense "
                 f"{dense_memory / 2**20:.1f} MiB = "
                 f"{memory / dense_memory:.2f}x"
+            )
+        if keras.backend.backend() == "jax":
+            temp = jax_temp_memory_bytes(moe, inputs)
+            dense_temp = jax_temp_memory_bytes(baseline, inputs)
+            line += (
+                f" | activations {temp / 2**20:.1f} MiB / dense "
+                f"{dense_temp / 2**20:.1f} MiB = {temp / dense_temp:.2f}x"
             )
         print(line, flush=True)
 

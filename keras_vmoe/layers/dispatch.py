@@ -126,19 +126,30 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     return ops.sum(weighted, axis=2)
 
 
-def resolve_dispatch(dispatch, dropless_tokens=False, static_shape=True):
+def resolve_dispatch(
+    dispatch, dropless_tokens=False, static_shape=True, padded_slots=False
+):
     """The path `dispatch` ("auto", "slots" or "sorted") runs in this trace.
 
     "auto" takes the sorted path where shapes may be dynamic (TensorFlow
     without XLA, the Keras default on a CPU; torch only for dropless token
     routing, where it was measured faster on a CPU): experts run on
-    exactly the routed rows. Under XLA (JAX; TensorFlow with `jit_compile=True`)
-    the static sorted layout gathers a kernel per tile, which on a CPU
-    beats the slot path only for dropless token routing (every expert
-    would otherwise get S slots, E/K times the compute), so "auto" takes
-    it only there (`dropless_tokens=True`) and the slot path otherwise.
-    `jax.lax.ragged_dot` is never used: on a CPU it is a dense masked
-    matmul.
+    exactly the routed rows. Under XLA (JAX; TensorFlow with
+    `jit_compile=True`) the sorted path is a static layout of row tiles.
+    On JAX each tile reads its expert's kernel in place (a loop with a
+    hand-written VJP), which beats the slot path on a CPU whenever the
+    slot path would compute unused slots: dropless token routing
+    (`dropless_tokens`, every expert would get S slots) and capacity
+    factors above 1 (`padded_slots`); at capacity 1.0 the two cost the
+    same and "auto" keeps the slot path. TensorFlow's XLA layout gathers a
+    kernel per tile, so there "auto" takes it only for dropless token
+    routing. `jax.lax.ragged_dot` is never used: on a CPU it is a dense
+    masked matmul.
+
+    Under a `keras.distribution` (data or expert parallelism) "auto" takes
+    the slot path: its buffers are laid out per routing group, so every
+    device works on its own groups, while the sorted layout orders rows
+    across all groups (devices) and would gather them everywhere.
 
     The static layout needs the number of items at trace time: under XLA
     with `static_shape=False` (TensorFlow traces `fit` steps with an
@@ -147,15 +158,19 @@ def resolve_dispatch(dispatch, dropless_tokens=False, static_shape=True):
     """
     if dispatch == "slots":
         return dispatch
+    if dispatch == "auto" and dispatch_backend.distributed():
+        return "slots"
     if not dispatch_backend.in_xla_context():
         if dispatch == "sorted" or dropless_tokens:
             return "sorted"
         return "sorted" if dispatch_backend.sorted_beats_slots() else "slots"
     if not static_shape:
         return "slots"
-    if dispatch == "sorted":
-        return dispatch
-    return "sorted" if dropless_tokens else "slots"
+    if dispatch == "sorted" or dropless_tokens:
+        return "sorted"
+    if padded_slots and dispatch_backend.tiles_read_kernels_in_place():
+        return "sorted"
+    return "slots"
 
 
 def _sorted_rows(plan, num_experts, tile):

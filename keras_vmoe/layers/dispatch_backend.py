@@ -46,6 +46,20 @@ def sorted_beats_slots():
     return keras.backend.backend() == "tensorflow"
 
 
+def distributed():
+    """Whether a `keras.distribution` (data or model parallel) is set."""
+    return keras.distribution.distribution() is not None
+
+
+def tiles_read_kernels_in_place():
+    """Whether `tile_matmul` reads each tile's kernel without copying it.
+
+    True on JAX (the tile loop); TensorFlow's XLA layout gathers a kernel
+    per tile, which costs memory and time that the slot path does not.
+    """
+    return keras.backend.backend() == "jax"
+
+
 def row_count(total):
     """A row count usable as a shape: a tensor in TF graphs, else an int."""
     if keras.backend.backend() == "tensorflow":

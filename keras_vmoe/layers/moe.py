@@ -547,6 +547,7 @@ class MoEFeedForward(
             self.dispatch,
             dropless_tokens=capacity_factor is None and self.routing == "token",
             static_shape=None not in tuple(items.shape),
+            padded_slots=capacity_factor is not None and capacity_factor > 1,
         )
         if constrain is not None and dispatch == "sorted":
             # Expert parallelism shards the [G, E, C, ...] slot buffers; the

@@ -325,6 +325,19 @@ def test_auto_resolves_per_backend_and_compile_mode():
     expected = "sorted" if BACKEND == "tensorflow" else "slots"
     assert resolve_dispatch("auto") == expected
     assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
+    # Capacity above 1: the slot path computes unused slots; the JAX tile
+    # loop does not (measured faster on a CPU), other backends' XLA layout
+    # gathers kernels per tile. Outside XLA the rule above holds.
+    padded = resolve_dispatch("auto", padded_slots=True)
+    assert padded == ("slots" if BACKEND == "torch" else "sorted")
+
+
+def test_auto_keeps_group_local_slots_under_a_distribution(monkeypatch):
+    # The sorted layout orders rows across all groups (devices).
+    monkeypatch.setattr(dispatch_backend, "distributed", lambda: True)
+    for kwargs in ({}, {"dropless_tokens": True}, {"padded_slots": True}):
+        assert resolve_dispatch("auto", **kwargs) == "slots"
+    assert resolve_dispatch("sorted") == "sorted"
 
 
 def test_dispatch_is_validated_and_stored_in_config():
