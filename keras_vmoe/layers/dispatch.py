@@ -101,9 +101,7 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
         items, slot_item[:, :, None, None], axis=1
     )  # [G, E*C, P, d]
     used = ops.reshape(used, (groups, -1))[:, :, None, None]
-    expert_inputs = ops.where(
-        used, expert_inputs, ops.zeros_like(expert_inputs)
-    )
+    expert_inputs = ops.where(used, expert_inputs, 0.0)
     buffer = ops.reshape(expert_inputs, (groups, e, capacity, per_item, width))
     buffer = constrain(buffer, "dispatch_groups")
     buffer = constrain(ops.transpose(buffer, (1, 0, 2, 3, 4)), "dispatch_experts")
@@ -122,7 +120,7 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     )
     gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
     kept_mask = kept[:, :, :, None, None]
-    weighted = ops.where(kept_mask, gathered * gates, ops.zeros_like(gathered))
+    weighted = ops.where(kept_mask, gathered * gates, 0.0)
     return ops.sum(weighted, axis=2)
 
 
@@ -264,7 +262,8 @@ def sorted_dispatch(
         num_rows = num_tiles * tile
     row, totals, padded_ends = _sorted_rows(plan, e, tile)
     if not static:
-        num_rows = dispatch_backend.row_count(padded_ends[-1])
+        # tile == 1: the rows are exactly the kept choices.
+        counts, num_rows = dispatch_backend.segment_sizes(totals, per_item)
     group_ids = ops.arange(groups, dtype="int32")[:, None, None]
     item_ids = group_ids * num_items + ops.broadcast_to(
         ops.arange(num_items, dtype="int32")[None, :, None], ops.shape(row)
@@ -280,7 +279,7 @@ def sorted_dispatch(
         rows = ops.where(
             ops.cast(used[:num_rows], "bool")[:, None, None],
             rows,
-            ops.zeros_like(rows),
+            0.0,
         )
         tile_start = ops.arange(num_tiles, dtype="int32") * tile
         tile_expert = ops.sum(
@@ -294,7 +293,6 @@ def sorted_dispatch(
             return _tile_matmul(x, kernels, biases, tile_expert, live)
 
     else:
-        counts = totals * per_item
 
         def matmul(x, kernels, biases):
             return dispatch_backend.segment_matmul(x, kernels, biases, counts)
@@ -306,5 +304,5 @@ def sorted_dispatch(
     gathered = ops.take(outputs, target, axis=0)  # [G, S, K, P, d]
     gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
     kept_mask = kept[:, :, :, None, None]
-    weighted = ops.where(kept_mask, gathered * gates, ops.zeros_like(gathered))
+    weighted = ops.where(kept_mask, gathered * gates, 0.0)
     return ops.sum(weighted, axis=2)

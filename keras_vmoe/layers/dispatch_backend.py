@@ -46,11 +46,23 @@ def sorted_beats_slots():
     return keras.backend.backend() in ("tensorflow", "torch")
 
 
-def row_count(total):
-    """A row count usable as a shape: a tensor in TF graphs, else an int."""
+def segment_sizes(totals, per_item=1):
+    """Matmul rows per expert segment, and the number of routed choices.
+
+    Args:
+        totals: [E] int32 kept choices per expert.
+        per_item: matmul rows per choice (P).
+
+    Returns:
+        `(sizes, num_choices)`: `totals * per_item` and `sum(totals)`, in
+        TensorFlow graphs as tensors, elsewhere as a list of E Python ints
+        and an int usable as a shape, read from the device once (one host
+        sync per layer call, not one per matmul).
+    """
     if keras.backend.backend() == "tensorflow":
-        return total
-    return int(keras.ops.convert_to_numpy(total))
+        return totals * per_item, keras.ops.sum(totals)
+    totals = [int(v) for v in keras.ops.convert_to_numpy(totals)]
+    return [v * per_item for v in totals], sum(totals)
 
 
 def segment_matmul(rows, kernels, biases, counts):
@@ -60,7 +72,8 @@ def segment_matmul(rows, kernels, biases, counts):
         rows: [R, a], sorted by expert.
         kernels: [E, a, c].
         biases: [E, c].
-        counts: [E] int32 rows per expert, summing to R.
+        counts: rows per expert, summing to R, from `segment_sizes`
+            (an [E] int32 tensor, or a list of E Python ints).
 
     Returns:
         [R, c]: one matmul per expert, over exactly its rows.
@@ -69,6 +82,8 @@ def segment_matmul(rows, kernels, biases, counts):
     kernels = keras.ops.convert_to_tensor(kernels)
     biases = keras.ops.convert_to_tensor(biases)
     num_experts = kernels.shape[0]
+    if backend != "tensorflow" and not isinstance(counts, (list, tuple)):
+        counts = [int(v) for v in keras.ops.convert_to_numpy(counts)]
     # Unstacked (not indexed) weights: the gradient of an unstack is one
     # stack, while E indexing ops would each write a full [E, a, c] zero
     # tensor in the backward pass.
@@ -80,10 +95,9 @@ def segment_matmul(rows, kernels, biases, counts):
         biases = tf.unstack(biases, num=num_experts)
     elif backend == "torch":
         rows = keras.ops.convert_to_tensor(rows)
-        sizes = counts.detach().cpu().tolist()
-        return _torch_segment_matmul().apply(rows, kernels, biases, sizes)
+        return _torch_segment_matmul().apply(rows, kernels, biases, counts)
     else:
-        sizes = np.cumsum(keras.ops.convert_to_numpy(counts))[:-1].tolist()
+        sizes = np.cumsum(counts)[:-1].tolist()
         parts = keras.ops.split(rows, sizes, axis=0)
         kernels = keras.ops.unstack(kernels, num_experts)
         biases = keras.ops.unstack(biases, num_experts)

@@ -584,7 +584,7 @@ class MoEFeedForward(
         # Items with non-finite router input get NaN, never a fake expert.
         valid = ops.reshape(plan["valid"], (-1, 1, 1))
         routed = ops.reshape(routed, ops.shape(items))
-        routed = ops.where(valid, routed, ops.full_like(routed, float("nan")))
+        routed = ops.where(valid, routed, float("nan"))
         outputs = ops.reshape(routed, input_shape)
         if self.shared_ffn is not None:
             outputs = outputs + self.shared_ffn(inputs, training=training)

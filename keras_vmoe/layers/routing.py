@@ -112,8 +112,9 @@ def top_k_gates(probs, top_k, normalize=False):
         chosen = ops.one_hot(index, num_experts, dtype=probs.dtype)
         gates.append(ops.sum(probs * chosen, axis=-1))
         indices.append(index)
-        # Probabilities are >= 0: -1 removes the chosen expert.
-        remaining = remaining - 2.0 * chosen
+        if len(indices) < top_k:
+            # Probabilities are >= 0: -1 removes the chosen expert.
+            remaining = remaining - 2.0 * chosen
     gates = ops.stack(gates, axis=-1)
     expert_index = ops.stack(indices, axis=-1)
     if normalize:
@@ -220,15 +221,15 @@ def route(probs, top_k, capacity, normalize=False, batch_prioritized=True):
         probs = ops.expand_dims(probs, 0)
     num_experts = ops.shape(probs)[-1]
     valid = ops.all(ops.isfinite(probs), axis=-1)  # [G, S]
-    safe_probs = ops.where(valid[:, :, None], probs, ops.zeros_like(probs))
+    safe_probs = ops.where(valid[:, :, None], probs, 0.0)
     raw_gates, expert_index = top_k_gates(safe_probs, top_k)
-    priority = ops.where(valid, raw_gates[:, :, 0], -ops.ones_like(valid, "float32"))
+    priority = ops.where(valid, raw_gates[:, :, 0], -1.0)
     order = priority_order(priority, batch_prioritized)
     position = expert_positions(expert_index, order, num_experts, valid)
     kept = ops.logical_and(position < capacity, valid[:, :, None])
     gates = normalize_gates(raw_gates) if normalize else raw_gates
     plan = {
-        "gates": ops.where(kept, gates, ops.zeros_like(gates)),
+        "gates": ops.where(kept, gates, 0.0),
         "expert_index": expert_index,
         "position": position,
         "kept": kept,
@@ -261,4 +262,4 @@ def expert_load(expert_index, kept, num_experts, valid=None):
     if valid is None:
         return load
     all_valid = ops.all(valid)
-    return ops.where(all_valid, load, ops.full_like(load, float("nan")))
+    return ops.where(all_valid, load, float("nan"))
