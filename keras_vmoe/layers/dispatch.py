@@ -20,8 +20,9 @@ Two paths:
 
 Samples never mix through padding: slots no item claims hold exact zeros
 (not a copy of another item), and a dropped choice contributes an exact
-zero selected with `where` (not a product with a zero gate, which would
-turn a neighbour's NaN or inf into NaN).
+zero: selected with `where` on the slot path (not a product with a zero
+gate, which would turn a neighbour's NaN or inf into NaN); on the sorted
+path it reads a spare row of zeros, with the zero gate `route` gives it.
 """
 
 import math
@@ -226,7 +227,8 @@ def sorted_dispatch(
 
     Args:
         items: [G, S, P, d] routed items.
-        plan: dict of [G, S, K] `expert_index`, `position`, `kept`, `gates`.
+        plan: dict of [G, S, K] `expert_index`, `position`, `kept`, `gates`
+            (zero where dropped, as `route` returns them).
         capacity: C, used for the static row bound.
         num_experts: E.
         run_rows: callable `(rows [R, d], matmul) -> [R, d]` running the
@@ -301,8 +303,11 @@ def sorted_dispatch(
     outputs = ops.reshape(outputs, (-1, per_item, width))
     spare = ops.zeros_like(flat_items[:1])
     outputs = ops.concatenate([outputs, ops.cast(spare, outputs.dtype)], axis=0)
+    # Dropped choices read the spare row of exact zeros with a zero gate
+    # (route zeroes their gates): an exact zero, no `where` needed.
     gathered = ops.take(outputs, target, axis=0)  # [G, S, K, P, d]
     gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
-    kept_mask = kept[:, :, :, None, None]
-    weighted = ops.where(kept_mask, gathered * gates, 0.0)
+    weighted = gathered * gates
+    if top_k == 1:
+        return weighted[:, :, 0]
     return ops.sum(weighted, axis=2)
