@@ -31,6 +31,7 @@ from keras import ops
 
 from keras_vmoe.layers import dispatch_backend
 from keras_vmoe.layers.routing import _as_int
+from keras_vmoe.layers.routing import expert_mask
 
 DISPATCH_MODES = ("auto", "slots", "sorted")
 
@@ -85,10 +86,8 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     # without gaps and < C <= S). Dropped choices sort last.
     key = ops.where(kept, expert_index * num_items + position, e * num_items)
     order = ops.argsort(ops.reshape(key, (groups, -1)), axis=-1)  # [G, S*K]
-    kept_int = ops.cast(kept, "int32")
     counts = ops.sum(
-        ops.one_hot(expert_index, e, dtype="int32") * kept_int[..., None],
-        axis=(1, 2),
+        ops.cast(expert_mask(expert_index, e, kept), "int32"), axis=(1, 2)
     )  # [G, E]
     starts = ops.cumsum(counts, axis=-1) - counts
     slots = ops.arange(capacity, dtype="int32")[None, None, :]
@@ -168,15 +167,19 @@ def _sorted_rows(plan, num_experts, tile):
         where dropped), [E] kept choices per expert, and [E] the end of
         each expert's padded segment.
     """
-    kept = ops.cast(plan["kept"], "int32")
-    one_hot = ops.one_hot(plan["expert_index"], num_experts, dtype="int32")
-    counts = ops.sum(one_hot * kept[..., None], axis=(1, 2))  # [G, E]
+    expert_index = plan["expert_index"]
+    kept_hot = expert_mask(expert_index, num_experts, plan["kept"])
+    counts = ops.sum(ops.cast(kept_hot, "int32"), axis=(1, 2))  # [G, E]
     group_start = ops.cumsum(counts, axis=0) - counts
     totals = ops.sum(counts, axis=0)  # [E]
     padded = (totals + (tile - 1)) // tile * tile
     padded_ends = ops.cumsum(padded)
     start = group_start + (padded_ends - padded)[None, :]  # [G, E]
-    row = ops.sum(one_hot * start[:, None, None, :], axis=-1)
+    shape = ops.shape(expert_index)
+    row = ops.take_along_axis(
+        start, ops.reshape(expert_index, (shape[0], -1)), axis=1
+    )
+    row = ops.reshape(row, shape)
     return row + plan["position"], totals, padded_ends
 
 

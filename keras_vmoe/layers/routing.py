@@ -88,6 +88,21 @@ def group_items(items, group_size, argument="group_size"):
     return ops.reshape(items, (-1, group_size) + tuple(shape[1:]))
 
 
+def expert_mask(index, num_experts, mask=None):
+    """[..., E] bool: True at each item's expert `index` (a one-hot).
+
+    One comparison with `arange(E)` (`ops.one_hot` costs several ops on
+    some backends); `index` must lie in [0, E). Where the optional [...]
+    bool `mask` is False the row is all False.
+    """
+    hot = ops.equal(
+        ops.expand_dims(index, -1), ops.arange(num_experts, dtype="int32")
+    )
+    if mask is None:
+        return hot
+    return ops.logical_and(hot, ops.expand_dims(mask, -1))
+
+
 def top_k_gates(probs, top_k, normalize=False):
     """Chooses the `top_k` experts of every item.
 
@@ -109,7 +124,7 @@ def top_k_gates(probs, top_k, normalize=False):
     gates, indices = [], []
     for _ in range(top_k):
         index = ops.argmax(remaining, axis=-1)
-        chosen = ops.one_hot(index, num_experts, dtype=probs.dtype)
+        chosen = ops.cast(expert_mask(index, num_experts), probs.dtype)
         gates.append(ops.sum(probs * chosen, axis=-1))
         indices.append(index)
         if len(indices) < top_k:
@@ -177,11 +192,13 @@ def expert_positions(expert_index, order, num_experts, valid=None):
     # [G, K, S] in serving order, then flattened k-major to [G, K*S].
     served = ops.take_along_axis(expert_index, order[:, :, None], axis=1)
     served = ops.reshape(ops.transpose(served, (0, 2, 1)), (-1, top_k * num_items))
-    one_hot = ops.one_hot(served, num_experts, dtype="int32")
+    served_valid = None
     if valid is not None:
         served_valid = ops.take_along_axis(valid, order, axis=1)
-        served_valid = ops.tile(ops.cast(served_valid, "int32"), (1, top_k))
-        one_hot = one_hot * served_valid[:, :, None]
+        served_valid = ops.tile(served_valid, (1, top_k))
+    one_hot = ops.cast(
+        expert_mask(served, num_experts, served_valid), "int32"
+    )
     # Running count per expert, read at each choice's own expert.
     position = ops.sum(ops.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
     position = ops.transpose(
@@ -254,11 +271,10 @@ def expert_load(expert_index, kept, num_experts, valid=None):
     Returns:
         [E] float32; sums to `1 - dropped fraction`.
     """
-    one_hot = ops.one_hot(
-        ops.reshape(expert_index, (-1,)), num_experts, dtype="float32"
+    hot = expert_mask(
+        ops.reshape(expert_index, (-1,)), num_experts, ops.reshape(kept, (-1,))
     )
-    kept = ops.cast(ops.reshape(kept, (-1, 1)), "float32")
-    load = ops.mean(one_hot * kept, axis=0)
+    load = ops.mean(ops.cast(hot, "float32"), axis=0)
     if valid is None:
         return load
     all_valid = ops.all(valid)
