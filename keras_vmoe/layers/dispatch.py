@@ -128,9 +128,9 @@ def resolve_dispatch(dispatch, dropless_tokens=False, static_shape=True):
     """The path `dispatch` ("auto", "slots" or "sorted") runs in this trace.
 
     "auto" takes the sorted path where shapes may be dynamic (TensorFlow
-    without XLA, the Keras default on a CPU; torch only for dropless token
-    routing, where it was measured faster on a CPU): experts run on
-    exactly the routed rows. Under XLA (JAX; TensorFlow with `jit_compile=True`)
+    without XLA, the Keras default on a CPU; torch eager, where it was
+    measured faster on a CPU at every capacity): experts run on exactly
+    the routed rows. Under XLA (JAX; TensorFlow with `jit_compile=True`)
     the static sorted layout gathers a kernel per tile, which on a CPU
     beats the slot path only for dropless token routing (every expert
     would otherwise get S slots, E/K times the compute), so "auto" takes

@@ -112,9 +112,10 @@ class MoEFeedForward(
     `jit_compile=True`) a static number of row tiles, each expert padded
     to a whole tile (at most K*S + E*(tile-1) rows). Both give the same
     routing and outputs (to float rounding). "auto" (default) picks
-    "sorted" on TensorFlow without XLA, and on torch and under XLA
-    "sorted" for dropless token routing and "slots" otherwise (on a CPU the tiled
-    layout is slower than one batched slot matmul at capacity <= ~1.25).
+    "sorted" on TensorFlow without XLA and on torch, and under XLA
+    "sorted" for dropless token routing and "slots" otherwise (on a CPU
+    the tiled layout is slower than one batched slot matmul at capacity
+    <= ~1.25).
     Under XLA with a batch size unknown at trace time (TensorFlow `fit`
     with `jit_compile=True`) the static layout has no bound, and "sorted"
     and "auto" run the slot path.
