@@ -228,6 +228,7 @@ def _torch_segment_matmul():
     class SegmentMatmul(torch.autograd.Function):
         @staticmethod
         def forward(ctx, rows, kernels, biases, sizes):
+            ctx.dtypes = (rows.dtype, kernels.dtype, biases.dtype)
             dtype = torch.result_type(rows, kernels)
             rows, kernels, biases = (
                 v.to(dtype) for v in (rows, kernels, biases)
@@ -246,7 +247,6 @@ def _torch_segment_matmul():
                     start = end
             ctx.save_for_backward(rows, kernels)
             ctx.sizes = sizes
-            ctx.dtypes = (rows.dtype, kernels.dtype, biases.dtype)
             return outputs
 
         @staticmethod
@@ -281,6 +281,12 @@ def _torch_segment_matmul():
                 if d_biases is not None:
                     torch.sum(g, dim=0, out=d_biases[e])
                 start = end
-            return d_rows, d_kernels, d_biases, None
+            # Gradients in the dtypes of the inputs, as autodiff of the
+            # casts would give them.
+            grads = [
+                None if g is None else g.to(dtype)
+                for g, dtype in zip((d_rows, d_kernels, d_biases), ctx.dtypes)
+            ]
+            return (*grads, None)
 
     return SegmentMatmul

@@ -429,3 +429,23 @@ def test_segment_matmul_uses_each_segments_expert_and_its_gradient():
     np.testing.assert_allclose(b.grad.numpy(), expected_b, rtol=1e-5, atol=1e-6)
     assert np.all(k.grad.numpy()[1] == 0.0)
     assert np.all(b.grad.numpy()[1] == 0.0)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's hand-written backward")
+def test_segment_matmul_gradients_keep_the_input_dtypes():
+    import torch
+
+    x = torch.ones((3, 2), dtype=torch.bfloat16, requires_grad=True)
+    k = torch.ones((2, 2, 4), requires_grad=True)
+    b = torch.zeros((2, 4), requires_grad=True)
+    out = dispatch_backend.segment_matmul(x, k, b, torch.tensor([1, 2]))
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out.detach().numpy(), np.full((3, 4), 2.0))
+    out.sum().backward()
+    assert (x.grad.dtype, k.grad.dtype, b.grad.dtype) == (
+        torch.bfloat16,
+        torch.float32,
+        torch.float32,
+    )
+    np.testing.assert_array_equal(x.grad.float().numpy(), np.full((3, 2), 4.0))
+    np.testing.assert_array_equal(b.grad.numpy(), [[1.0] * 4, [2.0] * 4])
