@@ -20,8 +20,9 @@ Two paths:
 
 Samples never mix through padding: slots no item claims hold exact zeros
 (not a copy of another item), and a dropped choice contributes an exact
-zero selected with `where` (not a product with a zero gate, which would
-turn a neighbour's NaN or inf into NaN).
+zero: selected with `where` on the slot path (not a product with a zero
+gate, which would turn a neighbour's NaN or inf into NaN); on the sorted
+path it reads a spare row of zeros, with the zero gate `route` gives it.
 """
 
 import math
@@ -30,6 +31,7 @@ from keras import ops
 
 from keras_vmoe.layers import dispatch_backend
 from keras_vmoe.layers.routing import _as_int
+from keras_vmoe.layers.routing import expert_mask
 
 DISPATCH_MODES = ("auto", "slots", "sorted")
 
@@ -84,10 +86,8 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     # without gaps and < C <= S). Dropped choices sort last.
     key = ops.where(kept, expert_index * num_items + position, e * num_items)
     order = ops.argsort(ops.reshape(key, (groups, -1)), axis=-1)  # [G, S*K]
-    kept_int = ops.cast(kept, "int32")
     counts = ops.sum(
-        ops.one_hot(expert_index, e, dtype="int32") * kept_int[..., None],
-        axis=(1, 2),
+        ops.cast(expert_mask(expert_index, e, kept), "int32"), axis=(1, 2)
     )  # [G, E]
     starts = ops.cumsum(counts, axis=-1) - counts
     slots = ops.arange(capacity, dtype="int32")[None, None, :]
@@ -101,9 +101,7 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
         items, slot_item[:, :, None, None], axis=1
     )  # [G, E*C, P, d]
     used = ops.reshape(used, (groups, -1))[:, :, None, None]
-    expert_inputs = ops.where(
-        used, expert_inputs, ops.zeros_like(expert_inputs)
-    )
+    expert_inputs = ops.where(used, expert_inputs, 0.0)
     buffer = ops.reshape(expert_inputs, (groups, e, capacity, per_item, width))
     buffer = constrain(buffer, "dispatch_groups")
     buffer = constrain(ops.transpose(buffer, (1, 0, 2, 3, 4)), "dispatch_experts")
@@ -122,7 +120,7 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     )
     gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
     kept_mask = kept[:, :, :, None, None]
-    weighted = ops.where(kept_mask, gathered * gates, ops.zeros_like(gathered))
+    weighted = ops.where(kept_mask, gathered * gates, 0.0)
     return ops.sum(weighted, axis=2)
 
 
@@ -132,9 +130,9 @@ def resolve_dispatch(
     """The path `dispatch` ("auto", "slots" or "sorted") runs in this trace.
 
     "auto" takes the sorted path where shapes may be dynamic (TensorFlow
-    without XLA, the Keras default on a CPU; torch only for dropless token
-    routing, where it was measured faster on a CPU): experts run on
-    exactly the routed rows. Under XLA (JAX; TensorFlow with
+    without XLA, the Keras default on a CPU; torch eager, where it was
+    measured faster on a CPU at every capacity): experts run on exactly
+    the routed rows. Under XLA (JAX; TensorFlow with
     `jit_compile=True`) the sorted path is a static layout of row tiles.
     On JAX each tile reads its expert's kernel in place (a loop with a
     hand-written VJP), which beats the slot path on a CPU whenever the
@@ -184,15 +182,19 @@ def _sorted_rows(plan, num_experts, tile):
         where dropped), [E] kept choices per expert, and [E] the end of
         each expert's padded segment.
     """
-    kept = ops.cast(plan["kept"], "int32")
-    one_hot = ops.one_hot(plan["expert_index"], num_experts, dtype="int32")
-    counts = ops.sum(one_hot * kept[..., None], axis=(1, 2))  # [G, E]
+    expert_index = plan["expert_index"]
+    kept_hot = expert_mask(expert_index, num_experts, plan["kept"])
+    counts = ops.sum(ops.cast(kept_hot, "int32"), axis=(1, 2))  # [G, E]
     group_start = ops.cumsum(counts, axis=0) - counts
     totals = ops.sum(counts, axis=0)  # [E]
     padded = (totals + (tile - 1)) // tile * tile
     padded_ends = ops.cumsum(padded)
     start = group_start + (padded_ends - padded)[None, :]  # [G, E]
-    row = ops.sum(one_hot * start[:, None, None, :], axis=-1)
+    shape = ops.shape(expert_index)
+    row = ops.take_along_axis(
+        start, ops.reshape(expert_index, (shape[0], -1)), axis=1
+    )
+    row = ops.reshape(row, shape)
     return row + plan["position"], totals, padded_ends
 
 
@@ -243,7 +245,8 @@ def sorted_dispatch(
 
     Args:
         items: [G, S, P, d] routed items.
-        plan: dict of [G, S, K] `expert_index`, `position`, `kept`, `gates`.
+        plan: dict of [G, S, K] `expert_index`, `position`, `kept`, `gates`
+            (zero where dropped, as `route` returns them).
         capacity: C, used for the static row bound.
         num_experts: E.
         run_rows: callable `(rows [R, d], matmul) -> [R, d]` running the
@@ -279,7 +282,8 @@ def sorted_dispatch(
         num_rows = num_tiles * tile
     row, totals, padded_ends = _sorted_rows(plan, e, tile)
     if not static:
-        num_rows = dispatch_backend.row_count(padded_ends[-1])
+        # tile == 1: the rows are exactly the kept choices.
+        counts, num_rows = dispatch_backend.segment_sizes(totals, per_item)
     group_ids = ops.arange(groups, dtype="int32")[:, None, None]
     item_ids = group_ids * num_items + ops.broadcast_to(
         ops.arange(num_items, dtype="int32")[None, :, None], ops.shape(row)
@@ -295,7 +299,7 @@ def sorted_dispatch(
         rows = ops.where(
             ops.cast(used[:num_rows], "bool")[:, None, None],
             rows,
-            ops.zeros_like(rows),
+            0.0,
         )
         tile_start = ops.arange(num_tiles, dtype="int32") * tile
         tile_expert = ops.sum(
@@ -309,7 +313,6 @@ def sorted_dispatch(
             return _tile_matmul(x, kernels, biases, tile_expert, live)
 
     else:
-        counts = totals * per_item
 
         def matmul(x, kernels, biases):
             return dispatch_backend.segment_matmul(x, kernels, biases, counts)
@@ -318,8 +321,11 @@ def sorted_dispatch(
     outputs = ops.reshape(outputs, (-1, per_item, width))
     spare = ops.zeros_like(flat_items[:1])
     outputs = ops.concatenate([outputs, ops.cast(spare, outputs.dtype)], axis=0)
+    # Dropped choices read the spare row of exact zeros with a zero gate
+    # (route zeroes their gates): an exact zero, no `where` needed.
     gathered = ops.take(outputs, target, axis=0)  # [G, S, K, P, d]
     gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
-    kept_mask = kept[:, :, :, None, None]
-    weighted = ops.where(kept_mask, gathered * gates, ops.zeros_like(gathered))
+    weighted = gathered * gates
+    if top_k == 1:
+        return weighted[:, :, 0]
     return ops.sum(weighted, axis=2)

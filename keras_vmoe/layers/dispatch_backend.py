@@ -39,11 +39,11 @@ def in_xla_context():
 def sorted_beats_slots():
     """Whether exact-row dispatch beats the slot path at a capacity factor.
 
-    Measured on a CPU (benchmarks/moe_layer.py): yes on TensorFlow without
-    XLA; on torch eager the slot path was faster at capacity 1.25, so
-    torch takes the sorted path only for dropless token routing.
+    Measured on a CPU (benchmarks/moe_layer.py, B=8): yes on TensorFlow
+    without XLA, and on torch eager (with the fused segment matmul below)
+    for every token and image configuration, at capacity 1.25 and 1.0.
     """
-    return keras.backend.backend() == "tensorflow"
+    return keras.backend.backend() in ("tensorflow", "torch")
 
 
 def distributed():
@@ -60,11 +60,23 @@ def tiles_read_kernels_in_place():
     return keras.backend.backend() == "jax"
 
 
-def row_count(total):
-    """A row count usable as a shape: a tensor in TF graphs, else an int."""
+def segment_sizes(totals, per_item=1):
+    """Matmul rows per expert segment, and the number of routed choices.
+
+    Args:
+        totals: [E] int32 kept choices per expert.
+        per_item: matmul rows per choice (P).
+
+    Returns:
+        `(sizes, num_choices)`: `totals * per_item` and `sum(totals)`, in
+        TensorFlow graphs as tensors, elsewhere as a list of E Python ints
+        and an int usable as a shape, read from the device once (one host
+        sync per layer call, not one per matmul).
+    """
     if keras.backend.backend() == "tensorflow":
-        return total
-    return int(keras.ops.convert_to_numpy(total))
+        return totals * per_item, keras.ops.sum(totals)
+    totals = [int(v) for v in keras.ops.convert_to_numpy(totals)]
+    return [v * per_item for v in totals], sum(totals)
 
 
 def segment_matmul(rows, kernels, biases, counts):
@@ -74,7 +86,8 @@ def segment_matmul(rows, kernels, biases, counts):
         rows: [R, a], sorted by expert.
         kernels: [E, a, c].
         biases: [E, c].
-        counts: [E] int32 rows per expert, summing to R.
+        counts: rows per expert, summing to R, from `segment_sizes`
+            (an [E] int32 tensor, or a list of E Python ints).
 
     Returns:
         [R, c]: one matmul per expert, over exactly its rows.
@@ -83,6 +96,8 @@ def segment_matmul(rows, kernels, biases, counts):
     kernels = keras.ops.convert_to_tensor(kernels)
     biases = keras.ops.convert_to_tensor(biases)
     num_experts = kernels.shape[0]
+    if backend != "tensorflow" and not isinstance(counts, (list, tuple)):
+        counts = [int(v) for v in keras.ops.convert_to_numpy(counts)]
     # Unstacked (not indexed) weights: the gradient of an unstack is one
     # stack, while E indexing ops would each write a full [E, a, c] zero
     # tensor in the backward pass.
@@ -93,14 +108,10 @@ def segment_matmul(rows, kernels, biases, counts):
         kernels = tf.unstack(kernels, num=num_experts)
         biases = tf.unstack(biases, num=num_experts)
     elif backend == "torch":
-        import torch
-
-        sizes = counts.detach().cpu().tolist()
-        parts = torch.split(rows, sizes, dim=0)
-        kernels = torch.unbind(kernels, 0)
-        biases = torch.unbind(biases, 0)
+        rows = keras.ops.convert_to_tensor(rows)
+        return _torch_segment_matmul().apply(rows, kernels, biases, counts)
     else:
-        sizes = np.cumsum(keras.ops.convert_to_numpy(counts))[:-1].tolist()
+        sizes = np.cumsum(counts)[:-1].tolist()
         parts = keras.ops.split(rows, sizes, axis=0)
         kernels = keras.ops.unstack(kernels, num_experts)
         biases = keras.ops.unstack(biases, num_experts)
@@ -214,4 +225,82 @@ def _jax_tile_matmul():
 
     tile_matmul.defvjp(tile_matmul_fwd, tile_matmul_bwd)
     return tile_matmul
-    return tile_matmul
+
+
+@functools.cache
+def _torch_segment_matmul():
+    """The torch segment matmul as one autograd function (built lazily).
+
+    Each expert's `addmm` writes straight into its rows of one output
+    (no `cat` of the segments), and the backward pass writes each kernel
+    gradient into its slice of one [E, a, c] tensor (autodiff through
+    `unbind` would `stack` E separate gradients). Measured on a CPU
+    (benchmarks/moe_layer.py): a few ms per call at B=8, T=197, d=384.
+    """
+    import torch
+
+    class SegmentMatmul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, rows, kernels, biases, sizes):
+            ctx.dtypes = (rows.dtype, kernels.dtype, biases.dtype)
+            dtype = torch.result_type(rows, kernels)
+            rows, kernels, biases = (
+                v.to(dtype) for v in (rows, kernels, biases)
+            )
+            outputs = rows.new_empty((rows.shape[0], kernels.shape[-1]))
+            start = 0
+            for e, size in enumerate(sizes):
+                if size:
+                    end = start + size
+                    torch.addmm(
+                        biases[e],
+                        rows[start:end],
+                        kernels[e],
+                        out=outputs[start:end],
+                    )
+                    start = end
+            ctx.save_for_backward(rows, kernels)
+            ctx.sizes = sizes
+            return outputs
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grads):
+            rows, kernels = ctx.saved_tensors
+            grads = grads.contiguous()
+            d_rows = d_kernels = d_biases = None
+            if ctx.needs_input_grad[0]:
+                d_rows = torch.empty_like(rows)
+            if ctx.needs_input_grad[1]:
+                d_kernels = torch.empty_like(kernels)
+            if ctx.needs_input_grad[2]:
+                d_biases = kernels.new_empty(
+                    (kernels.shape[0], kernels.shape[-1])
+                )
+            start = 0
+            for e, size in enumerate(ctx.sizes):
+                if not size:
+                    # An expert without rows gets exact zero gradients.
+                    if d_kernels is not None:
+                        d_kernels[e].zero_()
+                    if d_biases is not None:
+                        d_biases[e].zero_()
+                    continue
+                end = start + size
+                g = grads[start:end]
+                if d_rows is not None:
+                    torch.mm(g, kernels[e].t(), out=d_rows[start:end])
+                if d_kernels is not None:
+                    torch.mm(rows[start:end].t(), g, out=d_kernels[e])
+                if d_biases is not None:
+                    torch.sum(g, dim=0, out=d_biases[e])
+                start = end
+            # Gradients in the dtypes of the inputs, as autodiff of the
+            # casts would give them.
+            grads = [
+                None if g is None else g.to(dtype)
+                for g, dtype in zip((d_rows, d_kernels, d_biases), ctx.dtypes)
+            ]
+            return (*grads, None)
+
+    return SegmentMatmul

@@ -112,9 +112,10 @@ class MoEFeedForward(
     `jit_compile=True`) a static number of row tiles, each expert padded
     to a whole tile (at most K*S + E*(tile-1) rows). Both give the same
     routing and outputs (to float rounding). "auto" (default) picks
-    "sorted" on TensorFlow without XLA, and on torch and under XLA
-    "sorted" for dropless token routing and "slots" otherwise (on a CPU the tiled
-    layout is slower than one batched slot matmul at capacity <= ~1.25).
+    "sorted" on TensorFlow without XLA and on torch, and under XLA
+    "sorted" for dropless token routing and "slots" otherwise (on a CPU
+    the tiled layout is slower than one batched slot matmul at capacity
+    <= ~1.25).
     Under XLA with a batch size unknown at trace time (TensorFlow `fit`
     with `jit_compile=True`) the static layout has no bound, and "sorted"
     and "auto" run the slot path.
@@ -585,7 +586,7 @@ class MoEFeedForward(
         # Items with non-finite router input get NaN, never a fake expert.
         valid = ops.reshape(plan["valid"], (-1, 1, 1))
         routed = ops.reshape(routed, ops.shape(items))
-        routed = ops.where(valid, routed, ops.full_like(routed, float("nan")))
+        routed = ops.where(valid, routed, float("nan"))
         outputs = ops.reshape(routed, input_shape)
         if self.shared_ffn is not None:
             outputs = outputs + self.shared_ffn(inputs, training=training)

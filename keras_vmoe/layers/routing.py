@@ -88,6 +88,21 @@ def group_items(items, group_size, argument="group_size"):
     return ops.reshape(items, (-1, group_size) + tuple(shape[1:]))
 
 
+def expert_mask(index, num_experts, mask=None):
+    """[..., E] bool: True at each item's expert `index` (a one-hot).
+
+    One comparison with `arange(E)` (`ops.one_hot` costs several ops on
+    some backends); `index` must lie in [0, E). Where the optional [...]
+    bool `mask` is False the row is all False.
+    """
+    hot = ops.equal(
+        ops.expand_dims(index, -1), ops.arange(num_experts, dtype="int32")
+    )
+    if mask is None:
+        return hot
+    return ops.logical_and(hot, ops.expand_dims(mask, -1))
+
+
 def top_k_gates(probs, top_k, normalize=False):
     """Chooses the `top_k` experts of every item.
 
@@ -109,11 +124,12 @@ def top_k_gates(probs, top_k, normalize=False):
     gates, indices = [], []
     for _ in range(top_k):
         index = ops.argmax(remaining, axis=-1)
-        chosen = ops.one_hot(index, num_experts, dtype=probs.dtype)
+        chosen = ops.cast(expert_mask(index, num_experts), probs.dtype)
         gates.append(ops.sum(probs * chosen, axis=-1))
         indices.append(index)
-        # Probabilities are >= 0: -1 removes the chosen expert.
-        remaining = remaining - 2.0 * chosen
+        if len(indices) < top_k:
+            # Probabilities are >= 0: -1 removes the chosen expert.
+            remaining = remaining - 2.0 * chosen
     gates = ops.stack(gates, axis=-1)
     expert_index = ops.stack(indices, axis=-1)
     if normalize:
@@ -176,11 +192,13 @@ def expert_positions(expert_index, order, num_experts, valid=None):
     # [G, K, S] in serving order, then flattened k-major to [G, K*S].
     served = ops.take_along_axis(expert_index, order[:, :, None], axis=1)
     served = ops.reshape(ops.transpose(served, (0, 2, 1)), (-1, top_k * num_items))
-    one_hot = ops.one_hot(served, num_experts, dtype="int32")
+    served_valid = None
     if valid is not None:
         served_valid = ops.take_along_axis(valid, order, axis=1)
-        served_valid = ops.tile(ops.cast(served_valid, "int32"), (1, top_k))
-        one_hot = one_hot * served_valid[:, :, None]
+        served_valid = ops.tile(served_valid, (1, top_k))
+    one_hot = ops.cast(
+        expert_mask(served, num_experts, served_valid), "int32"
+    )
     # Running count per expert, read at each choice's own expert.
     position = ops.sum(ops.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
     position = ops.transpose(
@@ -220,15 +238,15 @@ def route(probs, top_k, capacity, normalize=False, batch_prioritized=True):
         probs = ops.expand_dims(probs, 0)
     num_experts = ops.shape(probs)[-1]
     valid = ops.all(ops.isfinite(probs), axis=-1)  # [G, S]
-    safe_probs = ops.where(valid[:, :, None], probs, ops.zeros_like(probs))
+    safe_probs = ops.where(valid[:, :, None], probs, 0.0)
     raw_gates, expert_index = top_k_gates(safe_probs, top_k)
-    priority = ops.where(valid, raw_gates[:, :, 0], -ops.ones_like(valid, "float32"))
+    priority = ops.where(valid, raw_gates[:, :, 0], -1.0)
     order = priority_order(priority, batch_prioritized)
     position = expert_positions(expert_index, order, num_experts, valid)
     kept = ops.logical_and(position < capacity, valid[:, :, None])
     gates = normalize_gates(raw_gates) if normalize else raw_gates
     plan = {
-        "gates": ops.where(kept, gates, ops.zeros_like(gates)),
+        "gates": ops.where(kept, gates, 0.0),
         "expert_index": expert_index,
         "position": position,
         "kept": kept,
@@ -253,12 +271,11 @@ def expert_load(expert_index, kept, num_experts, valid=None):
     Returns:
         [E] float32; sums to `1 - dropped fraction`.
     """
-    one_hot = ops.one_hot(
-        ops.reshape(expert_index, (-1,)), num_experts, dtype="float32"
+    hot = expert_mask(
+        ops.reshape(expert_index, (-1,)), num_experts, ops.reshape(kept, (-1,))
     )
-    kept = ops.cast(ops.reshape(kept, (-1, 1)), "float32")
-    load = ops.mean(one_hot * kept, axis=0)
+    load = ops.mean(ops.cast(hot, "float32"), axis=0)
     if valid is None:
         return load
     all_valid = ops.all(valid)
-    return ops.where(all_valid, load, ops.full_like(load, float("nan")))
+    return ops.where(all_valid, load, float("nan"))

@@ -322,14 +322,14 @@ def test_jax_jit_compiles_the_static_path():
 def test_auto_resolves_per_backend_and_compile_mode():
     assert resolve_dispatch("slots") == "slots"
     assert resolve_dispatch("sorted") == "sorted"
-    expected = "sorted" if BACKEND == "tensorflow" else "slots"
+    expected = "sorted" if BACKEND in ("tensorflow", "torch") else "slots"
     assert resolve_dispatch("auto") == expected
     assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
     # Capacity above 1: the slot path computes unused slots; the JAX tile
     # loop does not (measured faster on a CPU), other backends' XLA layout
     # gathers kernels per tile. Outside XLA the rule above holds.
     padded = resolve_dispatch("auto", padded_slots=True)
-    assert padded == ("slots" if BACKEND == "torch" else "sorted")
+    assert padded == "sorted"
 
 
 def test_auto_keeps_group_local_slots_under_a_distribution(monkeypatch):
@@ -400,3 +400,65 @@ def test_tile_matmul_uses_each_tiles_expert_and_its_gradient():
     np.testing.assert_allclose(
         d_biases, expected_biases, rtol=1e-5, atol=1e-6
     )
+
+
+def test_segment_matmul_uses_each_segments_expert_and_its_gradient():
+    """Hand check of the dynamic-shape segment matmul: rows of segment e go
+    through expert e; an expert without rows (expert 1) gets exact zero
+    kernel and bias gradients (torch's hand-written backward)."""
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((5, 3)).astype("float32")
+    kernels = rng.standard_normal((3, 3, 4)).astype("float32")
+    biases = rng.standard_normal((3, 4)).astype("float32")
+    counts = np.array([2, 0, 3], "int32")
+    expert = np.array([0, 0, 2, 2, 2])
+    expected = np.einsum("rd,rdc->rc", rows, kernels[expert]) + biases[expert]
+    outputs = dispatch_backend.segment_matmul(
+        keras.ops.convert_to_tensor(rows),
+        kernels,
+        biases,
+        keras.ops.convert_to_tensor(counts),
+    )
+    np.testing.assert_allclose(_np(outputs), expected, rtol=1e-5, atol=1e-6)
+    if BACKEND != "torch":
+        return
+    import torch
+
+    weights = torch.tensor(rng.standard_normal((5, 4)).astype("float32"))
+    x, k, b = (
+        torch.tensor(v, requires_grad=True) for v in (rows, kernels, biases)
+    )
+    out = dispatch_backend.segment_matmul(x, k, b, torch.tensor(counts))
+    (out * weights).sum().backward()
+    w = weights.numpy()
+    expected_x = np.einsum("rc,rdc->rd", w, kernels[expert])
+    np.testing.assert_allclose(x.grad.numpy(), expected_x, rtol=1e-5, atol=1e-6)
+    expected_k = np.zeros_like(kernels)
+    expected_b = np.zeros_like(biases)
+    for r, e in enumerate(expert):
+        expected_k[e] += np.outer(rows[r], w[r])
+        expected_b[e] += w[r]
+    np.testing.assert_allclose(k.grad.numpy(), expected_k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.grad.numpy(), expected_b, rtol=1e-5, atol=1e-6)
+    assert np.all(k.grad.numpy()[1] == 0.0)
+    assert np.all(b.grad.numpy()[1] == 0.0)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's hand-written backward")
+def test_segment_matmul_gradients_keep_the_input_dtypes():
+    import torch
+
+    x = torch.ones((3, 2), dtype=torch.bfloat16, requires_grad=True)
+    k = torch.ones((2, 2, 4), requires_grad=True)
+    b = torch.zeros((2, 4), requires_grad=True)
+    out = dispatch_backend.segment_matmul(x, k, b, torch.tensor([1, 2]))
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out.detach().numpy(), np.full((3, 4), 2.0))
+    out.sum().backward()
+    assert (x.grad.dtype, k.grad.dtype, b.grad.dtype) == (
+        torch.bfloat16,
+        torch.float32,
+        torch.float32,
+    )
+    np.testing.assert_array_equal(x.grad.float().numpy(), np.full((3, 2), 4.0))
+    np.testing.assert_array_equal(b.grad.numpy(), [[1.0] * 4, [2.0] * 4])
