@@ -49,10 +49,14 @@ def compiled_forward(layer, training=False, jit_compile=False):
     raise ValueError(f"Unsupported backend: {backend}")
 
 
-def compiled_train_step(layer, jit_compile=False):
+def compiled_train_step(layer, jit_compile=False, input_gradient=False):
     """A compiled forward + backward: gradients of sum(outputs**2) + losses.
 
-    `jit_compile` only applies to TensorFlow (XLA).
+    `jit_compile` only applies to TensorFlow (XLA). With `input_gradient`
+    the step also returns the gradient of the inputs, as the backward pass
+    of any layer but a network's first computes it (a layer benchmark
+    without it lets XLA drop the dense FFN's input-gradient matmul, one of
+    its six, while a loop with a hand-written backward pass keeps it).
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -61,10 +65,14 @@ def compiled_train_step(layer, jit_compile=False):
         @tf.function(jit_compile=jit_compile)
         def step(x):
             with tf.GradientTape() as tape:
+                tape.watch(x)
                 outputs = layer(x, training=True)
                 loss = tf.reduce_mean(tf.square(tf.cast(outputs, "float32")))
                 loss += sum(layer.losses) if layer.losses else 0.0
-            return tape.gradient(loss, layer.trainable_variables)
+            sources = list(layer.trainable_variables)
+            if input_gradient:
+                sources.append(x)
+            return tape.gradient(loss, sources)
 
         return step
     if backend == "jax":
@@ -82,12 +90,16 @@ def compiled_train_step(layer, jit_compile=False):
                 losses
             )
 
-        grad = jax.jit(jax.grad(loss_fn))
+        grad = jax.jit(
+            jax.grad(loss_fn, argnums=(0, 1) if input_gradient else 0)
+        )
         return lambda x: grad(trainable, x)
     if backend == "torch":
 
         def step(x):
             layer.zero_grad()
+            if input_gradient:
+                x = x.detach().requires_grad_(True)
             outputs = layer(x, training=True)
             loss = (outputs.float() ** 2).mean()
             for extra in layer.losses:

@@ -9,8 +9,9 @@ Usage:
 
 Prints, for B=32, T=197, d=384, h=1536, E=8 by default, the ratio of each
 MoE configuration's time to the dense baseline measured in the same run
-(forward, and forward + backward, both in training mode) for capacity
-factors 1.25 and 1.0 and dropless token routing, and the peak memory of
+(forward, and forward + backward with the input gradient, as inside a
+network, both in training mode) for capacity factors 1.25 and 1.0 and
+dropless token routing, and the peak memory of
 the compiled train step against dense where the backend reports it (XLA
 memory analysis on JAX, where `activations` leaves out the weight
 gradients, which grow with the total rather than the active parameters;
@@ -110,7 +111,8 @@ def _jax_memory_analysis(layer, inputs):
         )
         return jnp.mean(jnp.square(outputs.astype("float32")))
 
-    compiled = jax.jit(jax.grad(loss_fn)).lower(trainable, inputs).compile()
+    grad = jax.grad(loss_fn, argnums=(0, 1))
+    compiled = jax.jit(grad).lower(trainable, inputs).compile()
     return compiled.memory_analysis()
 
 
@@ -208,7 +210,12 @@ def main():
         steps = {}
         for label, compile_fn in (
             ("fwd", lambda l: compiled_forward(l, True, args.xla)),
-            ("fwd+bwd", lambda l: compiled_train_step(l, args.xla)),
+            (
+                "fwd+bwd",
+                lambda l: compiled_train_step(
+                    l, args.xla, input_gradient=True
+                ),
+            ),
         ):
             steps = {"moe": compile_fn(moe), "dense": compile_fn(baseline)}
             times = interleaved_median_times(steps, inputs, rounds=args.rounds)

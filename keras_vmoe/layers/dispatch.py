@@ -284,23 +284,24 @@ def sorted_dispatch(
     if not static:
         # tile == 1: the rows are exactly the kept choices.
         counts, num_rows = dispatch_backend.segment_sizes(totals, per_item)
-    group_ids = ops.arange(groups, dtype="int32")[:, None, None]
-    item_ids = group_ids * num_items + ops.broadcast_to(
-        ops.arange(num_items, dtype="int32")[None, :, None], ops.shape(row)
+    # (item, choice) pairs numbered item * K + k, over all groups.
+    choice_ids = ops.reshape(
+        ops.arange(groups * num_items * top_k, dtype="int32"), ops.shape(row)
     )
     # Dropped choices write (and read) the spare row `num_rows`.
     target = ops.where(kept, row, num_rows)
-    row_item = _scatter_rows(num_rows, target, item_ids)[:num_rows]
+    readers = ops.reshape(target, (-1, top_k))  # [N, K]: each item's rows
+    # The choice in each row, -1 in padding rows (no choice writes there).
+    row_choice = _scatter_rows(num_rows, target, choice_ids + 1)[:num_rows] - 1
+    row_item = ops.maximum(row_choice, 0) // top_k
+    # Padding rows of the static layout hold exact zeros, not a copy of
+    # item 0; the dynamic layout has none.
+    used = row_choice >= 0 if static else None
     flat_items = ops.reshape(items, (-1, per_item, width))
-    rows = ops.take(flat_items, row_item, axis=0)  # [R, P, d]
+    rows = dispatch_backend.gather_rows(
+        flat_items, row_item, used, readers
+    )  # [R, P, d]
     if static:
-        # Padding rows hold exact zeros, not a copy of item 0.
-        used = _scatter_rows(num_rows, target, ops.ones_like(item_ids))
-        rows = ops.where(
-            ops.cast(used[:num_rows], "bool")[:, None, None],
-            rows,
-            0.0,
-        )
         tile_start = ops.arange(num_tiles, dtype="int32") * tile
         tile_expert = ops.sum(
             ops.cast(padded_ends[None, :] <= tile_start[:, None], "int32"),
@@ -319,13 +320,12 @@ def sorted_dispatch(
 
     outputs = run_rows(ops.reshape(rows, (-1, width)), matmul)
     outputs = ops.reshape(outputs, (-1, per_item, width))
-    spare = ops.zeros_like(flat_items[:1])
-    outputs = ops.concatenate([outputs, ops.cast(spare, outputs.dtype)], axis=0)
-    # Dropped choices read the spare row of exact zeros with a zero gate
-    # (route zeroes their gates): an exact zero, no `where` needed.
-    gathered = ops.take(outputs, target, axis=0)  # [G, S, K, P, d]
-    gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
-    weighted = gathered * gates
-    if top_k == 1:
-        return weighted[:, :, 0]
-    return ops.sum(weighted, axis=2)
+    # Every row times its choice's gate (zero in padding rows), then each
+    # item sums its rows; dropped choices read a spare row of exact zeros.
+    gates = ops.cast(ops.reshape(plan["gates"], (-1,)), outputs.dtype)
+    row_gate = dispatch_backend.gather_rows(
+        gates, ops.maximum(row_choice, 0), used, ops.reshape(target, (-1, 1))
+    )
+    outputs = dispatch_backend.scale_rows(outputs, row_gate)
+    routed = dispatch_backend.sum_rows(outputs, readers, row_item, used)
+    return ops.reshape(routed, (groups, num_items, per_item, width))
