@@ -110,18 +110,21 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     outputs = constrain(outputs, "combine_experts")
     outputs = constrain(ops.transpose(outputs, (1, 0, 2, 3, 4)), "combine_groups")
     outputs = ops.reshape(outputs, (groups, -1, per_item, width))
-    # Each choice reads its own slot of its group; dropped choices read
+    # Every slot times its occupant's gate (zero in unused slots), then
+    # every item adds the slots its kept choices read; dropped choices read
     # slot 0 and are replaced by an exact zero.
+    gates = ops.reshape(ops.cast(plan["gates"], outputs.dtype), (groups, -1))
+    slot_gates = ops.where(
+        used[:, :, 0, 0], ops.take_along_axis(gates, choice, axis=1), 0.0
+    )  # [G, E*C]
+    outputs = dispatch_backend.scale_rows(outputs, slot_gates)
     read = ops.where(kept, expert_index * capacity + position, 0)
-    read = ops.reshape(read, (groups, -1))[:, :, None, None]
-    gathered = ops.take_along_axis(outputs, read, axis=1)  # [G, S*K, P, d]
-    gathered = ops.reshape(
-        gathered, (groups, num_items, top_k, per_item, width)
-    )
-    gates = ops.cast(plan["gates"], outputs.dtype)[:, :, :, None, None]
-    kept_mask = kept[:, :, :, None, None]
-    weighted = ops.where(kept_mask, gathered * gates, 0.0)
-    return ops.sum(weighted, axis=2)
+    total = None
+    for k in range(top_k):
+        slot = ops.take_along_axis(outputs, read[:, :, k, None, None], axis=1)
+        slot = ops.where(kept[:, :, k, None, None], slot, 0.0)  # [G, S, P, d]
+        total = slot if total is None else total + slot
+    return total
 
 
 def resolve_dispatch(

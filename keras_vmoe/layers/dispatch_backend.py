@@ -159,7 +159,7 @@ def tile_matmul(tiles, kernels, biases, tile_expert, live):
 
 
 def scale_rows(rows, scales):
-    """`rows * scales[:, None, None]` for [R, P, d] rows and [R] scales.
+    """`rows * scales[..., None, None]` for [..., P, d] rows.
 
     Under XLA an einsum: XLA on a CPU reduces the gradient of a broadcast
     product over the last axes one element at a time (measured 28 ms of a
@@ -167,8 +167,9 @@ def scale_rows(rows, scales):
     a batched dot.
     """
     if in_xla_context():
-        return keras.ops.einsum("rpd,r->rpd", rows, scales)
-    return rows * scales[:, None, None]
+        axes = "abcdefgh"[: len(scales.shape)]
+        return keras.ops.einsum(f"{axes}pd,{axes}->{axes}pd", rows, scales)
+    return rows * scales[..., None, None]
 
 
 def gather_rows(x, index, valid, inverse):
