@@ -78,13 +78,7 @@ INVERSE = np.array([[1, 4], [3, 4], [0, 4]], "int32")
 
 def test_gather_rows_reads_valid_rows_and_sums_gradients_back():
     outputs, w, (d_x,) = _value_and_grad(
-        lambda x, index, valid, inverse: dispatch_backend.gather_rows(
-            x, index, valid, inverse
-        ),
-        X,
-        INDEX,
-        VALID,
-        INVERSE,
+        dispatch_backend.gather_rows, X, INDEX, VALID, INVERSE
     )
     np.testing.assert_array_equal(
         outputs, [X[2], X[0], [0.0, 0.0], X[1]]
@@ -111,13 +105,7 @@ def test_sum_rows_adds_each_items_rows_and_gathers_gradients():
     index = np.array([1, 0, 0, 1], "int32")  # reader of each row of y
     valid = np.array([True, True, False, True])
     outputs, w, (d_y,) = _value_and_grad(
-        lambda y, inverse, index, valid: dispatch_backend.sum_rows(
-            y, inverse, index, valid
-        ),
-        y,
-        inverse,
-        index,
-        valid,
+        dispatch_backend.sum_rows, y, inverse, index, valid
     )
     np.testing.assert_array_equal(
         outputs, [y[1], y[3] + y[0], [0.0, 0.0]]
