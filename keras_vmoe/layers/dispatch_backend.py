@@ -190,13 +190,20 @@ def gather_rows(x, index, valid, inverse):
 
     The gradient of a gather is a scatter-add; XLA runs it one row at a
     time on a CPU. With the map inverted the gradient is
-    `sum_rows(dy, inverse)`, a gather, and on JAX it is written that way
-    (measured: routing and dispatch forward + backward 34 -> 13 ms per
-    top-1 layer at B=32, T=197, d=384). Elsewhere autodiff of the gather
-    (TensorFlow and torch run a segment sum / `index_add`).
+    `sum_rows(dy, inverse)`, a gather, and under XLA (JAX, TensorFlow with
+    `jit_compile=True`) it is written that way (measured on JAX: routing
+    and dispatch forward + backward 34 -> 13 ms per top-1 layer at B=32,
+    T=197, d=384). Elsewhere autodiff of the gather (TensorFlow and torch
+    run a segment sum / `index_add`).
     """
     if keras.backend.backend() == "jax":
         return _jax_row_maps()[0](*_jax_arguments(x, index, valid, inverse))
+    if _tensorflow_xla():
+        return _tf_row_map(
+            lambda x: _gather_rows(x, index, valid),
+            lambda dy: _sum_rows(dy, inverse),
+            x,
+        )
     return _gather_rows(x, index, valid)
 
 
@@ -214,12 +221,33 @@ def sum_rows(y, inverse, index, valid):
     Returns:
         [N, ...]. The K reads are added one by one (K is small), not
         gathered into [N, K, ...] and reduced: XLA on a CPU reduces a
-        middle axis slowly. On JAX the gradient is `gather_rows(dx,
+        middle axis slowly. Under XLA the gradient is `gather_rows(dx,
         index, valid)`, a gather.
     """
     if keras.backend.backend() == "jax":
         return _jax_row_maps()[1](*_jax_arguments(y, index, valid, inverse))
+    if _tensorflow_xla():
+        return _tf_row_map(
+            lambda y: _sum_rows(y, inverse),
+            lambda dx: _gather_rows(dx, index, valid),
+            y,
+        )
     return _sum_rows(y, inverse)
+
+
+def _tensorflow_xla():
+    return keras.backend.backend() == "tensorflow" and in_xla_context()
+
+
+def _tf_row_map(forward, backward, rows):
+    """`forward(rows)` with the gradient `backward(upstream)` (TensorFlow)."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def row_map(rows):
+        return forward(rows), backward
+
+    return row_map(rows)
 
 
 def _jax_arguments(rows, index, valid, inverse):

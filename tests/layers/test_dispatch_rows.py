@@ -4,6 +4,7 @@ the other's transpose; on JAX each is written as the other's gradient) and
 
 import keras
 import numpy as np
+import pytest
 
 from keras_vmoe.layers import dispatch_backend
 
@@ -148,4 +149,28 @@ def test_scale_rows_and_its_gradient():
     np.testing.assert_allclose(d_rows, w * scales[:, None, None], rtol=1e-6)
     np.testing.assert_allclose(
         d_scales, np.sum(w * rows, axis=(1, 2)), rtol=1e-6
+    )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow XLA only")
+def test_row_maps_and_their_gradients_under_tensorflow_xla():
+    """Under `jit_compile=True` each map's gradient is the other map."""
+    import tensorflow as tf
+
+    w = _weights((4, 2))
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = dispatch_backend.gather_rows(x, INDEX, VALID, INVERSE)
+            z = dispatch_backend.sum_rows(y * 2.0, INVERSE, INDEX, VALID)
+            loss = tf.reduce_sum(y * w) + tf.reduce_sum(z * z)
+        return y, z, tape.gradient(loss, x)
+
+    y, z, d_x = (v.numpy() for v in step(tf.constant(X)))
+    np.testing.assert_array_equal(y, [X[2], X[0], [0.0, 0.0], X[1]])
+    np.testing.assert_array_equal(z, 2.0 * X)  # every row of x read once
+    np.testing.assert_allclose(
+        d_x, np.stack([w[1], w[3], w[0]]) + 8.0 * X, rtol=1e-6
     )
