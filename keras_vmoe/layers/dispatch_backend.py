@@ -55,10 +55,11 @@ def distributed():
 def tiles_read_kernels_in_place():
     """Whether `tile_matmul` reads each tile's kernel without copying it.
 
-    True on JAX (the tile loop); TensorFlow's XLA layout gathers a kernel
-    per tile, which costs memory and time that the slot path does not.
+    True on JAX and TensorFlow (the tile loops); elsewhere the kernels are
+    gathered per tile, which costs memory and time that the slot path does
+    not.
     """
-    return keras.backend.backend() == "jax"
+    return keras.backend.backend() in ("jax", "tensorflow")
 
 
 def segment_sizes(totals, per_item=1):

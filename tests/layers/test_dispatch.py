@@ -325,11 +325,33 @@ def test_auto_resolves_per_backend_and_compile_mode():
     expected = "sorted" if BACKEND in ("tensorflow", "torch") else "slots"
     assert resolve_dispatch("auto") == expected
     assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
-    # Capacity above 1: the slot path computes unused slots; the JAX tile
-    # loop does not (measured faster on a CPU), other backends' XLA layout
-    # gathers kernels per tile. Outside XLA the rule above holds.
+    # Capacity above 1: the slot path computes unused slots; the JAX and
+    # TensorFlow tile loops do not (measured faster on a CPU). Outside XLA
+    # the rule above holds.
     padded = resolve_dispatch("auto", padded_slots=True)
     assert padded == "sorted"
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF XLA")
+def test_auto_under_tensorflow_xla():
+    import tensorflow as tf
+
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        seen.append(
+            [
+                resolve_dispatch("auto"),
+                resolve_dispatch("auto", dropless_tokens=True),
+                resolve_dispatch("auto", padded_slots=True),
+                resolve_dispatch("auto", padded_slots=True, static_shape=False),
+            ]
+        )
+        return x
+
+    step(tf.constant(0.0))
+    assert seen == [["slots", "sorted", "sorted", "slots"]]
 
 
 def test_auto_keeps_group_local_slots_under_a_distribution(monkeypatch):
