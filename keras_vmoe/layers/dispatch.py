@@ -317,8 +317,10 @@ def sorted_dispatch(
 
     outputs = run_rows(ops.reshape(rows, (-1, width)), matmul)
     outputs = ops.reshape(outputs, (-1, per_item, width))
-    spare = ops.zeros_like(flat_items[:1])
-    outputs = ops.concatenate([outputs, ops.cast(spare, outputs.dtype)], axis=0)
+    # The spare row of zeros as padding: the gradient of a concatenation
+    # read by a gather is sparse on TensorFlow and selects its rows with a
+    # dynamically shaped `where`, which takes XLA minutes to bound at B=32.
+    outputs = ops.pad(outputs, ((0, 1), (0, 0), (0, 0)))
     # Dropped choices read the spare row of exact zeros with a zero gate
     # (route zeroes their gates): an exact zero, no `where` needed.
     gathered = ops.take(outputs, target, axis=0)  # [G, S, K, P, d]
