@@ -137,15 +137,13 @@ def resolve_dispatch(
     measured faster on a CPU at every capacity): experts run on exactly
     the routed rows. Under XLA (JAX; TensorFlow with
     `jit_compile=True`) the sorted path is a static layout of row tiles.
-    On JAX each tile reads its expert's kernel in place (a loop with a
-    hand-written VJP), which beats the slot path on a CPU whenever the
-    slot path would compute unused slots: dropless token routing
+    Each tile reads its expert's kernel in place (a loop with a
+    hand-written gradient), which beats the slot path on a CPU whenever
+    the slot path would compute unused slots: dropless token routing
     (`dropless_tokens`, every expert would get S slots) and capacity
     factors above 1 (`padded_slots`); at capacity 1.0 the two cost the
-    same and "auto" keeps the slot path. TensorFlow's XLA layout gathers a
-    kernel per tile, so there "auto" takes it only for dropless token
-    routing. `jax.lax.ragged_dot` is never used: on a CPU it is a dense
-    masked matmul.
+    same and "auto" keeps the slot path. `jax.lax.ragged_dot` is never
+    used: on a CPU it is a dense masked matmul.
 
     Under a `keras.distribution` (data or expert parallelism) "auto" takes
     the slot path: its buffers are laid out per routing group, so every

@@ -1,6 +1,6 @@
 """Backend adapter for the sorted dispatch: the only backend-specific code.
 
-Three things `keras.ops` cannot do portably:
+What `keras.ops` cannot do portably, or XLA on a CPU runs slowly:
 
 - Is the current step compiled with XLA (static shapes only)? JAX always
   is. TensorFlow is when the enclosing `tf.function` has
@@ -10,8 +10,9 @@ Three things `keras.ops` cannot do portably:
 - A matmul per expert segment of rows whose lengths are known only at run
   time (dynamic shapes: TensorFlow without XLA, torch, eager JAX/NumPy).
 - Under XLA, a matmul per fixed-size tile of rows with the tile's expert
-  kernel read in place, skipping the tiles past the routed rows (JAX: a
-  loop with a hand-written VJP; elsewhere kernels gathered per tile).
+  kernel read in place, skipping the tiles past the routed rows (JAX and
+  TensorFlow: a loop with a hand-written gradient; elsewhere kernels
+  gathered per tile).
 - Where XLA on a CPU is slow at an op's autodiff gradient: row gathers
   (whose gradient is a scatter-add) and gate-weighted sums.
 """
@@ -56,10 +57,11 @@ def distributed():
 def tiles_read_kernels_in_place():
     """Whether `tile_matmul` reads each tile's kernel without copying it.
 
-    True on JAX (the tile loop); TensorFlow's XLA layout gathers a kernel
-    per tile, which costs memory and time that the slot path does not.
+    True on JAX and TensorFlow (the tile loops); elsewhere the kernels are
+    gathered per tile, which costs memory and time that the slot path does
+    not.
     """
-    return keras.backend.backend() == "jax"
+    return keras.backend.backend() in ("jax", "tensorflow")
 
 
 def segment_sizes(totals, per_item=1):
@@ -136,18 +138,21 @@ def tile_matmul(tiles, kernels, biases, tile_expert, live):
             (the static bound counts every expert's worst-case padding).
 
     Returns:
-        [T, t, c]; rows of dead tiles are never read back (zeros on JAX,
-        the expert's bias elsewhere).
+        [T, t, c]; rows of dead tiles are never read back (zeros on JAX
+        and TensorFlow, the expert's bias elsewhere).
 
-    On JAX, a loop over the tiles reads each tile's kernel in place and
-    skips dead tiles, with a hand-written backward pass that accumulates
-    each tile's kernel gradient into its expert's slice (autodiff of the
-    loop would add a full [E, a, c] tensor per tile). Elsewhere, one
-    batched matmul with the kernels gathered per tile ([T, a, c]).
+    On JAX and TensorFlow, a loop over the tiles reads each tile's kernel
+    in place and skips dead tiles, with a hand-written backward pass that
+    accumulates each tile's kernel gradient into its expert's slice
+    (autodiff of the loop would add a full [E, a, c] tensor per tile).
+    Elsewhere, one batched matmul with the kernels gathered per tile
+    ([T, a, c]).
     """
     ops = keras.ops
-    if keras.backend.backend() == "jax":
-        return _jax_tile_matmul()(
+    backend = keras.backend.backend()
+    if backend in ("jax", "tensorflow"):
+        loop = _jax_tile_matmul() if backend == "jax" else _tf_tile_matmul
+        return loop(
             *(
                 ops.convert_to_tensor(v)
                 for v in (tiles, kernels, biases, tile_expert, live)
@@ -270,7 +275,10 @@ def _gather_rows(x, index, valid):
 
 def _sum_rows(y, inverse):
     ops = keras.ops
-    y = ops.concatenate([y, ops.zeros_like(y[:1])], axis=0)
+    # The spare row of zeros as padding: on TensorFlow the gradient of a
+    # concatenation read by a gather selects rows with a dynamically shaped
+    # `where` that takes XLA minutes to bound.
+    y = ops.pad(y, ((0, 1),) + ((0, 0),) * (len(y.shape) - 1))
     total = ops.take(y, inverse[:, 0], axis=0)
     for k in range(1, inverse.shape[1]):
         total = total + ops.take(y, inverse[:, k], axis=0)
@@ -376,6 +384,77 @@ def _jax_tile_matmul():
 
     tile_matmul.defvjp(tile_matmul_fwd, tile_matmul_bwd)
     return tile_matmul
+
+
+def _tf_tile_matmul(tiles, kernels, biases, tile_expert, live):
+    """The TensorFlow tile matmul with its custom gradient.
+
+    A `tf.while_loop` over the live tiles only (`live` is a prefix, so the
+    trip count is their number and no tile needs a condition), writing
+    each tile's rows into one [T, t, c] buffer of zeros. Under XLA the
+    loop's buffer updates happen in place; it also runs eagerly and in a
+    plain `tf.function`. As on JAX, the outputs are in the result type of
+    `tiles` and `kernels`, and the gradients in the dtypes of the inputs.
+    """
+    import tensorflow as tf
+
+    dtype = keras.backend.result_type(tiles.dtype, kernels.dtype)
+    tile_expert = tf.cast(tile_expert, "int32")
+    num_live = tf.reduce_sum(tf.cast(live, "int32"))
+    num_tiles, tile = tiles.shape[0], tiles.shape[1]
+    width = kernels.shape[-1]
+
+    def loop(body, init):
+        return tf.while_loop(
+            lambda i, *_: i < num_live,
+            body,
+            (tf.constant(0), *init),
+            maximum_iterations=num_tiles,
+        )[1:]
+
+    @tf.custom_gradient
+    def tile_matmul(tiles, kernels, biases):
+        def body(i, outputs):
+            e = tile_expert[i]
+            y = tf.matmul(tf.cast(tiles[i], dtype), tf.cast(kernels[e], dtype))
+            y = y + tf.cast(biases[e], dtype)
+            return i + 1, tf.tensor_scatter_nd_update(outputs, [[i]], y[None])
+
+        (outputs,) = loop(body, (tf.zeros((num_tiles, tile, width), dtype),))
+
+        def grad(grads):
+            def body(i, d_tiles, d_kernels, d_biases):
+                e = tile_expert[i]
+                g = tf.cast(grads[i], dtype)
+                d_x = tf.matmul(g, tf.cast(kernels[e], dtype), transpose_b=True)
+                d_w = tf.matmul(tf.cast(tiles[i], dtype), g, transpose_a=True)
+                d_b = tf.reduce_sum(g, axis=0)
+                # Dead tiles and experts without tiles keep their zeros.
+                return (
+                    i + 1,
+                    tf.tensor_scatter_nd_update(
+                        d_tiles, [[i]], tf.cast(d_x, d_tiles.dtype)[None]
+                    ),
+                    tf.tensor_scatter_nd_add(
+                        d_kernels, [[e]], tf.cast(d_w, d_kernels.dtype)[None]
+                    ),
+                    tf.tensor_scatter_nd_add(
+                        d_biases, [[e]], tf.cast(d_b, d_biases.dtype)[None]
+                    ),
+                )
+
+            return loop(
+                body,
+                (
+                    tf.zeros_like(tiles),
+                    tf.zeros_like(kernels),
+                    tf.zeros_like(biases),
+                ),
+            )
+
+        return outputs, grad
+
+    return tile_matmul(tiles, kernels, biases)
 
 
 @functools.cache

@@ -113,9 +113,9 @@ class MoEFeedForward(
     to a whole tile (at most K*S + E*(tile-1) rows). Both give the same
     routing and outputs (to float rounding). "auto" (default) picks
     "sorted" on TensorFlow without XLA and on torch, and under XLA
-    "sorted" for dropless token routing and "slots" otherwise (on a CPU
-    the tiled layout is slower than one batched slot matmul at capacity
-    <= ~1.25).
+    "sorted" for dropless token routing and capacity factors above 1
+    (each tile reads its expert's kernel in place; the slot path would
+    compute unused slots) and "slots" otherwise.
     Under XLA with a batch size unknown at trace time (TensorFlow `fit`
     with `jit_compile=True`) the static layout has no bound, and "sorted"
     and "auto" run the slot path.
@@ -125,8 +125,8 @@ class MoEFeedForward(
     what capacity 1.0 costs, and no token loses its expert, so it is the
     better choice for fine-tuning and for MoE-ConvNeXt / ViT-MoE token
     routing on CPU or small batches, and for evaluation
-    (`eval_capacity_factor=None`). Under XLA it remains about 2x the dense
-    cost on a CPU; keep a capacity factor there.
+    (`eval_capacity_factor=None`). Under XLA it costs about what capacity
+    1.25 costs (every expert padded to whole tiles of rows).
 
     Samples never mix through padding: unclaimed slots hold zeros and
     dropped choices contribute exact zeros, so a NaN or inf in one sample

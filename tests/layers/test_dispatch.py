@@ -325,11 +325,33 @@ def test_auto_resolves_per_backend_and_compile_mode():
     expected = "sorted" if BACKEND in ("tensorflow", "torch") else "slots"
     assert resolve_dispatch("auto") == expected
     assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
-    # Capacity above 1: the slot path computes unused slots; the JAX tile
-    # loop does not (measured faster on a CPU), other backends' XLA layout
-    # gathers kernels per tile. Outside XLA the rule above holds.
+    # Capacity above 1: the slot path computes unused slots; the JAX and
+    # TensorFlow tile loops do not (measured faster on a CPU). Outside XLA
+    # the rule above holds.
     padded = resolve_dispatch("auto", padded_slots=True)
     assert padded == "sorted"
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF XLA")
+def test_auto_under_tensorflow_xla():
+    import tensorflow as tf
+
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        seen.append(
+            [
+                resolve_dispatch("auto"),
+                resolve_dispatch("auto", dropless_tokens=True),
+                resolve_dispatch("auto", padded_slots=True),
+                resolve_dispatch("auto", padded_slots=True, static_shape=False),
+            ]
+        )
+        return x
+
+    step(tf.constant(0.0))
+    assert seen == [["slots", "sorted", "sorted", "slots"]]
 
 
 def test_auto_keeps_group_local_slots_under_a_distribution(monkeypatch):
@@ -348,58 +370,138 @@ def test_dispatch_is_validated_and_stored_in_config():
     assert MoEFeedForward.from_config(layer.get_config()).dispatch == "sorted"
 
 
-def test_tile_matmul_uses_each_tiles_expert_and_its_gradient():
+def _tile_matmul_vjp(tiles, kernels, biases, tile_expert, live, weights, mode):
+    """`tile_matmul`'s outputs and the gradients of `sum(outputs * weights)`
+    with respect to tiles, kernels and biases, as backend tensors.
+
+    `mode` (TensorFlow only): "eager", "function" (a plain `tf.function`)
+    or "xla" (`jit_compile=True`)."""
+    args = [keras.ops.convert_to_tensor(v) for v in (tiles, kernels, biases)]
+    index = [keras.ops.convert_to_tensor(v) for v in (tile_expert, live)]
+    weights = keras.ops.convert_to_tensor(weights)
+
+    def call(*args):
+        return dispatch_backend.tile_matmul(*args, *index)
+
+    if BACKEND == "jax":
+        import jax
+
+        outputs, vjp = jax.vjp(call, *args)
+        return outputs, list(vjp(weights.astype(outputs.dtype)))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        def run(*args):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                outputs = call(*args)
+            weight = tf.cast(weights, outputs.dtype)
+            grads = tape.gradient(outputs, args, output_gradients=weight)
+            return outputs, [tf.convert_to_tensor(g) for g in grads]
+
+        if mode != "eager":
+            run = tf.function(run, jit_compile=mode == "xla")
+        return run(*args)
+    import torch
+
+    args = [v.detach().requires_grad_() for v in args]
+    outputs = call(*args)
+    outputs.backward(weights.to(outputs.dtype))
+    return outputs, [v.grad for v in args]
+
+
+TF_MODES = ["eager", "function", "xla"] if BACKEND == "tensorflow" else [None]
+
+
+@pytest.mark.parametrize("mode", TF_MODES)
+def test_tile_matmul_uses_each_tiles_expert_and_its_gradient(mode):
     """Hand check of the XLA tile matmul: tile i uses expert tile_expert[i];
-    dead tiles are never read; the kernel gradient of expert e sums the
-    x^T g of its live tiles only (JAX's hand-written VJP)."""
+    dead tiles are never read and, on JAX and TensorFlow (the tile loops),
+    output zeros and get zero gradients; the kernel gradient of expert e
+    sums the x^T g of its live tiles only, and an expert without tiles
+    (expert 1) gets exact zero kernel and bias gradients."""
     rng = np.random.default_rng(3)
-    tiles = rng.standard_normal((4, 2, 3)).astype("float32")
-    kernels = rng.standard_normal((2, 3, 5)).astype("float32")
-    biases = rng.standard_normal((2, 5)).astype("float32")
-    tile_expert = np.array([0, 1, 1, 1], "int32")
-    live = np.array([True, True, True, False])
-    outputs = _np(
-        dispatch_backend.tile_matmul(
-            tiles, kernels, biases, tile_expert, live
-        )
+    tiles = rng.standard_normal((5, 2, 3)).astype("float32")
+    kernels = rng.standard_normal((3, 3, 5)).astype("float32")
+    biases = rng.standard_normal((3, 5)).astype("float32")
+    tile_expert = np.array([0, 0, 2, 2, 2], "int32")
+    live = np.array([True, True, True, False, False])
+    weights = rng.standard_normal((5, 2, 5)).astype("float32")
+    loops = BACKEND in ("jax", "tensorflow")
+    if not loops:
+        # The gathered form computes dead tiles, never read back.
+        weights[3:] = 0.0
+    outputs, grads = _tile_matmul_vjp(
+        tiles, kernels, biases, tile_expert, live, weights, mode
     )
+    outputs = _np(outputs)
+    d_tiles, d_kernels, d_biases = (_np(g) for g in grads)
+    expected_kernels = np.zeros_like(kernels)
+    expected_biases = np.zeros_like(biases)
     for i in range(3):
         e = tile_expert[i]
         np.testing.assert_allclose(
             outputs[i], tiles[i] @ kernels[e] + biases[e], rtol=1e-5
         )
-    if BACKEND != "jax":
-        return
-    import jax
-
-    weights = rng.standard_normal((4, 2, 5)).astype("float32")
-    weights[3] = 0.0  # dead tiles are never read back, so get no gradient
-
-    def loss(tiles, kernels, biases):
-        out = dispatch_backend.tile_matmul(
-            tiles, kernels, biases, tile_expert, live
-        )
-        return (out * weights).sum()
-
-    d_tiles, d_kernels, d_biases = jax.grad(loss, argnums=(0, 1, 2))(
-        tiles, kernels, biases
-    )
-    expected_kernels = np.zeros_like(kernels)
-    expected_biases = np.zeros_like(biases)
-    for i in range(3):
-        e = tile_expert[i]
         expected_kernels[e] += tiles[i].T @ weights[i]
         expected_biases[e] += weights[i].sum(0)
         np.testing.assert_allclose(
             d_tiles[i], weights[i] @ kernels[e].T, rtol=1e-5, atol=1e-6
         )
-    np.testing.assert_allclose(d_tiles[3], 0.0)
+    if loops:
+        assert np.all(outputs[3:] == 0.0)
+    assert np.all(d_tiles[3:] == 0.0)
     np.testing.assert_allclose(
         d_kernels, expected_kernels, rtol=1e-5, atol=1e-6
     )
     np.testing.assert_allclose(
         d_biases, expected_biases, rtol=1e-5, atol=1e-6
     )
+    assert np.all(d_kernels[1] == 0.0) and np.all(d_biases[1] == 0.0)
+
+
+@pytest.mark.skipif(
+    BACKEND not in ("jax", "tensorflow"), reason="the tile loops"
+)
+@pytest.mark.parametrize("mode", TF_MODES)
+@pytest.mark.parametrize(
+    "dtypes",
+    [("float16", "float32", "float32"), ("bfloat16",) * 3],
+    ids=["float16 tiles", "bfloat16"],
+)
+def test_tile_matmul_mixed_precision_dtypes(dtypes, mode):
+    """Outputs in the result type of tiles and kernels, gradients in the
+    dtypes of the inputs (as autodiff of the casts would give them)."""
+    tiles, kernels, biases = (
+        keras.ops.cast(keras.ops.ones(shape), dtype)
+        for shape, dtype in zip([(3, 2, 4), (2, 4, 3), (2, 3)], dtypes)
+    )
+    outputs, grads = _tile_matmul_vjp(
+        tiles,
+        kernels,
+        biases,
+        np.array([0, 1, 1], "int32"),
+        np.array([True, True, False]),
+        np.ones((3, 2, 3), "float32"),
+        mode,
+    )
+    expected_dtype = "float16" if dtypes[0] == "float16" else "bfloat16"
+    expected_dtype = "float32" if dtypes[1] == "float32" else expected_dtype
+    assert keras.backend.standardize_dtype(outputs.dtype) == expected_dtype
+    assert [keras.backend.standardize_dtype(g.dtype) for g in grads] == list(
+        dtypes
+    )
+    np.testing.assert_array_equal(
+        _np(keras.ops.cast(outputs, "float32")),
+        np.array([5.0, 5.0, 0.0])[:, None, None] * np.ones((3, 2, 3)),
+    )
+    d_tiles, d_kernels, d_biases = (
+        _np(keras.ops.cast(g, "float32")) for g in grads
+    )
+    np.testing.assert_array_equal(d_tiles[:2], np.full((2, 2, 4), 3.0))
+    np.testing.assert_array_equal(d_tiles[2], 0.0)
+    np.testing.assert_array_equal(d_kernels, np.full((2, 4, 3), 2.0))
+    np.testing.assert_array_equal(d_biases, np.full((2, 3), 2.0))
 
 
 def test_segment_matmul_uses_each_segments_expert_and_its_gradient():
