@@ -30,6 +30,7 @@ import math
 from keras import ops
 
 from keras_vmoe.layers import dispatch_backend
+from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.routing import _as_int
 from keras_vmoe.layers.routing import expert_mask
 
@@ -212,20 +213,68 @@ def tile_items(num_choices, num_experts, per_item):
     return max(1, tokens // per_item)
 
 
-def _tile_matmul(rows, kernels, biases, tile_expert, live):
-    """[R, a] rows in tiles, each tile through its expert's kernel and bias.
+class RowExperts:
+    """How `sorted_dispatch` applies each row's expert (given to `run_rows`).
+
+    `matmul(x [R, a], kernels [E, a, c], biases [E, c]) -> [R, c]` applies
+    each row's expert kernel and bias; `mlp(x, kernel_1, bias_1, kernel_2,
+    bias_2, activation) -> [R, d]` its whole MLP `fc2(act(fc1(x)))`, which
+    a layout may run fused (the XLA tile loops do).
+    """
+
+    def matmul(self, x, kernels, biases):
+        raise NotImplementedError
+
+    def mlp(self, x, kernel_1, bias_1, kernel_2, bias_2, activation):
+        hidden = self.matmul(x, kernel_1, bias_1)
+        hidden = apply_activation(hidden, activation)
+        return self.matmul(hidden, kernel_2, bias_2)
+
+
+class SegmentExperts(RowExperts):
+    """Exactly the routed rows: one matmul per expert segment."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def matmul(self, x, kernels, biases):
+        return dispatch_backend.segment_matmul(x, kernels, biases, self.counts)
+
+
+class TiledExperts(RowExperts):
+    """The static XLA layout: tiles of rows, each tile one expert's.
 
     Static shapes, differentiable on every backend (Keras' TensorFlow
     `scan` cannot be differentiated under XLA, so the backend adapter
     picks the form). `live` marks the tiles before the last routed row;
     the others are never read back.
     """
-    width = kernels.shape[-1]
-    tiles = ops.reshape(rows, (live.shape[0], -1, rows.shape[-1]))
-    outputs = dispatch_backend.tile_matmul(
-        tiles, kernels, biases, tile_expert, live
-    )
-    return ops.reshape(outputs, (-1, width))
+
+    def __init__(self, tile_expert, live):
+        self.tile_expert = tile_expert
+        self.live = live
+
+    def _tiles(self, x):
+        return ops.reshape(x, (self.live.shape[0], -1, x.shape[-1]))
+
+    def matmul(self, x, kernels, biases):
+        outputs = dispatch_backend.tile_matmul(
+            self._tiles(x), kernels, biases, self.tile_expert, self.live
+        )
+        return ops.reshape(outputs, (-1, kernels.shape[-1]))
+
+    def mlp(self, x, kernel_1, bias_1, kernel_2, bias_2, activation):
+        outputs = dispatch_backend.tile_mlp(
+            self._tiles(x),
+            kernel_1,
+            bias_1,
+            kernel_2,
+            bias_2,
+            self.tile_expert,
+            self.live,
+            activation,
+        )
+        return ops.reshape(outputs, (-1, kernel_2.shape[-1]))
 
 
 def sorted_dispatch(
@@ -250,9 +299,9 @@ def sorted_dispatch(
             (zero where dropped, as `route` returns them).
         capacity: C, used for the static row bound.
         num_experts: E.
-        run_rows: callable `(rows [R, d], matmul) -> [R, d]` running the
-            expert MLP, where `matmul(x [R, a], kernels [E, a, c],
-            biases [E, c]) -> [R, c]` applies each row's expert.
+        run_rows: callable `(rows [R, d], experts) -> [R, d]` running the
+            expert MLP, where `experts` is a `RowExperts`: its `matmul` and
+            `mlp` apply each row's expert.
         static: True for the XLA layout (a static number of tiles), False
             for exactly the routed rows (dynamic shapes), None to decide
             from the backend and compile mode.
@@ -310,16 +359,10 @@ def sorted_dispatch(
         )
         tile_expert = ops.minimum(tile_expert, e - 1)
         live = tile_start < padded_ends[-1]
-
-        def matmul(x, kernels, biases):
-            return _tile_matmul(x, kernels, biases, tile_expert, live)
-
+        experts = TiledExperts(tile_expert, live)
     else:
-
-        def matmul(x, kernels, biases):
-            return dispatch_backend.segment_matmul(x, kernels, biases, counts)
-
-    outputs = run_rows(ops.reshape(rows, (-1, width)), matmul)
+        experts = SegmentExperts(counts)
+    outputs = run_rows(ops.reshape(rows, (-1, width)), experts)
     outputs = ops.reshape(outputs, (-1, per_item, width))
     # Every row times its choice's gate (zero in padding rows), then each
     # item sums its rows; dropped choices read a spare row of exact zeros.

@@ -22,6 +22,8 @@ import functools
 import keras
 import numpy as np
 
+from keras_vmoe.layers.feed_forward import apply_activation
+
 
 def in_xla_context():
     """True when the ops being built will be compiled by XLA."""
@@ -161,6 +163,72 @@ def tile_matmul(tiles, kernels, biases, tile_expert, live):
     outputs = ops.matmul(tiles, ops.take(kernels, tile_expert, axis=0))
     # Dead tiles hold zero rows and are never read back: no mask needed.
     return outputs + ops.take(biases, tile_expert, axis=0)[:, None, :]
+
+
+def tiles_fuse_mlp():
+    """Whether `tile_mlp` runs the whole expert MLP in one tile loop.
+
+    True on JAX. TensorFlow's XLA ran the same fused loop (TensorArray or
+    scatter buffers) slower than its two matmul loops (forward 126 -> 148
+    ms, forward + backward 1.19x -> 1.23x dense at B=32, T=197, d=384,
+    h=1536, top-1, capacity 1.25, on a CPU), so there `tile_mlp` is two
+    `tile_matmul`s around the activation.
+    """
+    return keras.backend.backend() == "jax"
+
+
+def tile_mlp(
+    tiles, kernel_1, bias_1, kernel_2, bias_2, tile_expert, live, activation
+):
+    """Each tile through its expert's MLP, `fc2(act(fc1(x)))` (XLA layout).
+
+    Args:
+        tiles: [T, t, d] rows in T tiles of t rows, sorted by expert.
+        kernel_1, bias_1, kernel_2, bias_2: the stacked expert weights,
+            [E, d, h], [E, h], [E, h, d], [E, d].
+        tile_expert: [T] int32 expert of each tile.
+        live: [T] bool prefix mask of the tiles before the last routed row.
+        activation: "gelu" (exact) or "gelu_tanh".
+
+    Returns:
+        [T, t, d] in the result type of `tiles` and the kernels; dead tiles
+        are never read back (zeros on JAX).
+
+    On JAX (`tiles_fuse_mlp`) one loop over the live tiles runs both
+    matmuls and the activation of a tile, with a hand-written backward
+    pass, one loop too, that keeps only the [T, t, h] pre-activations of
+    the forward pass and recomputes the activation and its derivative per
+    tile. Autodiff of the unfused form keeps the activations too and
+    builds [R, h] gradients of the activation and of its input; measured
+    at B=32, T=197, d=384, h=1536, top-1, capacity 1.25, on a CPU: train
+    step activation memory 1.59x -> 0.61x dense, forward + backward 1.17x
+    -> 0.94x dense. Elsewhere two `tile_matmul`s around the activation.
+    """
+    ops = keras.ops
+    if tiles_fuse_mlp():
+        args = tuple(
+            ops.convert_to_tensor(v)
+            for v in (tiles, kernel_1, bias_1, kernel_2, bias_2, tile_expert, live)
+        )
+        return _jax_tile_mlp(activation)(*args)
+    hidden = tile_matmul(tiles, kernel_1, bias_1, tile_expert, live)
+    hidden = apply_activation(hidden, activation)
+    return tile_matmul(hidden, kernel_2, bias_2, tile_expert, live)
+
+
+def _activation_and_derivative(x, activation):
+    """`(act(x), act'(x))` for the GELU forms of `feed_forward`."""
+    ops = keras.ops
+    if activation == "gelu_tanh":
+        c = np.sqrt(2.0 / np.pi)
+        t = ops.tanh(c * (x + 0.044715 * x * x * x))
+        derivative = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (
+            1.0 + 3.0 * 0.044715 * x * x
+        )
+    else:
+        cdf = 0.5 * (1.0 + ops.erf(x * np.sqrt(0.5)))
+        derivative = cdf + x * ops.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+    return apply_activation(x, activation), ops.cast(derivative, x.dtype)
 
 
 def scale_rows(rows, scales):
@@ -384,6 +452,82 @@ def _jax_tile_matmul():
 
     tile_matmul.defvjp(tile_matmul_fwd, tile_matmul_bwd)
     return tile_matmul
+
+
+@functools.cache
+def _jax_tile_mlp(activation):
+    """The JAX tile MLP with its custom VJP, one per activation."""
+    import jax
+    import jax.numpy as jnp
+
+    def run(tiles, k1, b1, k2, b2, tile_expert, live, save):
+        tiles, k1, b1, k2, b2, tile_expert, live = (
+            jnp.asarray(v) for v in (tiles, k1, b1, k2, b2, tile_expert, live)
+        )
+        dtype = jnp.result_type(tiles.dtype, k1.dtype, k2.dtype)
+        num_tiles, tile = tiles.shape[0], tiles.shape[1]
+
+        def body(i, carry):
+            outputs, pre_activations = carry
+            e = tile_expert[i]
+            pre = (jnp.matmul(tiles[i], k1[e]) + b1[e]).astype(dtype)
+            y = jnp.matmul(apply_activation(pre, activation), k2[e]) + b2[e]
+            outputs = outputs.at[i].set(y.astype(dtype))
+            if save:
+                pre_activations = pre_activations.at[i].set(pre)
+            return outputs, pre_activations
+
+        init = (
+            jnp.zeros((num_tiles, tile, k2.shape[-1]), dtype),
+            jnp.zeros((num_tiles, tile, k1.shape[-1]) if save else (), dtype),
+        )
+        return jax.lax.fori_loop(0, _jax_num_live(live), body, init)
+
+    @jax.custom_vjp
+    def tile_mlp(tiles, k1, b1, k2, b2, tile_expert, live):
+        return run(tiles, k1, b1, k2, b2, tile_expert, live, False)[0]
+
+    def tile_mlp_fwd(tiles, k1, b1, k2, b2, tile_expert, live):
+        outputs, pre = run(tiles, k1, b1, k2, b2, tile_expert, live, True)
+        return outputs, (tiles, k1, b1, k2, b2, tile_expert, live, pre)
+
+    def tile_mlp_bwd(residuals, grads):
+        tiles, k1, b1, k2, b2, tile_expert, live, pre_activations = (
+            jnp.asarray(v) for v in residuals
+        )
+        dtype = pre_activations.dtype
+
+        def body(i, carry):
+            d_tiles, d_k1, d_b1, d_k2, d_b2 = carry
+            e = tile_expert[i]
+            g = grads[i].astype(dtype)
+            act, derivative = _activation_and_derivative(
+                pre_activations[i], activation
+            )
+            d_k2 = d_k2.at[e].add(jnp.matmul(act.T, g).astype(d_k2.dtype))
+            d_b2 = d_b2.at[e].add(jnp.sum(g, axis=0).astype(d_b2.dtype))
+            d_pre = (jnp.matmul(g, k2[e].T) * derivative).astype(dtype)
+            d_k1 = d_k1.at[e].add(
+                jnp.matmul(tiles[i].T, d_pre).astype(d_k1.dtype)
+            )
+            d_b1 = d_b1.at[e].add(jnp.sum(d_pre, axis=0).astype(d_b1.dtype))
+            d_tiles = d_tiles.at[i].set(
+                jnp.matmul(d_pre, k1[e].T).astype(d_tiles.dtype)
+            )
+            return d_tiles, d_k1, d_b1, d_k2, d_b2
+
+        init = tuple(jnp.zeros_like(v) for v in (tiles, k1, b1, k2, b2))
+        grads_out = jax.lax.fori_loop(0, _jax_num_live(live), body, init)
+        return (*grads_out, None, None)
+
+    tile_mlp.defvjp(tile_mlp_fwd, tile_mlp_bwd)
+    return tile_mlp
+
+
+def _jax_num_live(live):
+    import jax.numpy as jnp
+
+    return jnp.sum(live.astype(jnp.int32))
 
 
 def _tf_tile_matmul(tiles, kernels, biases, tile_expert, live):

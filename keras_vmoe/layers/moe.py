@@ -450,12 +450,24 @@ class MoEFeedForward(
         outputs = outputs + ops.expand_dims(self.expert_bias_2, 1)
         return self.dropout_layer(outputs, training=training)
 
-    def _run_expert_rows(self, rows, matmul, training):
-        """[R, d] -> [R, d] for the sorted dispatch; `matmul` picks experts."""
-        hidden = matmul(rows, self.expert_kernel_1, self.expert_bias_1)
+    def _run_expert_rows(self, rows, experts, training):
+        """[R, d] -> [R, d] for the sorted dispatch (`experts`: a
+        `dispatch.RowExperts`, which applies each row's expert)."""
+        if not (training and self.dropout):
+            # No dropout between the matmuls: the layout may fuse the MLP.
+            outputs = experts.mlp(
+                rows,
+                self.expert_kernel_1,
+                self.expert_bias_1,
+                self.expert_kernel_2,
+                self.expert_bias_2,
+                self.activation,
+            )
+            return self.dropout_layer(outputs, training=training)
+        hidden = experts.matmul(rows, self.expert_kernel_1, self.expert_bias_1)
         hidden = apply_activation(hidden, self.activation)
         hidden = self.dropout_layer(hidden, training=training)
-        outputs = matmul(hidden, self.expert_kernel_2, self.expert_bias_2)
+        outputs = experts.matmul(hidden, self.expert_kernel_2, self.expert_bias_2)
         return self.dropout_layer(outputs, training=training)
 
     def _dropless_image_experts(self, images, plan, training):
@@ -566,7 +578,7 @@ class MoEFeedForward(
                 plan,
                 capacity,
                 self.num_experts,
-                lambda x, matmul: self._run_expert_rows(x, matmul, training),
+                lambda x, experts: self._run_expert_rows(x, experts, training),
             )
         elif capacity_factor is None and self.routing == "image":
             flat_plan = {

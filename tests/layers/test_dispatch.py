@@ -33,8 +33,8 @@ def _experts(num_experts=NUM_EXPERTS, width=WIDTH, seed=1):
     def run_slots(x):  # [E, N, d]
         return keras.ops.einsum("end,edh->enh", x, kernels) + biases[:, None]
 
-    def run_rows(x, matmul):  # [R, d]
-        return matmul(x, kernels, biases)
+    def run_rows(x, experts):  # [R, d]
+        return experts.matmul(x, kernels, biases)
 
     return kernels, biases, run_slots, run_rows
 
@@ -116,7 +116,7 @@ def test_sorted_dispatch_hand_computed_outputs():
                 plan,
                 capacity,
                 NUM_EXPERTS,
-                lambda x, matmul: matmul(x, kernels, biases),
+                lambda x, experts: experts.matmul(x, kernels, biases),
                 static,
             )
         )
@@ -228,6 +228,34 @@ def test_every_dispatch_gives_the_same_gradients(kwargs):
         np.testing.assert_allclose(
             g, e, rtol=1e-4, atol=1e-6, err_msg=variable.path
         )
+
+
+def test_hidden_dropout_is_applied_between_the_expert_matmuls(monkeypatch):
+    """With dropout in training the sorted path runs the two matmuls with
+    the dropout between them (never the fused MLP, which has none); at
+    inference, or without dropout, it asks the layout for the whole MLP."""
+    from keras_vmoe.layers import dispatch
+
+    calls = []
+
+    def spy(mlp):
+        def call(self, *args):
+            calls.append(type(self).__name__)
+            return mlp(self, *args)
+
+        return call
+
+    for cls in (dispatch.RowExperts, dispatch.TiledExperts):
+        monkeypatch.setattr(cls, "mlp", spy(cls.mlp))
+    for rate, training, expected in [
+        (0.5, True, 0),
+        (0.5, False, 1),
+        (0.0, True, 1),
+    ]:
+        calls.clear()
+        layer = MoEFeedForward(4, 6, dropout=rate, dispatch="sorted")
+        layer(INPUTS, training=training)
+        assert len(calls) == expected, (rate, training, calls)
 
 
 def _toy_model(dispatch):
@@ -372,21 +400,28 @@ def test_dispatch_is_validated_and_stored_in_config():
 
 def _tile_matmul_vjp(tiles, kernels, biases, tile_expert, live, weights, mode):
     """`tile_matmul`'s outputs and the gradients of `sum(outputs * weights)`
-    with respect to tiles, kernels and biases, as backend tensors.
+    with respect to tiles, kernels and biases, as backend tensors."""
+    index = [keras.ops.convert_to_tensor(v) for v in (tile_expert, live)]
+    return _vjp(
+        lambda *args: dispatch_backend.tile_matmul(*args, *index),
+        (tiles, kernels, biases),
+        weights,
+        mode,
+    )
+
+
+def _vjp(function, args, weights, mode):
+    """`function(*args)` and the gradients of `sum(outputs * weights)` with
+    respect to every argument, as backend tensors.
 
     `mode` (TensorFlow only): "eager", "function" (a plain `tf.function`)
     or "xla" (`jit_compile=True`)."""
-    args = [keras.ops.convert_to_tensor(v) for v in (tiles, kernels, biases)]
-    index = [keras.ops.convert_to_tensor(v) for v in (tile_expert, live)]
+    args = [keras.ops.convert_to_tensor(v) for v in args]
     weights = keras.ops.convert_to_tensor(weights)
-
-    def call(*args):
-        return dispatch_backend.tile_matmul(*args, *index)
-
     if BACKEND == "jax":
         import jax
 
-        outputs, vjp = jax.vjp(call, *args)
+        outputs, vjp = jax.vjp(function, *args)
         return outputs, list(vjp(weights.astype(outputs.dtype)))
     if BACKEND == "tensorflow":
         import tensorflow as tf
@@ -394,7 +429,7 @@ def _tile_matmul_vjp(tiles, kernels, biases, tile_expert, live, weights, mode):
         def run(*args):
             with tf.GradientTape() as tape:
                 tape.watch(args)
-                outputs = call(*args)
+                outputs = function(*args)
             weight = tf.cast(weights, outputs.dtype)
             grads = tape.gradient(outputs, args, output_gradients=weight)
             return outputs, [tf.convert_to_tensor(g) for g in grads]
@@ -405,7 +440,7 @@ def _tile_matmul_vjp(tiles, kernels, biases, tile_expert, live, weights, mode):
     import torch
 
     args = [v.detach().requires_grad_() for v in args]
-    outputs = call(*args)
+    outputs = function(*args)
     outputs.backward(weights.to(outputs.dtype))
     return outputs, [v.grad for v in args]
 
@@ -502,6 +537,115 @@ def test_tile_matmul_mixed_precision_dtypes(dtypes, mode):
     np.testing.assert_array_equal(d_tiles[2], 0.0)
     np.testing.assert_array_equal(d_kernels, np.full((2, 4, 3), 2.0))
     np.testing.assert_array_equal(d_biases, np.full((2, 3), 2.0))
+
+
+def _gelu(x, activation):
+    """NumPy GELU and its derivative (float64), both forms."""
+    import math
+
+    if activation == "gelu_tanh":
+        c = math.sqrt(2 / math.pi)
+        t = np.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (
+            1 + 3 * 0.044715 * x * x
+        )
+    erf = np.vectorize(math.erf)
+    cdf = 0.5 * (1 + erf(x / math.sqrt(2)))
+    return x * cdf, cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("mode", TF_MODES)
+def test_tile_mlp_runs_each_tiles_expert_mlp_and_its_gradient(mode, activation):
+    """Hand check of the tile MLP (fused into one loop with a hand-written
+    backward pass on JAX): tile i runs fc2(act(fc1(x))) of expert
+    tile_expert[i]; dead tiles are never read and get zero input
+    gradients; expert e's weight gradients sum its live tiles only
+    (worked out here in float64 with the chain rule), and an expert
+    without tiles (expert 1) gets exact zeros."""
+    rng = np.random.default_rng(5)
+    e, d, h = 3, 3, 4
+    tiles = rng.standard_normal((5, 2, d)).astype("float32")
+    k1 = rng.standard_normal((e, d, h)).astype("float32")
+    b1 = rng.standard_normal((e, h)).astype("float32")
+    k2 = rng.standard_normal((e, h, d)).astype("float32")
+    b2 = rng.standard_normal((e, d)).astype("float32")
+    tile_expert = np.array([0, 2, 2, 2, 2], "int32")
+    live = np.array([True, True, True, False, False])
+    weights = rng.standard_normal((5, 2, d)).astype("float32")
+    weights[3:] = 0.0  # dead tiles: never read back
+    index = [keras.ops.convert_to_tensor(v) for v in (tile_expert, live)]
+    outputs, grads = _vjp(
+        lambda *w: dispatch_backend.tile_mlp(*w, *index, activation),
+        (tiles, k1, b1, k2, b2),
+        weights,
+        mode,
+    )
+    outputs = _np(outputs)
+    grads = [_np(g) for g in grads]
+    expected = [np.zeros(v.shape) for v in (tiles, k1, b1, k2, b2)]
+    for i in range(3):
+        x, g, j = tiles[i].astype("float64"), weights[i].astype("float64"), tile_expert[i]
+        pre = x @ k1[j] + b1[j]
+        act, derivative = _gelu(pre, activation)
+        np.testing.assert_allclose(
+            outputs[i], act @ k2[j] + b2[j], rtol=1e-5, atol=1e-5
+        )
+        d_pre = (g @ k2[j].T) * derivative
+        expected[0][i] = d_pre @ k1[j].T
+        expected[1][j] += x.T @ d_pre
+        expected[2][j] += d_pre.sum(0)
+        expected[3][j] += act.T @ g
+        expected[4][j] += g.sum(0)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.all(grads[0][3:] == 0.0)
+    for g in grads[1:]:
+        assert np.all(g[1] == 0.0)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the fused JAX tile loop")
+def test_tile_mlp_mixed_precision_dtypes():
+    """bfloat16 tiles with float32 weights (a mixed policy's cast inputs
+    and variables): outputs in float32, the result type, as the unfused
+    form gives them, and gradients in the dtypes of the inputs."""
+    dtypes = ("bfloat16",) + ("float32",) * 4
+    shapes = [(3, 2, 4), (2, 4, 5), (2, 5), (2, 5, 4), (2, 4)]
+    args = [
+        keras.ops.cast(keras.ops.ones(s) * 0.5, t) for s, t in zip(shapes, dtypes)
+    ]
+    index = [np.array([0, 1, 1], "int32"), np.array([True, True, False])]
+    fused, grads = _vjp(
+        lambda *w: dispatch_backend.tile_mlp(*w, *index, "gelu"),
+        args,
+        np.ones((3, 2, 4), "float32"),
+        None,
+    )
+    unfused, unfused_grads = _vjp(
+        lambda x, k1, b1, k2, b2: dispatch_backend.tile_matmul(
+            keras.activations.gelu(
+                dispatch_backend.tile_matmul(x, k1, b1, *index), False
+            ),
+            k2,
+            b2,
+            *index,
+        ),
+        args,
+        np.ones((3, 2, 4), "float32"),
+        None,
+    )
+    assert keras.backend.standardize_dtype(fused.dtype) == "float32"
+    assert [keras.backend.standardize_dtype(g.dtype) for g in grads] == list(
+        dtypes
+    )
+    np.testing.assert_allclose(_np(fused), _np(unfused), rtol=1e-6)
+    for got, want in zip(grads, unfused_grads):
+        np.testing.assert_allclose(
+            _np(keras.ops.cast(got, "float32")),
+            _np(keras.ops.cast(want, "float32")),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_segment_matmul_uses_each_segments_expert_and_its_gradient():
