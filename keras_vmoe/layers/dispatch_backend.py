@@ -12,7 +12,8 @@ What `keras.ops` cannot do portably, or XLA on a CPU runs slowly:
 - Under XLA, a matmul per fixed-size tile of rows with the tile's expert
   kernel read in place, skipping the tiles past the routed rows (JAX and
   TensorFlow: a loop with a hand-written gradient; elsewhere kernels
-  gathered per tile).
+  gathered per tile), and on JAX the whole expert MLP of a tile in one
+  such loop (`tile_mlp`).
 - Where XLA on a CPU is slow at an op's autodiff gradient: row gathers
   (whose gradient is a scatter-add) and gate-weighted sums.
 """

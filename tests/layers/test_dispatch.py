@@ -6,6 +6,7 @@ import pytest
 
 from keras_vmoe.layers import MoEFeedForward
 from keras_vmoe.layers import dispatch_backend
+from keras_vmoe.layers.dispatch import StaticLayout
 from keras_vmoe.layers.dispatch import resolve_dispatch
 from keras_vmoe.layers.dispatch import slot_dispatch
 from keras_vmoe.layers.dispatch import sorted_dispatch
@@ -347,17 +348,60 @@ def test_jax_jit_compiles_the_static_path():
     )
 
 
+# Static layouts of [G, S, P] items (E=8, top-1), decided at trace time.
+# B=32 images of 197 tokens at capacity 1.25: 6304 routed rows plus about
+# 8 * 127 / 2 padding rows, fewer than the slot path's 8 * 986 slots.
+LARGE_PADDED = StaticLayout(1, 6304, 1, 1, 986, 8)
+# B=1 at capacity 1.25: tiles of 16 (an expert's share is 24.6 rows);
+# 197 rows plus about 8 * 15 / 2 of padding > 8 * 31 slots.
+SMALL_PADDED = StaticLayout(1, 197, 1, 1, 31, 8)
+# B=1 dropless (C = S): 197 + 60 rows < 8 * 197 slots.
+SMALL_DROPLESS = StaticLayout(1, 197, 1, 1, 197, 8)
+# B=32 at capacity 1.0: the slot path has no unused slots to save.
+# (Image routing, tiles of one image: no padding, a tie, sorted.)
+EXACT_IMAGES = StaticLayout(1, 32, 197, 1, 4, 8)
+LARGE_EXACT = StaticLayout(1, 6304, 1, 1, 788, 8)
+
+
+def test_static_layout_sizes_by_hand():
+    layout = LARGE_PADDED
+    assert layout.tile == 128
+    # (6304 + 8 * 127) // 128 tiles: every expert may end on a 1-row tile.
+    assert layout.num_tiles == 57 and layout.num_rows == 57 * 128
+    assert layout.expected_rows == 6304 + 8 * 127 / 2
+    assert layout.slot_rows == 8 * 986
+    # A small batch: tiles no longer than an expert's share of rows.
+    assert SMALL_PADDED.tile == 16 and SMALL_PADDED.expected_rows == 197 + 60
+    # Image routing (P = 197 tokens an item): tiles of one image, no
+    # padding.
+    assert EXACT_IMAGES.tile == 1
+    assert EXACT_IMAGES.expected_rows == EXACT_IMAGES.slot_rows == 32 * 197
+    # Capacity below the routed choices bounds the rows: 8 * 10 choices.
+    small = StaticLayout(2, 100, 3, 2, 5, 8, tile_size=4)
+    assert small.tile == 4 and small.num_tiles == (80 + 8 * 3) // 4
+    assert small.expected_rows == (80 + 8 * 3 / 2) * 3
+    assert small.slot_rows == 8 * 2 * 5 * 3
+
+
 def test_auto_resolves_per_backend_and_compile_mode():
     assert resolve_dispatch("slots") == "slots"
     assert resolve_dispatch("sorted") == "sorted"
     expected = "sorted" if BACKEND in ("tensorflow", "torch") else "slots"
     assert resolve_dispatch("auto") == expected
-    assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
-    # Capacity above 1: the slot path computes unused slots; the JAX and
-    # TensorFlow tile loops do not (measured faster on a CPU). Outside XLA
-    # the rule above holds.
-    padded = resolve_dispatch("auto", padded_slots=True)
-    assert padded == "sorted"
+    if BACKEND != "jax":
+        # No XLA: the sorted path runs exactly the routed rows.
+        assert resolve_dispatch("auto", dropless_tokens=True) == "sorted"
+        for layout in (LARGE_PADDED, SMALL_PADDED, LARGE_EXACT):
+            assert resolve_dispatch("auto", layout=layout) == expected
+        return
+    # Under XLA: the sorted tiles where they compute fewer rows than the
+    # slots, the slot path for small batches and at capacity 1.0.
+    assert resolve_dispatch("auto", layout=LARGE_PADDED) == "sorted"
+    assert resolve_dispatch("auto", layout=SMALL_DROPLESS) == "sorted"
+    assert resolve_dispatch("auto", layout=SMALL_PADDED) == "slots"
+    assert resolve_dispatch("auto", layout=LARGE_EXACT) == "slots"
+    assert resolve_dispatch("auto", layout=EXACT_IMAGES) == "sorted"
+    assert resolve_dispatch("sorted", layout=SMALL_PADDED) == "sorted"
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TF XLA")
@@ -371,23 +415,47 @@ def test_auto_under_tensorflow_xla():
         seen.append(
             [
                 resolve_dispatch("auto"),
-                resolve_dispatch("auto", dropless_tokens=True),
-                resolve_dispatch("auto", padded_slots=True),
-                resolve_dispatch("auto", padded_slots=True, static_shape=False),
+                resolve_dispatch("auto", layout=LARGE_PADDED),
+                resolve_dispatch("auto", layout=SMALL_PADDED),
+                resolve_dispatch("auto", layout=LARGE_PADDED, static_shape=False),
+                resolve_dispatch("sorted", static_shape=False),
             ]
         )
         return x
 
     step(tf.constant(0.0))
-    assert seen == [["slots", "sorted", "sorted", "slots"]]
+    assert seen == [["slots", "sorted", "slots", "slots", "slots"]]
 
 
 def test_auto_keeps_group_local_slots_under_a_distribution(monkeypatch):
     # The sorted layout orders rows across all groups (devices).
     monkeypatch.setattr(dispatch_backend, "distributed", lambda: True)
-    for kwargs in ({}, {"dropless_tokens": True}, {"padded_slots": True}):
+    for kwargs in ({}, {"dropless_tokens": True}, {"layout": LARGE_PADDED}):
         assert resolve_dispatch("auto", **kwargs) == "slots"
     assert resolve_dispatch("sorted") == "sorted"
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the XLA auto rule")
+@pytest.mark.parametrize(
+    "batch,capacity_factor,expected",
+    [(32, 1.25, "sorted"), (1, 1.25, "slots"), (1, None, "sorted")],
+)
+def test_auto_in_the_layer_follows_the_static_layout(
+    batch, capacity_factor, expected, monkeypatch
+):
+    """The layer hands `resolve_dispatch` the layout of its own batch."""
+    from keras_vmoe.layers import moe
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(resolve_dispatch(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(moe, "resolve_dispatch", spy)
+    layer = MoEFeedForward(8, 16, capacity_factor=capacity_factor)
+    layer(np.zeros((batch, 197, 8), "float32"), training=True)
+    assert seen == [expected]
 
 
 def test_dispatch_is_validated_and_stored_in_config():
