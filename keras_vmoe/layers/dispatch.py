@@ -142,22 +142,23 @@ def resolve_dispatch(
     "auto" takes the sorted path where shapes may be dynamic (TensorFlow
     without XLA, the Keras default on a CPU; torch eager, where it was
     measured faster on a CPU at every capacity): experts run on exactly
-    the routed rows. Under XLA (JAX; TensorFlow with `jit_compile=True`)
-    the sorted path is a static layout of row tiles that computes the
-    kept rows plus each expert's padding to a whole tile, about
-    E*(tile-1)/2 rows, while the slot path computes all E*C capacity slots, used or
-    not. "auto" takes the sorted path there when its expected rows are
-    no more (`layout`, a `StaticLayout`; ties go to the sorted path,
-    which never computes a dropped choice), and on JAX, whose fused tile
-    MLP keeps far less activation memory, when they are at most 10 %
-    more: dropless token routing, capacity factors above 1 at batch sizes
-    whose padding is small against the unused slots, and on JAX capacity
-    1.0 at large batches (B=32 of 197 tokens, E=8, measured on a CPU:
-    capacity 1.0 top-1 / top-2 forward + backward 1.02x / 0.78x dense
-    with 0.81x / 0.72x its memory, slots 0.90-1.04x / 1.11x with 1.27x /
-    1.35x; B=1 at capacity 1.25: slots, 2.4x dense, sorted with 16-row
-    tiles 3.5x, with 128-row tiles 5.7x). `jax.lax.ragged_dot`
-    is never used: on a CPU it is a dense masked matmul.
+    the routed rows.
+
+    Under XLA (JAX; TensorFlow with `jit_compile=True`) the sorted path is
+    a static layout of row tiles: the kept rows plus each expert's padding
+    to a whole tile, about E*(tile-1)/2 rows, where the slot path computes
+    all E*C capacity slots, used or not. "auto" takes the sorted path when
+    its expected rows (`layout`, a `StaticLayout`) are no more than the
+    slots (ties go to it: it never computes a dropped choice), and on JAX,
+    whose fused tile MLP keeps far less activation memory, when they are
+    at most 10 % more with full-size tiles. So: dropless token routing;
+    capacity factors above 1 unless the batch is small; on JAX capacity
+    1.0 at large batches. Measured on a CPU, B=32 of 197 tokens, E=8,
+    forward + backward against dense: capacity 1.0 top-1 / top-2 sorted
+    1.02x / 0.78x with 0.81x / 0.72x its memory, slots 0.90-1.04x / 1.11x
+    with 1.27x / 1.35x; B=1 at capacity 1.25: slots 2.4x, sorted 3.5x
+    with 16-row tiles, 5.7x with 128-row tiles. `jax.lax.ragged_dot` is
+    never used: on a CPU it is a dense masked matmul.
 
     Under a `keras.distribution` (data or expert parallelism) "auto" takes
     the slot path: its buffers are laid out per routing group, so every
@@ -189,7 +190,9 @@ def resolve_dispatch(
     # 10 % more expected rows.
     full_tiles = layout.tile * layout.per_item >= MIN_TILE_TOKENS
     slack = 1.1 if full_tiles and dispatch_backend.tiles_fuse_mlp() else 1.0
-    return "sorted" if layout.expected_rows <= slack * layout.slot_rows else "slots"
+    if layout.expected_rows <= slack * layout.slot_rows:
+        return "sorted"
+    return "slots"
 
 
 class StaticLayout:
@@ -207,8 +210,16 @@ class StaticLayout:
         slot_rows: matmul rows of the slot path, E*G*C*P.
     """
 
-    def __init__(self, groups, num_items, per_item, top_k, capacity,
-                 num_experts, tile_size=None):
+    def __init__(
+        self,
+        groups,
+        num_items,
+        per_item,
+        top_k,
+        capacity,
+        num_experts,
+        tile_size=None,
+    ):
         e = num_experts
         num_choices = groups * num_items * top_k
         capacity = _as_int(capacity)
@@ -287,7 +298,7 @@ class RowExperts:
     `matmul(x [R, a], kernels [E, a, c], biases [E, c]) -> [R, c]` applies
     each row's expert kernel and bias; `mlp(x, kernel_1, bias_1, kernel_2,
     bias_2, activation) -> [R, d]` its whole MLP `fc2(act(fc1(x)))`, which
-    a layout may run fused (the XLA tile loops do).
+    a layout may run fused (the JAX tile loop does).
     """
 
     def matmul(self, x, kernels, biases):

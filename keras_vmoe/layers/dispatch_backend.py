@@ -57,16 +57,6 @@ def distributed():
     return keras.distribution.distribution() is not None
 
 
-def tiles_read_kernels_in_place():
-    """Whether `tile_matmul` reads each tile's kernel without copying it.
-
-    True on JAX and TensorFlow (the tile loops); elsewhere the kernels are
-    gathered per tile, which costs memory and time that the slot path does
-    not.
-    """
-    return keras.backend.backend() in ("jax", "tensorflow")
-
-
 def segment_sizes(totals, per_item=1):
     """Matmul rows per expert segment, and the number of routed choices.
 
@@ -171,7 +161,7 @@ def tiles_fuse_mlp():
 
     True on JAX. TensorFlow's XLA ran the same fused loop (TensorArray or
     scatter buffers) slower than its two matmul loops (forward 126 -> 148
-    ms, forward + backward 1.19x -> 1.23x dense at B=32, T=197, d=384,
+    ms, forward + backward 1.19x -> 1.23-1.29x dense at B=32, T=197, d=384,
     h=1536, top-1, capacity 1.25, on a CPU), so there `tile_mlp` is two
     `tile_matmul`s around the activation.
     """
@@ -203,14 +193,14 @@ def tile_mlp(
     builds [R, h] gradients of the activation and of its input; measured
     at B=32, T=197, d=384, h=1536, top-1, capacity 1.25, on a CPU: train
     step activation memory 1.59x -> 0.61x dense, forward + backward 1.17x
-    -> 0.94x dense. Elsewhere two `tile_matmul`s around the activation.
+    -> 0.94-1.03x dense. Elsewhere two `tile_matmul`s around the
+    activation.
     """
     ops = keras.ops
     if tiles_fuse_mlp():
-        args = tuple(
-            ops.convert_to_tensor(v)
-            for v in (tiles, kernel_1, bias_1, kernel_2, bias_2, tile_expert, live)
-        )
+        weights = (kernel_1, bias_1, kernel_2, bias_2)
+        args = (tiles, *weights, tile_expert, live)
+        args = tuple(ops.convert_to_tensor(v) for v in args)
         return _jax_tile_mlp(activation)(*args)
     hidden = tile_matmul(tiles, kernel_1, bias_1, tile_expert, live)
     hidden = apply_activation(hidden, activation)

@@ -473,7 +473,9 @@ class MoEFeedForward(
         hidden = experts.matmul(rows, self.expert_kernel_1, self.expert_bias_1)
         hidden = apply_activation(hidden, self.activation)
         hidden = self.dropout_layer(hidden, training=training)
-        outputs = experts.matmul(hidden, self.expert_kernel_2, self.expert_bias_2)
+        outputs = experts.matmul(
+            hidden, self.expert_kernel_2, self.expert_bias_2
+        )
         return self.dropout_layer(outputs, training=training)
 
     def _dropless_image_experts(self, images, plan, training):

@@ -424,7 +424,9 @@ def test_auto_under_tensorflow_xla():
                 resolve_dispatch("auto", layout=LARGE_PADDED),
                 resolve_dispatch("auto", layout=SMALL_PADDED),
                 resolve_dispatch("auto", layout=LARGE_EXACT),
-                resolve_dispatch("auto", layout=LARGE_PADDED, static_shape=False),
+                resolve_dispatch(
+                    "auto", layout=LARGE_PADDED, static_shape=False
+                ),
                 resolve_dispatch("sorted", static_shape=False),
             ]
         )
@@ -667,7 +669,8 @@ def test_tile_mlp_runs_each_tiles_expert_mlp_and_its_gradient(mode, activation):
     grads = [_np(g) for g in grads]
     expected = [np.zeros(v.shape) for v in (tiles, k1, b1, k2, b2)]
     for i in range(3):
-        x, g, j = tiles[i].astype("float64"), weights[i].astype("float64"), tile_expert[i]
+        x, g = tiles[i].astype("float64"), weights[i].astype("float64")
+        j = tile_expert[i]
         pre = x @ k1[j] + b1[j]
         act, derivative = _gelu(pre, activation)
         np.testing.assert_allclose(
@@ -694,7 +697,8 @@ def test_tile_mlp_mixed_precision_dtypes():
     dtypes = ("bfloat16",) + ("float32",) * 4
     shapes = [(3, 2, 4), (2, 4, 5), (2, 5), (2, 5, 4), (2, 4)]
     args = [
-        keras.ops.cast(keras.ops.ones(s) * 0.5, t) for s, t in zip(shapes, dtypes)
+        keras.ops.cast(keras.ops.ones(s) * 0.5, t)
+        for s, t in zip(shapes, dtypes)
     ]
     index = [np.array([0, 1, 1], "int32"), np.array([True, True, False])]
     fused, grads = _vjp(
