@@ -4,10 +4,14 @@
 # a folder outside the repository checks that the shipped presets load by
 # name, then runs every example script with --smoke and every notebook.
 #
-# The venv sees the system site-packages (TensorFlow, JAX, KerasHub, Jupyter
-# are too slow to install per run) but keras-vmoe itself comes from the
-# wheel: pip installs it into the venv with --ignore-installed, the venv's
-# site-packages precede the system's on sys.path, and a development
+# The venv sees the calling interpreter's site-packages (TensorFlow, JAX,
+# KerasHub, Jupyter are too slow to install per run), whether that is the
+# system Python or itself a virtualenv (`venv --system-site-packages` would
+# inherit the base interpreter's packages instead, not the caller's): a
+# .pth file in the venv adds the caller's site directories, .pth files
+# included, after the venv's own. keras-vmoe itself comes from the wheel:
+# pip installs it into the venv with --ignore-installed, the venv's
+# site-packages precede the caller's on sys.path, and a development
 # install's editable finder is appended after the path finders, so it never
 # wins; the stage asserts keras_vmoe.__file__ is inside the venv, and each
 # notebook asserts the same in its kernel.
@@ -42,11 +46,22 @@ print(f"   {len(names)} files, presets included")
 EOF
 
 echo "== wheel: install into a fresh venv"
-python -m venv --system-site-packages "$work/venv"
+python -m venv "$work/venv"
 venv_python="$work/venv/bin/python"
+site_packages=$("$venv_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# The calling interpreter's site directories (and user site, where it is
+# enabled), appended after the venv's by `site.addsitedir`, which also runs
+# their .pth files.
+python - "$site_packages/_caller_site_packages.pth" <<'EOF'
+import site, sys
+dirs = list(site.getsitepackages())
+if site.ENABLE_USER_SITE:
+    dirs.append(site.getusersitepackages())
+with open(sys.argv[1], "w") as pth:
+    pth.write(f"import site; list(map(site.addsitedir, {dirs!r}))\n")
+EOF
 "$venv_python" -m pip install --quiet --no-deps --ignore-installed \
   --no-index "$wheel"
-site_packages=$("$venv_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export PATH="$work/venv/bin:$PATH" VIRTUAL_ENV="$work/venv"
 
 mkdir "$work/user"

@@ -31,7 +31,7 @@ import math
 
 from keras import ops
 
-from keras_vmoe.layers import dispatch_backend
+from keras_vmoe.layers import backends
 from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.routing import _as_int
 from keras_vmoe.layers.routing import expert_mask
@@ -124,7 +124,7 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     slot_gates = ops.where(
         used[:, :, 0, 0], ops.take_along_axis(gates, choice, axis=1), 0.0
     )  # [G, E*C]
-    outputs = dispatch_backend.scale_rows(outputs, slot_gates)
+    outputs = backends.scale_rows(outputs, slot_gates)
     read = ops.where(kept, expert_index * capacity + position, 0)
     total = None
     for k in range(top_k):
@@ -172,12 +172,12 @@ def resolve_dispatch(
     """
     if dispatch == "slots":
         return dispatch
-    if dispatch == "auto" and dispatch_backend.distributed():
+    if dispatch == "auto" and backends.distributed():
         return "slots"
-    if not dispatch_backend.in_xla_context():
+    if not backends.in_xla_context():
         if dispatch == "sorted" or dropless_tokens:
             return "sorted"
-        return "sorted" if dispatch_backend.sorted_beats_slots() else "slots"
+        return "sorted" if backends.sorted_beats_slots() else "slots"
     if not static_shape:
         return "slots"
     if dispatch == "sorted":
@@ -189,7 +189,7 @@ def resolve_dispatch(
     # with full-size tiles (short ones cost more per row) it takes up to
     # 10 % more expected rows.
     full_tiles = layout.tile * layout.per_item >= MIN_TILE_TOKENS
-    slack = 1.1 if full_tiles and dispatch_backend.tiles_fuse_mlp() else 1.0
+    slack = 1.1 if full_tiles and backends.tiles_fuse_mlp() else 1.0
     if layout.expected_rows <= slack * layout.slot_rows:
         return "sorted"
     return "slots"
@@ -317,7 +317,7 @@ class SegmentExperts(RowExperts):
         self.counts = counts
 
     def matmul(self, x, kernels, biases):
-        return dispatch_backend.segment_matmul(x, kernels, biases, self.counts)
+        return backends.segment_matmul(x, kernels, biases, self.counts)
 
 
 class TiledExperts(RowExperts):
@@ -337,13 +337,13 @@ class TiledExperts(RowExperts):
         return ops.reshape(x, (self.live.shape[0], -1, x.shape[-1]))
 
     def matmul(self, x, kernels, biases):
-        outputs = dispatch_backend.tile_matmul(
+        outputs = backends.tile_matmul(
             self._tiles(x), kernels, biases, self.tile_expert, self.live
         )
         return ops.reshape(outputs, (-1, kernels.shape[-1]))
 
     def mlp(self, x, kernel_1, bias_1, kernel_2, bias_2, activation):
-        outputs = dispatch_backend.tile_mlp(
+        outputs = backends.tile_mlp(
             self._tiles(x),
             kernel_1,
             bias_1,
@@ -391,7 +391,7 @@ def sorted_dispatch(
         [G, S, P, d]: `sum_k gate_k * expert_k(item)` over kept choices.
     """
     if static is None:
-        static = dispatch_backend.in_xla_context()
+        static = backends.in_xla_context()
     e = num_experts
     shape = ops.shape(items)
     groups, num_items, per_item, width = shape[0], shape[1], shape[2], shape[3]
@@ -409,7 +409,7 @@ def sorted_dispatch(
     row, totals, padded_ends = _sorted_rows(plan, e, tile)
     if not static:
         # tile == 1: the rows are exactly the kept choices.
-        counts, num_rows = dispatch_backend.segment_sizes(totals, per_item)
+        counts, num_rows = backends.segment_sizes(totals, per_item)
     # (item, choice) pairs numbered item * K + k, over all groups.
     choice_ids = ops.reshape(
         ops.arange(groups * num_items * top_k, dtype="int32"), ops.shape(row)
@@ -424,7 +424,7 @@ def sorted_dispatch(
     # item 0; the dynamic layout has none.
     used = row_choice >= 0 if static else None
     flat_items = ops.reshape(items, (-1, per_item, width))
-    rows = dispatch_backend.gather_rows(
+    rows = backends.gather_rows(
         flat_items, row_item, used, readers
     )  # [R, P, d]
     if static:
@@ -443,9 +443,9 @@ def sorted_dispatch(
     # Every row times its choice's gate (zero in padding rows), then each
     # item sums its rows; dropped choices read a spare row of exact zeros.
     gates = ops.cast(ops.reshape(plan["gates"], (-1,)), outputs.dtype)
-    row_gate = dispatch_backend.gather_rows(
+    row_gate = backends.gather_rows(
         gates, ops.maximum(row_choice, 0), used, ops.reshape(target, (-1, 1))
     )
-    outputs = dispatch_backend.scale_rows(outputs, row_gate)
-    routed = dispatch_backend.sum_rows(outputs, readers, row_item, used)
+    outputs = backends.scale_rows(outputs, row_gate)
+    routed = backends.sum_rows(outputs, readers, row_item, used)
     return ops.reshape(routed, (groups, num_items, per_item, width))

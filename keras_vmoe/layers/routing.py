@@ -3,7 +3,7 @@
 Pure functions of tensors, written with `keras.ops` only, so tests can call
 them directly on tiny hand-made inputs.
 
-Axis letters used in comments (see DESIGN.md):
+Axis letters used in comments:
     G  routing groups (1 unless `group_size` is set)
     S  items in one routing group (tokens for token routing, images for
        image routing)
@@ -15,6 +15,8 @@ Axis letters used in comments (see DESIGN.md):
 import math
 
 from keras import ops
+
+from keras_vmoe.layers import backends
 
 
 def _as_int(value):
@@ -157,16 +159,16 @@ def priority_order(priority, batch_prioritized):
         batch_prioritized: bool.
 
     Returns:
-        [..., S] int32 permutation per group; ties keep position order
-        (`top_k` is stable on every backend, unlike `argsort` on
-        TensorFlow).
+        [..., S] int32 permutation per group; among equal priorities the
+        lower position goes first, on every backend (a stable sort of
+        `-priority`; torch's `topk` and unstable sorts order ties
+        arbitrarily).
     """
     shape = ops.shape(priority)
     num_items = shape[-1]
     if not batch_prioritized:
         return ops.broadcast_to(ops.arange(num_items, dtype="int32"), shape)
-    _, order = ops.top_k(priority, num_items, sorted=True)
-    return ops.cast(order, "int32")
+    return backends.stable_argsort(ops.negative(priority), axis=-1)
 
 
 def expert_positions(expert_index, order, num_experts, valid=None):

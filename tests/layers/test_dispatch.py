@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_vmoe.layers import MoEFeedForward
-from keras_vmoe.layers import dispatch_backend
+from keras_vmoe.layers import backends
 from keras_vmoe.layers.dispatch import StaticLayout
 from keras_vmoe.layers.dispatch import resolve_dispatch
 from keras_vmoe.layers.dispatch import slot_dispatch
@@ -292,7 +292,7 @@ def test_tensorflow_xla_compiles_the_static_path(dispatch):
 
     @tf.function(jit_compile=True)
     def step(x):
-        seen.append(dispatch_backend.in_xla_context())
+        seen.append(backends.in_xla_context())
         with tf.GradientTape() as tape:
             tape.watch(x)
             outputs = layers[dispatch](x, training=True)[0]
@@ -312,7 +312,7 @@ def test_tensorflow_xla_compiles_the_static_path(dispatch):
     np.testing.assert_allclose(
         _np(grad), _np(tape.gradient(loss, x)), rtol=1e-4, atol=1e-6
     )
-    assert not dispatch_backend.in_xla_context()
+    assert not backends.in_xla_context()
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TF XLA")
@@ -439,7 +439,7 @@ def test_auto_under_tensorflow_xla():
 
 def test_auto_keeps_group_local_slots_under_a_distribution(monkeypatch):
     # The sorted layout orders rows across all groups (devices).
-    monkeypatch.setattr(dispatch_backend, "distributed", lambda: True)
+    monkeypatch.setattr(backends, "distributed", lambda: True)
     for kwargs in ({}, {"dropless_tokens": True}, {"layout": LARGE_PADDED}):
         assert resolve_dispatch("auto", **kwargs) == "slots"
     assert resolve_dispatch("sorted") == "sorted"
@@ -487,7 +487,7 @@ def _tile_matmul_vjp(tiles, kernels, biases, tile_expert, live, weights, mode):
     with respect to tiles, kernels and biases, as backend tensors."""
     index = [keras.ops.convert_to_tensor(v) for v in (tile_expert, live)]
     return _vjp(
-        lambda *args: dispatch_backend.tile_matmul(*args, *index),
+        lambda *args: backends.tile_matmul(*args, *index),
         (tiles, kernels, biases),
         weights,
         mode,
@@ -660,7 +660,7 @@ def test_tile_mlp_runs_each_tiles_expert_mlp_and_its_gradient(mode, activation):
     weights[3:] = 0.0  # dead tiles: never read back
     index = [keras.ops.convert_to_tensor(v) for v in (tile_expert, live)]
     outputs, grads = _vjp(
-        lambda *w: dispatch_backend.tile_mlp(*w, *index, activation),
+        lambda *w: backends.tile_mlp(*w, *index, activation),
         (tiles, k1, b1, k2, b2),
         weights,
         mode,
@@ -702,15 +702,15 @@ def test_tile_mlp_mixed_precision_dtypes():
     ]
     index = [np.array([0, 1, 1], "int32"), np.array([True, True, False])]
     fused, grads = _vjp(
-        lambda *w: dispatch_backend.tile_mlp(*w, *index, "gelu"),
+        lambda *w: backends.tile_mlp(*w, *index, "gelu"),
         args,
         np.ones((3, 2, 4), "float32"),
         None,
     )
     unfused, unfused_grads = _vjp(
-        lambda x, k1, b1, k2, b2: dispatch_backend.tile_matmul(
+        lambda x, k1, b1, k2, b2: backends.tile_matmul(
             keras.activations.gelu(
-                dispatch_backend.tile_matmul(x, k1, b1, *index), False
+                backends.tile_matmul(x, k1, b1, *index), False
             ),
             k2,
             b2,
@@ -745,7 +745,7 @@ def test_segment_matmul_uses_each_segments_expert_and_its_gradient():
     counts = np.array([2, 0, 3], "int32")
     expert = np.array([0, 0, 2, 2, 2])
     expected = np.einsum("rd,rdc->rc", rows, kernels[expert]) + biases[expert]
-    outputs = dispatch_backend.segment_matmul(
+    outputs = backends.segment_matmul(
         keras.ops.convert_to_tensor(rows),
         kernels,
         biases,
@@ -760,7 +760,7 @@ def test_segment_matmul_uses_each_segments_expert_and_its_gradient():
     x, k, b = (
         torch.tensor(v, requires_grad=True) for v in (rows, kernels, biases)
     )
-    out = dispatch_backend.segment_matmul(x, k, b, torch.tensor(counts))
+    out = backends.segment_matmul(x, k, b, torch.tensor(counts))
     (out * weights).sum().backward()
     w = weights.numpy()
     expected_x = np.einsum("rc,rdc->rd", w, kernels[expert])
@@ -783,7 +783,7 @@ def test_segment_matmul_gradients_keep_the_input_dtypes():
     x = torch.ones((3, 2), dtype=torch.bfloat16, requires_grad=True)
     k = torch.ones((2, 2, 4), requires_grad=True)
     b = torch.zeros((2, 4), requires_grad=True)
-    out = dispatch_backend.segment_matmul(x, k, b, torch.tensor([1, 2]))
+    out = backends.segment_matmul(x, k, b, torch.tensor([1, 2]))
     assert out.dtype == torch.float32
     np.testing.assert_array_equal(out.detach().numpy(), np.full((3, 4), 2.0))
     out.sum().backward()

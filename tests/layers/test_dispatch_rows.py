@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_vmoe.layers import dispatch_backend
+from keras_vmoe.layers import backends
 
 BACKEND = keras.backend.backend()
 
@@ -79,7 +79,7 @@ INVERSE = np.array([[1, 4], [3, 4], [0, 4]], "int32")
 
 def test_gather_rows_reads_valid_rows_and_sums_gradients_back():
     outputs, w, (d_x,) = _value_and_grad(
-        dispatch_backend.gather_rows, X, INDEX, VALID, INVERSE
+        backends.gather_rows, X, INDEX, VALID, INVERSE
     )
     np.testing.assert_array_equal(
         outputs, [X[2], X[0], [0.0, 0.0], X[1]]
@@ -91,7 +91,7 @@ def test_gather_rows_reads_valid_rows_and_sums_gradients_back():
 def test_gather_rows_padding_row_is_an_exact_zero_next_to_nan():
     x = X.copy()
     x[0] = np.nan  # read by output 1; output 2 reads row 0 but is padding
-    outputs = _np(dispatch_backend.gather_rows(x, INDEX, VALID, INVERSE))
+    outputs = _np(backends.gather_rows(x, INDEX, VALID, INVERSE))
     np.testing.assert_array_equal(outputs[2], [0.0, 0.0])
     assert np.isnan(outputs[1]).all()
     np.testing.assert_array_equal(outputs[[0, 3]], x[[2, 1]])
@@ -106,7 +106,7 @@ def test_sum_rows_adds_each_items_rows_and_gathers_gradients():
     index = np.array([1, 0, 0, 1], "int32")  # reader of each row of y
     valid = np.array([True, True, False, True])
     outputs, w, (d_y,) = _value_and_grad(
-        dispatch_backend.sum_rows, y, inverse, index, valid
+        backends.sum_rows, y, inverse, index, valid
     )
     np.testing.assert_array_equal(
         outputs, [y[1], y[3] + y[0], [0.0, 0.0]]
@@ -132,8 +132,8 @@ def test_gather_and_sum_rows_are_transposes():
                 valid[inverse[n, k]] = True
     x = rng.standard_normal((num_x, 3)).astype("float32")
     y = rng.standard_normal((num_rows, 3)).astype("float32")
-    gathered = _np(dispatch_backend.gather_rows(x, index, valid, inverse))
-    summed = _np(dispatch_backend.sum_rows(y, inverse, index, valid))
+    gathered = _np(backends.gather_rows(x, index, valid, inverse))
+    summed = _np(backends.sum_rows(y, inverse, index, valid))
     np.testing.assert_allclose(
         np.sum(gathered * y), np.sum(x * summed), rtol=1e-5
     )
@@ -143,7 +143,7 @@ def test_scale_rows_and_its_gradient():
     rows = np.arange(12, dtype="float32").reshape(3, 2, 2)
     scales = np.array([0.5, 0.0, 2.0], "float32")
     outputs, w, (d_rows, d_scales) = _value_and_grad(
-        dispatch_backend.scale_rows, rows, scales
+        backends.scale_rows, rows, scales
     )
     np.testing.assert_allclose(outputs, rows * scales[:, None, None])
     np.testing.assert_allclose(d_rows, w * scales[:, None, None], rtol=1e-6)
@@ -163,8 +163,8 @@ def test_row_maps_and_their_gradients_under_tensorflow_xla():
     def step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = dispatch_backend.gather_rows(x, INDEX, VALID, INVERSE)
-            z = dispatch_backend.sum_rows(y * 2.0, INVERSE, INDEX, VALID)
+            y = backends.gather_rows(x, INDEX, VALID, INVERSE)
+            z = backends.sum_rows(y * 2.0, INVERSE, INDEX, VALID)
             loss = tf.reduce_sum(y * w) + tf.reduce_sum(z * z)
         return y, z, tape.gradient(loss, x)
 

@@ -125,3 +125,96 @@ def test_top_k_ties_prefer_lower_experts_after_the_first_choice():
     gates, index = routing.top_k_gates(probs, 3)
     np.testing.assert_array_equal(_np(index), [[2, 0, 1]])
     np.testing.assert_allclose(_np(gates), [[0.4, 0.2, 0.2]])
+
+
+# Exact ties in router probabilities (an all-zero router, as upcycling
+# recipes may start from): every backend must keep the same choices, the
+# lower positions first.
+
+
+def _zero_router_plan(num_items, capacity_factor, compiled=False):
+    logits = np.zeros((num_items, 4), "float32")  # E = 4
+    capacity = routing.compute_capacity(num_items, 4, 2, capacity_factor)
+
+    def plan(logits):
+        return routing.route(
+            ops.softmax(logits, axis=-1), 2, capacity, batch_prioritized=True
+        )
+
+    if compiled:
+        plan = _compiled(plan)
+    return capacity, {k: _np(v) for k, v in plan(logits).items()}
+
+
+def _compiled(function):
+    """`function` under XLA where the backend compiles (JAX, TensorFlow)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, jit_compile=True)
+    return function
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_zero_router_ties_keep_the_lowest_positions(compiled):
+    # 8 tokens, E = 4, top-2, capacity ceil(2 * 8 * 0.75 / 4) = 3. Every
+    # probability is 0.25: each token picks experts 0 then 1 (lower expert
+    # first), every priority ties, so tokens claim slots in position
+    # order: token s is at position s in both queues; tokens 0-2 are kept.
+    capacity, plan = _zero_router_plan(8, 0.75, compiled)
+    assert capacity == 3
+    np.testing.assert_array_equal(plan["expert_index"], [[0, 1]] * 8)
+    np.testing.assert_array_equal(
+        plan["position"],
+        [[0, 0], [1, 1], [2, 2], [3, 3], [4, 4], [5, 5], [6, 6], [7, 7]],
+    )
+    np.testing.assert_array_equal(
+        plan["kept"],
+        [[True, True]] * 3 + [[False, False]] * 5,
+    )
+    np.testing.assert_allclose(
+        plan["gates"], [[0.25, 0.25]] * 3 + [[0.0, 0.0]] * 5
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_zero_router_ties_at_64_tokens(compiled):
+    # 64 tokens (128 choices): capacity ceil(2 * 64 * 0.75 / 4) = 24, so
+    # tokens 0-23 keep both choices and tokens 24-63 none. Large enough
+    # for an unstable sort (torch's `topk`) to reorder the ties.
+    capacity, plan = _zero_router_plan(64, 0.75, compiled)
+    assert capacity == 24
+    positions = np.arange(64)
+    np.testing.assert_array_equal(
+        plan["position"], np.stack([positions, positions], axis=-1)
+    )
+    np.testing.assert_array_equal(
+        plan["kept"], np.repeat((positions < 24)[:, None], 2, axis=-1)
+    )
+
+
+def test_priority_order_breaks_ties_by_position():
+    # Descending priority; equal priorities keep their position order.
+    priority = np.array(
+        [[0.5, 0.7, 0.5, 0.7, 0.5, 0.9, 0.7, 0.5], [0.25] * 8], "float32"
+    )
+    order = _np(routing.priority_order(priority, batch_prioritized=True))
+    np.testing.assert_array_equal(
+        order, [[5, 1, 3, 6, 0, 2, 4, 7], [0, 1, 2, 3, 4, 5, 6, 7]]
+    )
+    assert order.dtype == np.int32
+
+
+def test_invalid_items_with_tied_priorities_go_last_in_position_order():
+    # Invalid items have priority -1: after every valid one, and among
+    # themselves in position order.
+    priority = np.array([[-1.0, 0.3, -1.0, 0.3, 0.6, -1.0]], "float32")
+    order = _np(routing.priority_order(priority, batch_prioritized=True))
+    np.testing.assert_array_equal(order, [[4, 1, 3, 0, 2, 5]])
