@@ -18,9 +18,8 @@ import time
 import numpy as np
 
 EMBEDDED_DATASET = "mnist"
-# The main job: the recipe that reaches the best MNIST accuracy in a few
-# CPU minutes (convnext_moe_mnist: 98.41 % in 3 epochs, 445 CPU-s;
-# vimoe_mnist: 91.13 % in 2 epochs, 484 CPU-s; README "The main job").
+# The main job: of the small recipes, the one that reaches the best MNIST
+# accuracy in a few CPU minutes (figures in benchmarks/README.md).
 DEFAULT_MODEL = "convnext_moe_mnist"
 # Splits of the embedded MNIST and of a folder of class folders (tfds
 # datasets name their own and reject unknown ones).

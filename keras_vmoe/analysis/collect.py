@@ -8,8 +8,9 @@ changes. Top-k layers give a `LayerRouting`; Soft MoE layers a
 which hold the statistics that make sense for their routing (there is no
 per-item expert choice to plot as a heatmap or gating map).
 
-Axis letters (DESIGN.md glossary): N images · T tokens per image · H, W
-feature-map or patch grid · K experts per item · E experts · C classes.
+Axis letters (see docs/glossary.md): N images (collected over all
+batches) · T tokens per image · H, W feature-map or patch grid · K experts
+per item · E experts; the number of classes is `num_classes`.
 """
 
 import dataclasses
@@ -49,7 +50,8 @@ class LayerRouting:
         dropped: bool array like `expert_index`.
         router_probs: float array [..., E], the softmax router outputs.
         labels: int array [N], or None when the data has no labels.
-        num_classes: C (labels' max + 1, or the model's output width).
+        num_classes: number of classes (labels' max + 1, or the model's
+            output width).
         num_prefix_tokens: tokens before the patches (CLS and registers)
             for [N, T, K] token routing; 0 otherwise.
     """
@@ -108,7 +110,7 @@ class LayerRouting:
 
     @property
     def class_expert_counts(self):
-        """[C, E] routing heatmap table, or None without labels."""
+        """[num_classes, E] routing heatmap table, or None without labels."""
         if self.labels is None:
             return None
         return statistics.class_expert_counts(
@@ -431,7 +433,7 @@ class RoutingResult:
 
     @property
     def routing_degree(self):
-        """D = C(N, K)^L over the image-routed layers (ViMoE), or None."""
+        """D = binom(E, K)^L over the image-routed layers (ViMoE), or None."""
         image_layers = [r for r in self.layers if r.routing == "image"]
         if not image_layers:
             return None

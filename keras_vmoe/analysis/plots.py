@@ -47,7 +47,7 @@ def heatmap_class_order(counts, sort_classes=True):
     """The class shown in each heatmap column, left to right.
 
     Args:
-        counts: array [C, E] from `class_expert_counts`.
+        counts: array [num_classes, E] from `class_expert_counts`.
         sort_classes: group classes by their most chosen expert (ties in
             the top fraction: the larger fraction first, then the lower
             class id); False keeps class-id order.
@@ -88,7 +88,7 @@ def plot_routing_heatmap(
     labelled.
 
     Args:
-        counts: array [C, E] from `class_expert_counts`.
+        counts: array [num_classes, E] from `class_expert_counts`.
         path: where to write the PNG.
         title: figure title.
         sort_classes: reorder classes by their top expert

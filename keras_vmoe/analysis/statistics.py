@@ -4,8 +4,9 @@ Every function takes plain arrays (the routing decisions of one MoE layer
 over a dataset) and returns arrays or numbers, so tests can check them on
 hand-built tables. `collect_routing` gathers the tables from a model.
 
-Axis letters (DESIGN.md glossary): N images · T tokens per image · K experts
-per item · E experts · C classes.
+Axis letters (see docs/glossary.md): N images (collected over all
+batches) · T tokens per image · K experts per item · E experts; the number
+of classes is `num_classes`.
 """
 
 import math
@@ -119,12 +120,13 @@ def class_expert_counts(labels, expert_index, num_classes, num_experts):
         expert_index: int array [N, ..., K]: the experts chosen for every
             image (image routing, [N, K]) or every token of it (token
             routing, [N, T, K] or [N, H, W, K]).
-        num_classes: C.
+        num_classes: number of classes.
         num_experts: E.
 
     Returns:
-        int array [C, E]: entry (c, e) counts the choices of expert `e` by
-        images (or tokens of images) of class `c`, all K choices included.
+        int array [num_classes, E]: entry (c, e) counts the choices of
+        expert `e` by images (or tokens of images) of class `c`, all K
+        choices included.
     """
     labels = to_numpy(labels).astype("int64").ravel()
     expert_index = _check_expert_index(expert_index, num_experts)
@@ -179,7 +181,7 @@ def specialization_score(counts, normalization="min"):
     non-specializing layers.
 
     Args:
-        counts: array [C, E] of non-negative counts.
+        counts: array [num_classes, E] of non-negative counts.
         normalization: "min" or "arithmetic" (see above).
 
     Returns:
@@ -221,8 +223,9 @@ def specialization_score(counts, normalization="min"):
 
 
 def routing_degree(num_experts, top_k, num_layers):
-    """ViMoE's routing degree D = C(N, K)^L: the number of expert
-    combinations an image can take through L image-routed MoE layers.
+    """ViMoE's routing degree D = binom(E, K)^L (the paper's C(N, K)^L,
+    N experts): the number of expert combinations an image can take
+    through L image-routed MoE layers.
 
     Example:
     >>> routing_degree(num_experts=8, top_k=1, num_layers=2)

@@ -1,7 +1,7 @@
 """The ConvNeXt block, dense or with a Mixture-of-Experts MLP.
 
-Axis letters (DESIGN.md glossary): B batch · H, W feature-map height and
-width · d block width · E experts.
+Axis letters (see docs/glossary.md): B batch · H, W feature-map height
+and width · d block width · E experts.
 """
 
 import keras

@@ -1,7 +1,8 @@
 """Building blocks of the DINOv2-style ViT: embeddings, attention, blocks.
 
-Axis letters (DESIGN.md glossary): B batch · T tokens per image · d model
-width · H, W patch grid (rows, columns) · R register tokens.
+Axis letters (see docs/glossary.md): B batch · T tokens per image · d
+model width · H, W patch grid (rows, columns). `num_register_tokens`
+counts the register tokens.
 """
 
 import math
@@ -61,7 +62,8 @@ def bicubic_resize_matrix(input_size, output_size):
 class ViTEmbedding(keras.layers.Layer):
     """Patch embedding, CLS and register tokens, learned position embedding.
 
-    Images [B, H*p, W*p, C] become tokens [B, 1 + R + H*W, d] ordered
+    Images [B, H*p, W*p, channels] become tokens
+    [B, 1 + num_register_tokens + H*W, d] ordered
     `[CLS, registers, patches]`. The learned position embedding covers the
     patch grid it was trained at (`position_embedding_grid`); for another
     grid it is resampled with antialiased bicubic interpolation (as timm's
@@ -75,7 +77,7 @@ class ViTEmbedding(keras.layers.Layer):
         patch_size: p, side of the square patches.
         position_embedding_grid: (rows, columns) of the stored position
             embedding.
-        num_register_tokens: R, extra learned tokens after CLS (Darcet et
+        num_register_tokens: extra learned tokens after CLS (Darcet et
             al., 2024, "Vision Transformers Need Registers").
     """
 
