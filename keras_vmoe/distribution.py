@@ -156,25 +156,22 @@ class ExpertParallel(keras.distribution.ModelParallel):
         return constrain
 
 
-def _moe_layer_types():
-    from keras_vmoe.layers.expert_choice import ExpertChoiceFeedForward
-    from keras_vmoe.layers.moe import MoEFeedForward
-    from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
+def _moe_layers(model):
+    """The MoE layers of `model` (or the layer itself), depth-first."""
+    from keras_vmoe.layers.moe_types import find_moe_layers
 
-    return (MoEFeedForward, SoftMoEFeedForward, ExpertChoiceFeedForward)
+    return find_moe_layers(model)
 
 
 def moe_layers(model):
-    """The MoE layers of `model` (or the layer itself): `MoEFeedForward`,
-    `SoftMoEFeedForward` and `ExpertChoiceFeedForward`."""
-    types = _moe_layer_types()
-    if isinstance(model, types):
-        return [model]
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, types)
-    ]
+    """Deprecated: `keras_vmoe.layers.find_moe_layers(model)` (`moe_layers`
+    names the placement argument of the backbones)."""
+    from keras_vmoe.validation import warn_deprecated
+
+    warn_deprecated(
+        "moe_layers(model)", "`keras_vmoe.layers.find_moe_layers(model)`"
+    )
+    return _moe_layers(model)
 
 
 def _routing_groups(layer):
@@ -311,10 +308,10 @@ def expert_parallel(
             variable.
     """
     _require_jax("Expert parallelism")
-    layers = moe_layers(model)
+    layers = _moe_layers(model)
     if not layers:
         raise ValueError(
-            f"`model` has no MoEFeedForward layer to shard. Received: "
+            f"`model` has no MoE layer to shard. Received: "
             f"model={getattr(model, 'name', model)!r}"
         )
     ungrouped = [

@@ -85,6 +85,39 @@ def check_int(name, value, minimum=1, allow_none=False):
     return value
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a `TypeError`, and a `ValueError` as
+    for every other bad argument here."""
+
+
+def check_bool(name, value):
+    """A bool (not 0 / 1, not None); returns it unchanged.
+
+    Raises:
+        ArgumentTypeError: (a TypeError and a ValueError) naming `name`
+            and `value`.
+    """
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(
+            f"`{name}` must be a bool. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_choice(name, value, choices):
+    """One of `choices`; returns it unchanged.
+
+    Raises:
+        ValueError: naming `name`, the choices and `value`.
+    """
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {tuple(choices)}. Received: "
+            f"{name}={value!r}"
+        )
+    return value
+
+
 class UnknownArgumentError(TypeError, ValueError):
     """An unknown keyword argument: a `TypeError`, as Python raises for
     functions, and a `ValueError`, as for every other bad argument here."""

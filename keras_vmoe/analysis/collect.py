@@ -21,9 +21,7 @@ import numpy as np
 
 from keras_vmoe.analysis import statistics
 from keras_vmoe.analysis.statistics import to_numpy
-from keras_vmoe.layers.expert_choice import ExpertChoiceFeedForward
-from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
-from keras_vmoe.training.metrics import routed_layers
+from keras_vmoe.layers.moe_types import find_moe_layers
 
 # What the report skips for Soft MoE and Expert Choice layers, and why.
 TOP_K_ONLY_NOTE = (
@@ -573,7 +571,7 @@ def collect_routing(
     >>> result = collect_routing(classifier, (images, labels), max_batches=4)
     >>> result.layers[-1].specialization
     """
-    layers = routed_layers(model)
+    layers = find_moe_layers(model)
     if not layers:
         raise ValueError(
             "`model` has no MoE layer (MoEFeedForward, SoftMoEFeedForward "
@@ -609,9 +607,9 @@ def collect_routing(
     def observe(layer, routing):
         if id(layer) not in call_order:
             call_order.append(id(layer))
-        if isinstance(layer, SoftMoEFeedForward):
+        if layer.router_type == "soft":
             arrays = _soft_record(routing, layer.num_experts)
-        elif isinstance(layer, ExpertChoiceFeedForward):
+        elif layer.router_type == "expert_choice":
             arrays = _expert_choice_record(routing, layer.num_experts)
         else:
             arrays = {
@@ -681,7 +679,7 @@ def collect_routing(
         common = dict(
             name=layer.path, index=index, num_experts=layer.num_experts
         )
-        if isinstance(layer, SoftMoEFeedForward):
+        if layer.router_type == "soft":
             num_tokens = int(arrays.pop("num_tokens")[0])
             results.append(
                 SoftLayerRouting(
@@ -691,7 +689,7 @@ def collect_routing(
                     **arrays,
                 )
             )
-        elif isinstance(layer, ExpertChoiceFeedForward):
+        elif layer.router_type == "expert_choice":
             results.append(ExpertChoiceLayerRouting(**common, **arrays))
         else:
             results.append(

@@ -11,7 +11,7 @@ from keras_vmoe.analysis.collect import TOP_K_ONLY_NOTE
 from keras_vmoe.analysis.collect import collect_routing
 from keras_vmoe.models.stats import layer_stats
 from keras_vmoe.models.stats import model_stats
-from keras_vmoe.training.metrics import moe_layers
+from keras_vmoe.training.metrics import top_k_layers
 from keras_vmoe.utils.io import atomic_file
 
 _BLOCK = re.compile(r"^(.*?(?:^|/)(?:stage_\d+_)?block_\d+)(?:/|$)")
@@ -151,7 +151,7 @@ def parameter_breakdown(model, image_size=None):
         image_size = (height, width) if height and width else 224
     sparsity = {
         layer.path: layer.top_k / layer.num_experts
-        for layer in moe_layers(model)
+        for layer in top_k_layers(model)
     }
     rows = {}
     for record in layer_stats(model, image_size):

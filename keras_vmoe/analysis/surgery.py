@@ -50,7 +50,6 @@ import numpy as np
 from keras_vmoe.analysis.collect import _resolve_layer_index
 from keras_vmoe.analysis.collect import collect_routing
 from keras_vmoe.analysis.statistics import to_numpy
-from keras_vmoe.layers.moe import MoEFeedForward
 from keras_vmoe.training.metrics import moe_layers
 
 STRATEGIES = ("most_used", "load_weighted", "shared_expert")
@@ -137,7 +136,7 @@ def _moe_blocks(model):
     other = [
         type(layer).__name__
         for _, layer in blocks
-        if not isinstance(layer, MoEFeedForward)
+        if getattr(layer, "router_type", None) != "top_k"
     ]
     if other:
         # Soft MoE mixes tokens into slots and Expert Choice has no

@@ -1,33 +1,47 @@
-"""Dispatch: moving routed items into expert slots and their results back.
+"""Dispatch: moving routed items to their experts and the results back.
 
-Pure functions of tensors (`keras.ops` only). A dispatch function takes the
-grouped items, a routing plan from `keras_vmoe.layers.routing.route` and a
-function that runs every expert on its own rows, and returns every item's
-gate-weighted sum of its experts' outputs.
+The seam between routing and experts. A router decides a plan (which item
+goes to which expert, with which weight); a `Dispatcher` takes the items,
+the plan and the expert bank (`keras_vmoe.layers.experts.StackedExperts`)
+and returns every item's weighted sum of its experts' outputs. The MoE
+layers never know which dispatcher runs: `choose_dispatcher` picks one
+per call from the layer's `dispatch` argument, the backend, whether the
+step is compiled by XLA, the distribution, the capacity and the batch.
 
-Axis letters: G groups, S items per group, P tokens per item (1 for token
-routing, T for image routing), d width, E experts, C slots per expert and
-group, K choices per item.
+Dispatchers (`DISPATCHERS`, by name):
+- "slots" (`SlotDispatcher`): an [E, G*C*P, d] buffer of capacity slots,
+  one batched matmul per expert weight; its cost follows E*C, whether or
+  not the slots are used. Laid out per routing group, so under expert
+  parallelism the only cross-device traffic is the all-to-all of
+  `expert_exchange`.
+- "sorted" (`SortedDispatcher`): the kept (item, choice) pairs sorted by
+  expert, every expert on its own rows only: exactly the routed rows
+  where shapes may be dynamic (TensorFlow without XLA, torch), and under
+  XLA a static number of tiles, each expert's rows padded to a whole tile
+  (MegaBlocks' block-sparse layout): at most K*S + E*(t-1) rows.
+- "gather" (`GatherDispatcher`): dropless image routing, every image
+  through the weights of its K experts, gathered per image.
+- "expert_choice" and "soft": the plans of `ExpertChoiceFeedForward`
+  (every expert picks C items) and `SoftMoEFeedForward` (dense dispatch
+  and combine weights).
 
-Two paths:
-- `slot_dispatch` fills an [E, G*C*P, d] buffer of capacity slots: its cost
-  follows E*C, whether or not the slots are used.
-- `sorted_dispatch` sorts the kept (item, choice) pairs by expert and runs
-  every expert only on its own rows: exactly the routed rows where shapes
-  may be dynamic (TensorFlow without XLA, torch), and under XLA a static
-  number of tiles, each expert's rows padded to a whole tile (MegaBlocks'
-  block-sparse layout): at most K*S + E*(tile-1) rows. The experts get the
-  rows through a `RowExperts` (`matmul`, `mlp`), so the layout can run the
-  whole expert MLP of a tile at once (the JAX tile loop does).
+A new path is one `Dispatcher` subclass registered with
+`register_dispatcher` (plus the backend adapter functions it needs in
+`keras_vmoe.layers.backends`); its `preferred` hook lets "auto" pick it.
 
 Samples never mix through padding: slots no item claims hold exact zeros
 (not a copy of another item), and a dropped choice contributes an exact
 zero: selected with `where` on the slot path (not a product with a zero
 gate, which would turn a neighbour's NaN or inf into NaN); on the sorted
 path it reads a spare row of zeros, with the zero gate `route` gives it.
+
+Axis letters: see `docs/glossary.md` (G groups, S items per group, P
+tokens per item, d width, E experts, C slots per expert and group, K
+choices per item, R rows of the sorted layout, L tiles of t rows).
 """
 
 import math
+import types
 
 from keras import ops
 
@@ -80,54 +94,66 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     Returns:
         [G, S, P, d]: `sum_k gate_k * expert_k(item)` over kept choices.
     """
-    constrain = constrain or (lambda x, name: x)
     shape = ops.shape(items)
     groups, num_items, per_item, width = shape[0], shape[1], shape[2], shape[3]
-    e = num_experts
-    kept = plan["kept"]
-    top_k = kept.shape[-1]
-    expert_index = plan["expert_index"]
-    position = plan["position"]
+    choice, used = _slot_occupants(plan, num_items, capacity, num_experts)
+    slot_item = ops.cast(choice // plan["kept"].shape[-1], "int32")
+    expert_inputs = ops.take_along_axis(
+        items, slot_item[:, :, None, None], axis=1
+    )  # [G, E*C, P, d]
+    expert_inputs = ops.where(used[:, :, None, None], expert_inputs, 0.0)
+    buffer = ops.reshape(
+        expert_inputs, (groups, num_experts, capacity, per_item, width)
+    )
+    outputs = expert_exchange(buffer, run_experts, constrain)
+    outputs = ops.reshape(outputs, (groups, -1, per_item, width))
+    return _combine_slots(outputs, plan, choice, used, capacity)
+
+
+def _slot_occupants(plan, num_items, capacity, num_experts):
+    """The (item, choice) in every capacity slot of every group.
+
+    Returns:
+        `(choice, used)`, both [G, E*C]: the flat id `item * K + k` of each
+        slot's occupant (0 where unused) and whether the slot is used.
+    """
+    kept, expert_index = plan["kept"], plan["expert_index"]
+    groups = ops.shape(kept)[0]
     # Kept choices sorted by (expert, position): expert e's choices then
     # form one run, in slot order (positions of kept choices are 0, 1, ...
     # without gaps and < C <= S). Dropped choices sort last.
-    key = ops.where(kept, expert_index * num_items + position, e * num_items)
+    key = ops.where(
+        kept, expert_index * num_items + plan["position"], num_experts * num_items
+    )
     order = ops.argsort(ops.reshape(key, (groups, -1)), axis=-1)  # [G, S*K]
     counts = ops.sum(
-        ops.cast(expert_mask(expert_index, e, kept), "int32"), axis=(1, 2)
+        ops.cast(expert_mask(expert_index, num_experts, kept), "int32"),
+        axis=(1, 2),
     )  # [G, E]
     starts = ops.cumsum(counts, axis=-1) - counts
     slots = ops.arange(capacity, dtype="int32")[None, None, :]
     used = slots < counts[:, :, None]  # [G, E, C]
     rank = ops.where(used, starts[:, :, None] + slots, 0)
-    choice = ops.take_along_axis(
-        order, ops.reshape(rank, (groups, -1)), axis=1
-    )  # [G, E*C]: the flat (item, k) id of each slot's occupant
-    slot_item = ops.cast(choice // top_k, "int32")
-    expert_inputs = ops.take_along_axis(
-        items, slot_item[:, :, None, None], axis=1
-    )  # [G, E*C, P, d]
-    used = ops.reshape(used, (groups, -1))[:, :, None, None]
-    expert_inputs = ops.where(used, expert_inputs, 0.0)
-    buffer = ops.reshape(expert_inputs, (groups, e, capacity, per_item, width))
-    buffer = constrain(buffer, "dispatch_groups")
-    buffer = constrain(ops.transpose(buffer, (1, 0, 2, 3, 4)), "dispatch_experts")
-    outputs = run_experts(ops.reshape(buffer, (e, -1, width)))
-    outputs = ops.reshape(outputs, (e, groups, capacity, per_item, width))
-    outputs = constrain(outputs, "combine_experts")
-    outputs = constrain(ops.transpose(outputs, (1, 0, 2, 3, 4)), "combine_groups")
-    outputs = ops.reshape(outputs, (groups, -1, per_item, width))
-    # Every slot times its occupant's gate (zero in unused slots), then
-    # every item adds the slots its kept choices read; dropped choices read
-    # slot 0 and are replaced by an exact zero.
+    choice = ops.take_along_axis(order, ops.reshape(rank, (groups, -1)), axis=1)
+    return choice, ops.reshape(used, (groups, -1))
+
+
+def _combine_slots(outputs, plan, choice, used, capacity):
+    """[G, E*C, P, d] slot outputs -> [G, S, P, d] gated sums per item.
+
+    Every slot times its occupant's gate (zero in unused slots), then every
+    item adds the slots its kept choices read; dropped choices read slot 0
+    and are replaced by an exact zero.
+    """
+    kept, groups = plan["kept"], ops.shape(outputs)[0]
     gates = ops.reshape(ops.cast(plan["gates"], outputs.dtype), (groups, -1))
     slot_gates = ops.where(
-        used[:, :, 0, 0], ops.take_along_axis(gates, choice, axis=1), 0.0
+        used, ops.take_along_axis(gates, choice, axis=1), 0.0
     )  # [G, E*C]
     outputs = backends.scale_rows(outputs, slot_gates)
-    read = ops.where(kept, expert_index * capacity + position, 0)
+    read = ops.where(kept, plan["expert_index"] * capacity + plan["position"], 0)
     total = None
-    for k in range(top_k):
+    for k in range(kept.shape[-1]):
         slot = ops.take_along_axis(outputs, read[:, :, k, None, None], axis=1)
         slot = ops.where(kept[:, :, k, None, None], slot, 0.0)  # [G, S, P, d]
         total = slot if total is None else total + slot
@@ -135,59 +161,81 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
 
 
 def resolve_dispatch(
-    dispatch, dropless_tokens=False, static_shape=True, layout=None
+    dispatch,
+    dropless_tokens=False,
+    static_shape=True,
+    layout=None,
+    expert_parallel=False,
 ):
-    """The path `dispatch` ("auto", "slots" or "sorted") runs in this trace.
+    """The path `dispatch` ("auto", "slots", "sorted", or a registered
+    name) runs in this trace, by name.
 
-    "auto" takes the sorted path where shapes may be dynamic (TensorFlow
-    without XLA, the Keras default on a CPU; torch eager, where it was
-    measured faster on a CPU at every capacity): experts run on exactly
-    the routed rows.
+    Without XLA (TensorFlow's default graph mode, torch) shapes may be
+    dynamic: "auto" takes the sorted path, whose experts run on exactly
+    the routed rows, on the backends whose adapter says it beats the slot
+    path (`sorted_beats_slots`), and always for dropless token routing.
 
     Under XLA (JAX; TensorFlow with `jit_compile=True`) the sorted path is
     a static layout of row tiles: the kept rows plus each expert's padding
-    to a whole tile, about E*(tile-1)/2 rows, where the slot path computes
+    to a whole tile, about E*(t-1)/2 rows, where the slot path computes
     all E*C capacity slots, used or not. "auto" takes the sorted path when
     its expected rows (`layout`, a `StaticLayout`) are no more than the
-    slots (ties go to it: it never computes a dropped choice), and on JAX,
-    whose fused tile MLP keeps far less activation memory, when they are
-    at most 10 % more with full-size tiles. So: dropless token routing;
-    capacity factors above 1 unless the batch is small; on JAX capacity
-    1.0 at large batches. Measured on a CPU, B=32 of 197 tokens, E=8,
-    forward + backward against dense: capacity 1.0 top-1 / top-2 sorted
-    1.02x / 0.78x with 0.81x / 0.72x its memory, slots 0.90-1.04x / 1.11x
-    with 1.27x / 1.35x; B=1 at capacity 1.25: slots 2.4x, sorted 3.5x
-    with 16-row tiles, 5.7x with 128-row tiles. `jax.lax.ragged_dot` is
-    never used: on a CPU it is a dense masked matmul.
+    slots (ties go to it: it never computes a dropped choice), and, where
+    the adapter fuses the tile MLP (less activation memory), when they are
+    at most 10 % more with full-size tiles. The static layout needs the
+    number of items at trace time: with `static_shape=False` both "auto"
+    and "sorted" run the slot path, which gives the same results.
 
-    Under a `keras.distribution` (data or expert parallelism) "auto" takes
-    the slot path: its buffers are laid out per routing group, so every
-    device works on its own groups, while the sorted layout orders rows
-    across all groups (devices) and would gather them everywhere.
+    Under a `keras.distribution` "auto" takes the slot path: its buffers
+    are laid out per routing group, so every device works on its own
+    groups, while the sorted layout orders rows across all groups. Under
+    expert parallelism (`expert_parallel`) an explicit "sorted" is an
+    error.
 
-    The static layout needs the number of items at trace time: under XLA
-    with `static_shape=False` (TensorFlow traces `fit` steps with an
-    unknown batch size) both "auto" and "sorted" run the slot path, which
-    gives the same results.
+    A dispatcher registered with `register_dispatcher` is taken by "auto"
+    when its `preferred(context)` says so (before the rules above).
+
+    Raises:
+        ValueError: `dispatch="sorted"` under expert parallelism.
     """
+    if dispatch not in ("auto", "slots", "sorted"):
+        return dispatch
+    if dispatch == "sorted" and expert_parallel:
+        raise ValueError(
+            "`dispatch='sorted'` cannot run under expert parallelism (its "
+            "rows are not laid out per group and expert); use 'slots' or "
+            "'auto'. Received: dispatch='sorted'"
+        )
     if dispatch == "slots":
         return dispatch
-    if dispatch == "auto" and backends.distributed():
-        return "slots"
+    if dispatch == "auto":
+        context = DispatchContext(
+            dropless_tokens, static_shape, layout, expert_parallel
+        )
+        for name, dispatcher in DISPATCHERS.items():
+            if dispatcher.preferred(context):
+                return name
+        if expert_parallel or backends.distributed():
+            return "slots"
     if not backends.in_xla_context():
         if dispatch == "sorted" or dropless_tokens:
             return "sorted"
         return "sorted" if backends.sorted_beats_slots() else "slots"
     if not static_shape:
         return "slots"
+    return _xla_rule(dispatch, layout)
+
+
+def _xla_rule(dispatch, layout):
+    """"sorted" or "auto" under XLA with static shapes."""
     if dispatch == "sorted":
         return "sorted"
     if layout is None:
         return "slots"
-    # The fused JAX tile MLP holds about a third of the slot path's
-    # activation memory, and the bound counts dropped choices as rows:
-    # with full-size tiles (short ones cost more per row) it takes up to
-    # 10 % more expected rows.
+    # The fused tile MLP holds far less activation memory than the slot
+    # path, and the bound counts dropped choices as rows: with full-size
+    # tiles (short ones cost more per row) it takes up to 10 % more
+    # expected rows.
     full_tiles = layout.tile * layout.per_item >= MIN_TILE_TOKENS
     slack = 1.1 if full_tiles and backends.tiles_fuse_mlp() else 1.0
     if layout.expected_rows <= slack * layout.slot_rows:
@@ -392,60 +440,363 @@ def sorted_dispatch(
     """
     if static is None:
         static = backends.in_xla_context()
-    e = num_experts
     shape = ops.shape(items)
-    groups, num_items, per_item, width = shape[0], shape[1], shape[2], shape[3]
+    width = shape[3]
+    layout = _row_layout(plan, shape, capacity, num_experts, static, tile_size)
+    per_item = layout.per_item
+    rows = backends.gather_rows(
+        ops.reshape(items, (-1, per_item, width)),
+        layout.row_item,
+        layout.used,
+        layout.readers,
+    )  # [R, P, d]
+    outputs = run_rows(ops.reshape(rows, (-1, width)), layout.experts)
+    outputs = ops.reshape(outputs, (-1, per_item, width))
+    # Every row times its choice's gate (zero in padding rows), then each
+    # item sums its rows; dropped choices read a spare row of exact zeros.
+    gates = ops.cast(ops.reshape(plan["gates"], (-1,)), outputs.dtype)
+    row_gate = backends.gather_rows(
+        gates,
+        ops.maximum(layout.row_choice, 0),
+        layout.used,
+        ops.reshape(layout.target, (-1, 1)),
+    )
+    outputs = backends.scale_rows(outputs, row_gate)
+    routed = backends.sum_rows(
+        outputs, layout.readers, layout.row_item, layout.used
+    )
+    return ops.reshape(routed, (layout.groups, layout.num_items, per_item, width))
+
+
+def _row_layout(plan, shape, capacity, num_experts, static, tile_size):
+    """Where every kept (item, choice) sits in the expert-sorted rows.
+
+    Returns a namespace: `groups`, `num_items`, `per_item` (G, S, P);
+    `target` [G, S, K] row of each choice (the spare row R where dropped);
+    `readers` [N, K] the rows of each item; `row_choice` [R] the choice in
+    each row (-1 in padding rows); `row_item` [R] its item; `used` [R] bool
+    (None in the dynamic layout, which has no padding); `experts`, the
+    `RowExperts` of the layout.
+    """
     kept = plan["kept"]
     top_k = kept.shape[-1]
+    groups, num_items, per_item = shape[0], shape[1], shape[2]
     tile = 1
     if static:
-        layout = StaticLayout.of(shape, top_k, capacity, e, tile_size)
+        layout = StaticLayout.of(shape, top_k, capacity, num_experts, tile_size)
         groups, num_items, per_item = (_as_int(v) for v in shape[:3])
-        tile, num_tiles, num_rows = (
-            layout.tile,
-            layout.num_tiles,
-            layout.num_rows,
-        )
-    row, totals, padded_ends = _sorted_rows(plan, e, tile)
-    if not static:
+        tile, num_rows = layout.tile, layout.num_rows
+    row, totals, padded_ends = _sorted_rows(plan, num_experts, tile)
+    if static:
+        experts = _tiled_experts(padded_ends, layout.num_tiles, tile, num_experts)
+    else:
         # tile == 1: the rows are exactly the kept choices.
         counts, num_rows = backends.segment_sizes(totals, per_item)
+        experts = SegmentExperts(counts)
     # (item, choice) pairs numbered item * K + k, over all groups.
     choice_ids = ops.reshape(
         ops.arange(groups * num_items * top_k, dtype="int32"), ops.shape(row)
     )
     # Dropped choices write (and read) the spare row `num_rows`.
     target = ops.where(kept, row, num_rows)
-    readers = ops.reshape(target, (-1, top_k))  # [N, K]: each item's rows
     # The choice in each row, -1 in padding rows (no choice writes there).
     row_choice = _scatter_rows(num_rows, target, choice_ids + 1)[:num_rows] - 1
-    row_item = ops.maximum(row_choice, 0) // top_k
-    # Padding rows of the static layout hold exact zeros, not a copy of
-    # item 0; the dynamic layout has none.
-    used = row_choice >= 0 if static else None
-    flat_items = ops.reshape(items, (-1, per_item, width))
-    rows = backends.gather_rows(
-        flat_items, row_item, used, readers
-    )  # [R, P, d]
-    if static:
-        tile_start = ops.arange(num_tiles, dtype="int32") * tile
-        tile_expert = ops.sum(
-            ops.cast(padded_ends[None, :] <= tile_start[:, None], "int32"),
-            axis=1,
-        )
-        tile_expert = ops.minimum(tile_expert, e - 1)
-        live = tile_start < padded_ends[-1]
-        experts = TiledExperts(tile_expert, live)
-    else:
-        experts = SegmentExperts(counts)
-    outputs = run_rows(ops.reshape(rows, (-1, width)), experts)
-    outputs = ops.reshape(outputs, (-1, per_item, width))
-    # Every row times its choice's gate (zero in padding rows), then each
-    # item sums its rows; dropped choices read a spare row of exact zeros.
-    gates = ops.cast(ops.reshape(plan["gates"], (-1,)), outputs.dtype)
-    row_gate = backends.gather_rows(
-        gates, ops.maximum(row_choice, 0), used, ops.reshape(target, (-1, 1))
+    return types.SimpleNamespace(
+        groups=groups,
+        num_items=num_items,
+        per_item=per_item,
+        target=target,
+        readers=ops.reshape(target, (-1, top_k)),
+        row_choice=row_choice,
+        row_item=ops.maximum(row_choice, 0) // top_k,
+        # Padding rows of the static layout hold exact zeros, not a copy
+        # of item 0.
+        used=row_choice >= 0 if static else None,
+        experts=experts,
     )
-    outputs = backends.scale_rows(outputs, row_gate)
-    routed = backends.sum_rows(outputs, readers, row_item, used)
-    return ops.reshape(routed, (groups, num_items, per_item, width))
+
+
+def _tiled_experts(padded_ends, num_tiles, tile, num_experts):
+    """The `TiledExperts` of L tiles: each tile's expert, and which tiles
+    lie before the end of the last expert's padded rows."""
+    tile_start = ops.arange(num_tiles, dtype="int32") * tile
+    tile_expert = ops.sum(
+        ops.cast(padded_ends[None, :] <= tile_start[:, None], "int32"), axis=1
+    )
+    tile_expert = ops.minimum(tile_expert, num_experts - 1)
+    return TiledExperts(tile_expert, tile_start < padded_ends[-1])
+
+
+def expert_exchange(buffer, run_experts, constrain=None):
+    """Runs the experts on a [G, E, ...] buffer laid out per group.
+
+    `[G, E, ..., d] -> [E, G, ..., d]`, every expert on its own rows
+    (`run_experts`: [E, N, d] -> [E, N, d]), and back to `[G, E, ..., d]`.
+    Under expert parallelism `constrain(tensor, name)` places the four
+    buffers ("dispatch_groups", "dispatch_experts", "combine_experts",
+    "combine_groups"): groups sharded on the data axis, experts on the
+    expert axis, so the two transposes are the all-to-all exchanges.
+    """
+    constrain = constrain or (lambda x, name: x)
+    axes = (1, 0) + tuple(range(2, len(buffer.shape)))
+    buffer = constrain(buffer, "dispatch_groups")
+    buffer = constrain(ops.transpose(buffer, axes), "dispatch_experts")
+    shape = ops.shape(buffer)
+    outputs = run_experts(ops.reshape(buffer, (shape[0], -1, shape[-1])))
+    outputs = constrain(ops.reshape(outputs, shape), "combine_experts")
+    return constrain(ops.transpose(outputs, axes), "combine_groups")
+
+
+class DispatchContext:
+    """What "auto" knows when it picks a dispatcher for a top-k plan.
+
+    Attributes:
+        dropless_tokens: token routing without capacity.
+        static_shape: every items dimension is known at trace time.
+        layout: the `StaticLayout` of the sorted path, or None.
+        expert_parallel: a distribution places the dispatch buffers.
+    """
+
+    def __init__(self, dropless_tokens, static_shape, layout, expert_parallel):
+        self.dropless_tokens = dropless_tokens
+        self.static_shape = static_shape
+        self.layout = layout
+        self.expert_parallel = expert_parallel
+
+
+class Dispatcher:
+    """Moves routed items to the experts and combines their outputs.
+
+    `dispatcher(items, plan, experts, training, constrain=None)` returns
+    every item's weighted sum of its experts' outputs, shaped like
+    `items`. `plan` is a dict of the router's tensors (each subclass says
+    which), `experts` a `StackedExperts` (the MoE layer), `constrain` the
+    distribution's placement hook (see `expert_exchange`) or None.
+    """
+
+    # The plan this dispatcher reads: "top_k", "expert_choice" or "soft".
+    plan_kind = "top_k"
+
+    @classmethod
+    def preferred(cls, context):
+        """Whether "auto" should pick this dispatcher (a `DispatchContext`).
+
+        The built-in top-k paths are chosen by `resolve_dispatch`'s rules;
+        a registered path may claim the cases it is best at."""
+        return False
+
+    def __call__(self, items, plan, experts, training=None, constrain=None):
+        raise NotImplementedError
+
+
+class SlotDispatcher(Dispatcher):
+    """Capacity slots (`slot_dispatch`). Plan: [G, S, K] `expert_index`,
+    `position`, `kept`, `gates`, and `capacity`; items [G, S, P, d]."""
+
+    def __call__(self, items, plan, experts, training=None, constrain=None):
+        return slot_dispatch(
+            items,
+            plan,
+            plan["capacity"],
+            experts.num_experts,
+            lambda x: experts.run_experts(x, training),
+            constrain=constrain,
+        )
+
+
+class SortedDispatcher(Dispatcher):
+    """Rows sorted by expert (`sorted_dispatch`); plan as `SlotDispatcher`."""
+
+    def __call__(self, items, plan, experts, training=None, constrain=None):
+        return sorted_dispatch(
+            items,
+            plan,
+            plan["capacity"],
+            experts.num_experts,
+            lambda rows, row_experts: experts.run_expert_rows(
+                rows, row_experts, training
+            ),
+        )
+
+
+class GatherDispatcher(Dispatcher):
+    """Every item through the weights of its K experts, gathered per item
+    (dropless image routing: no capacity, no slot buffer). Plan as
+    `SlotDispatcher` (every choice kept)."""
+
+    def __call__(self, items, plan, experts, training=None, constrain=None):
+        shape = ops.shape(items)
+        top_k = plan["expert_index"].shape[-1]
+        flat = ops.reshape(items, (-1, shape[2], shape[3]))
+        outputs = experts.run_gathered_experts(
+            flat,
+            ops.reshape(plan["expert_index"], (-1, top_k)),
+            ops.reshape(plan["gates"], (-1, top_k)),
+            training,
+        )
+        return ops.reshape(outputs, shape)
+
+
+class ExpertChoiceDispatcher(Dispatcher):
+    """Every expert's C chosen items. Plan: [G, E, C] `item_index` (item
+    within its group) and `gates`; items [G, S, d].
+
+    On one device the chosen items of all groups are gathered into
+    [E, G*C, d] and the gated outputs summed back per item
+    (`segment_sum`). Under expert parallelism every index operation is
+    batched over the groups, so each device fills and reads only its own
+    groups, around the `expert_exchange`.
+    """
+
+    plan_kind = "expert_choice"
+
+    def __call__(self, items, plan, experts, training=None, constrain=None):
+        if constrain is None:
+            return self._flat(items, plan, experts, training)
+        return self._grouped(items, plan, experts, training, constrain)
+
+    @staticmethod
+    def _flat(items, plan, experts, training):
+        e = experts.num_experts
+        shape = ops.shape(items)
+        num_groups, group_size, width = shape[0], shape[1], shape[2]
+        rows = plan["item_index"] + ops.reshape(
+            ops.arange(num_groups, dtype="int32") * group_size, (-1, 1, 1)
+        )
+        rows = ops.reshape(ops.transpose(rows, (1, 0, 2)), (-1,))
+        flat_items = ops.reshape(items, (-1, width))
+        outputs = experts.run_experts(
+            ops.reshape(ops.take(flat_items, rows, axis=0), (e, -1, width)),
+            training,
+        )
+        weights = ops.reshape(ops.transpose(plan["gates"], (1, 0, 2)), (e, -1, 1))
+        weighted = outputs * ops.cast(weights, outputs.dtype)
+        # Each item sums the outputs of the experts that chose it.
+        summed = ops.segment_sum(
+            ops.reshape(weighted, (-1, width)),
+            rows,
+            num_segments=ops.shape(flat_items)[0],
+        )
+        return ops.reshape(summed, shape)
+
+    @staticmethod
+    def _grouped(items, plan, experts, training, constrain):
+        e, item_index = experts.num_experts, plan["item_index"]
+        shape = ops.shape(items)
+        num_groups, group_size, width = shape[0], shape[1], shape[2]
+        capacity = ops.shape(item_index)[-1]
+        buffer = ops.take_along_axis(
+            items, ops.reshape(item_index, (num_groups, -1, 1)), axis=1
+        )  # [G, E*C, d]
+        buffer = ops.reshape(buffer, (num_groups, e, capacity, width))
+        outputs = expert_exchange(
+            buffer, lambda x: experts.run_experts(x, training), constrain
+        )
+        # Combine weights [G, E, C, S]: the gate where slot (e, c) holds
+        # item s (vmoe's dense combine tensor), summed per item.
+        combine = ops.one_hot(item_index, group_size, dtype="float32")
+        combine = combine * plan["gates"][..., None]
+        return ops.einsum(
+            "gecs,gecd->gsd", ops.cast(combine, outputs.dtype), outputs
+        )
+
+
+class SoftDispatcher(Dispatcher):
+    """Soft MoE: dense weights. Plan: [B, T, E*C] float32 `dispatch` (sums
+    to 1 over T) and `combine` (sums to 1 over E*C); items [B, T, d].
+
+    Slot inputs `D^T x` [B, E, C, d] run through `expert_exchange` (the
+    images are the groups), and every token mixes the slot outputs with
+    its combine weights.
+    """
+
+    plan_kind = "soft"
+
+    def __call__(self, items, plan, experts, training=None, constrain=None):
+        e, width = experts.num_experts, ops.shape(items)[-1]
+        slots = ops.einsum(
+            "btn,btd->bnd", ops.cast(plan["dispatch"], items.dtype), items
+        )
+        outputs = expert_exchange(
+            ops.reshape(slots, (ops.shape(items)[0], e, -1, width)),
+            lambda x: experts.run_experts(x, training),
+            constrain,
+        )
+        outputs = ops.reshape(outputs, ops.shape(slots))
+        return ops.einsum(
+            "btn,bnd->btd", ops.cast(plan["combine"], outputs.dtype), outputs
+        )
+
+
+# Dispatchers by name: the values of a layer's `dispatch` argument besides
+# "auto", and the plans' own paths.
+DISPATCHERS = {
+    "slots": SlotDispatcher(),
+    "sorted": SortedDispatcher(),
+    "gather": GatherDispatcher(),
+    "expert_choice": ExpertChoiceDispatcher(),
+    "soft": SoftDispatcher(),
+}
+# Names a `MoEFeedForward(dispatch=...)` may take.
+DISPATCH_MODES = ("auto", "slots", "sorted")
+
+
+def register_dispatcher(name, dispatcher, top_k_mode=True):
+    """Registers a `Dispatcher` instance under `name`.
+
+    With `top_k_mode`, `MoEFeedForward(dispatch=name)` selects it and
+    "auto" may pick it through its `preferred` hook.
+    """
+    global DISPATCH_MODES
+    if not isinstance(dispatcher, Dispatcher):
+        raise ValueError(
+            "`dispatcher` must be a `Dispatcher` instance. Received: "
+            f"dispatcher={dispatcher!r}"
+        )
+    DISPATCHERS[name] = dispatcher
+    if top_k_mode and name not in DISPATCH_MODES:
+        DISPATCH_MODES = DISPATCH_MODES + (name,)
+
+
+def dispatch_modes():
+    """The names `MoEFeedForward(dispatch=...)` accepts, "auto" first."""
+    return DISPATCH_MODES
+
+
+def choose_dispatcher(
+    dispatch,
+    items_shape,
+    top_k,
+    capacity,
+    num_experts,
+    routing="token",
+    dropless=False,
+    static_shape=True,
+    expert_parallel=False,
+):
+    """The `Dispatcher` of a top-k plan for this call.
+
+    Args:
+        dispatch: the layer's `dispatch` argument ("auto" or a name).
+        items_shape: shape of the [G, S, P, d] items (static dims as ints).
+        top_k: K.
+        capacity: C (int, or a scalar tensor when the batch is dynamic).
+        num_experts: E.
+        routing: "token" or "image".
+        dropless: no capacity (`capacity_factor=None` in this mode).
+        static_shape: every dimension of the items is known at trace time.
+        expert_parallel: a distribution places the dispatch buffers.
+    """
+    dropless_images = dropless and routing == "image"
+    name = resolve_dispatch(
+        dispatch,
+        dropless_tokens=dropless and routing == "token",
+        static_shape=static_shape,
+        layout=None
+        if dropless_images
+        else StaticLayout.of(items_shape, top_k, capacity, num_experts),
+        expert_parallel=expert_parallel,
+    )
+    if name == "slots" and dropless_images:
+        name = "gather"
+    return DISPATCHERS[name]

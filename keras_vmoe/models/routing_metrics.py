@@ -1,74 +1,48 @@
 """Routing health in the `fit` logs.
 
-`RoutingMetricsMixin` adds, to any Keras model that contains
-`MoEFeedForward` layers:
+`RoutingMetricsMixin` adds, to any Keras model that contains MoE layers
+(`keras_vmoe.layers.MoELayer`):
 - `aux_loss`: the sum of the weighted auxiliary routing losses (they are
   added in training only, so `val_aux_loss` is 0);
-- `<layer>_max_load`: for each MoE layer, `E * max_i load_i`, the busiest
-  expert's share of the batch relative to a uniform split: 1.0 is perfectly
-  balanced, E means every item went to one expert (routing collapse);
-  `val_<layer>_max_load` is the same at evaluation;
-- for every `SoftMoEFeedForward`, `<layer>_max_load` as well, computed from
-  the combine mass (`E * max_i` of expert i's share of all combine
-  weights of the batch; 1.0 when every expert gets the same mass);
-- for every `ExpertChoiceFeedForward`, `<layer>_unrouted`: the fraction of
-  the batch's tokens that no expert chose (its load is balanced by
-  construction, so a max load would always read 1.0).
+- for every MoE layer, `<layer>_<name>` for each entry of its
+  `routing_statistics()`: `max_load` for top-k layers (`E * max_i load_i`,
+  the busiest expert's share of the batch relative to a uniform split:
+  1.0 is perfectly balanced, E means every item went to one expert) and
+  Soft MoE layers (the same on the combine mass), `unrouted` for Expert
+  Choice layers (the fraction of the batch's tokens no expert chose; their
+  load is balanced by construction). `val_<layer>_<name>` is the same at
+  evaluation.
 
 The values are read in `compute_loss`, where every backend (JAX's stateless
-step included) sees this step's forward losses and the layers' updated
-`expert_load` statistics.
+step included) sees this step's forward losses and the layers' statistics
+of the same step.
 """
 
 import keras
 
-from keras_vmoe.layers.expert_choice import ExpertChoiceFeedForward
-from keras_vmoe.layers.moe import MoEFeedForward
-from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
+from keras_vmoe.layers.base import MoELayer
+from keras_vmoe.layers.moe_types import find_moe_layers
+from keras_vmoe.validation import warn_deprecated
 
-ROUTED_LAYER_TYPES = (
-    MoEFeedForward,
-    SoftMoEFeedForward,
-    ExpertChoiceFeedForward,
-)
+# Every MoE layer is a `MoELayer`.
+ROUTED_LAYER_TYPES = (MoELayer,)
+
+
+def top_k_layers(model):
+    """All top-k `MoEFeedForward` layers of a model, in depth-first order."""
+    return find_moe_layers(model, router_type="top_k")
 
 
 def moe_layers(model):
-    """All top-k `MoEFeedForward` layers of a model, in depth-first order.
-
-    Soft MoE and Expert Choice layers are not included (they have no
-    top-k choices); see `routed_layers`.
-    """
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, MoEFeedForward)
-    ]
+    """Deprecated: `top_k_layers(model)` (`moe_layers` names the placement
+    argument of the backbones)."""
+    warn_deprecated("moe_layers(model)", "`top_k_layers(model)`")
+    return top_k_layers(model)
 
 
 def routed_layers(model):
-    """Every MoE layer of a model (`MoEFeedForward`, `SoftMoEFeedForward`,
-    `ExpertChoiceFeedForward`), in depth-first order."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, ROUTED_LAYER_TYPES)
-    ]
-
-
-def _metric_suffix(layer):
-    if isinstance(layer, ExpertChoiceFeedForward):
-        return "unrouted"
-    return "max_load"
-
-
-def _layer_metric(layer):
-    """The per-layer fit-log value of `layer` for this step."""
-    if isinstance(layer, MoEFeedForward):
-        return layer.num_experts * keras.ops.max(layer.expert_load)
-    # Soft MoE and Expert Choice keep this step's statistics (tensors of
-    # the same trace) in `_fit_stats` while `_record_fit_stats` is set.
-    return layer._fit_stats[_metric_suffix(layer)]
+    """Every MoE layer of a model, in depth-first order."""
+    return find_moe_layers(model)
 
 
 def _unique_names(layers):
@@ -85,15 +59,17 @@ class RoutingMetricsMixin:
 
     def _track_routing(self):
         self._routed_layers = routed_layers(self)
-        for layer in self._routed_layers:
-            if not isinstance(layer, MoEFeedForward):
-                layer._record_fit_stats = True
         self.aux_loss_tracker = keras.metrics.Mean(name="aux_loss")
+        # (layer index, statistic name) of each tracker.
+        self._load_sources = [
+            (index, statistic)
+            for index, layer in enumerate(self._routed_layers)
+            for statistic in layer.routing_statistic_names
+        ]
+        names = _unique_names(self._routed_layers)
         self.load_trackers = [
-            keras.metrics.Mean(name=f"{name}_{_metric_suffix(layer)}")
-            for name, layer in zip(
-                _unique_names(self._routed_layers), self._routed_layers
-            )
+            keras.metrics.Mean(name=f"{names[index]}_{statistic}")
+            for index, statistic in self._load_sources
         ]
 
     def compute_loss(
@@ -111,6 +87,12 @@ class RoutingMetricsMixin:
             self.aux_loss_tracker.update_state(
                 keras.ops.sum(keras.ops.stack(losses)) if losses else 0.0
             )
-            for layer, tracker in zip(self._routed_layers, self.load_trackers):
-                tracker.update_state(_layer_metric(layer))
+            statistics = {}
+            for (index, statistic), tracker in zip(
+                self._load_sources, self.load_trackers
+            ):
+                if index not in statistics:
+                    layer = self._routed_layers[index]
+                    statistics[index] = layer.routing_statistics()
+                tracker.update_state(statistics[index][statistic])
         return loss

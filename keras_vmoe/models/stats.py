@@ -33,10 +33,8 @@ import math
 import keras
 import numpy as np
 
-from keras_vmoe.layers.expert_choice import ExpertChoiceFeedForward
-from keras_vmoe.layers.expert_choice import expert_choice_capacity
-from keras_vmoe.layers.moe import MoEFeedForward
-from keras_vmoe.layers.soft_moe import SoftMoEFeedForward
+from keras_vmoe.layers.base import MoELayer
+from keras_vmoe.layers.moe_types import find_moe_layers
 from keras_vmoe.layers.routers import CosineRouter
 from keras_vmoe.layers.routers import L2Router
 from keras_vmoe.layers.routers import LinearRouter
@@ -85,25 +83,10 @@ def _expert_params(moe):
 
 def _layer_flops(layer, input_shape, output_shape):
     """MACs of one call of a leaf layer, or None if the layer is not counted."""
-    if isinstance(layer, MoEFeedForward):
-        tokens = math.prod(input_shape[:-1])
-        return tokens * layer.top_k * _expert_macs(layer)
-    if isinstance(layer, SoftMoEFeedForward):
-        images, width = input_shape[0], input_shape[-1]
-        tokens = math.prod(input_shape[1:-1])
-        slots = layer.num_slots
-        routing = 3 * tokens * width * slots
-        return images * (routing + slots * _expert_macs(layer))
-    if isinstance(layer, ExpertChoiceFeedForward):
-        tokens = math.prod(input_shape[:-1])
-        group = {"image": tokens // input_shape[0], None: tokens}.get(
-            layer.group_size, layer.group_size
-        )
-        capacity = expert_choice_capacity(
-            group, layer.num_experts, layer.capacity_factor
-        )
-        rows = (tokens // group) * layer.num_experts * capacity
-        return rows * _expert_macs(layer)
+    if isinstance(layer, MoELayer):
+        return layer.routing_macs(input_shape) + layer.expert_rows(
+            input_shape
+        ) * _expert_macs(layer)
     if isinstance(layer, _ROUTERS):
         rows = math.prod(input_shape[:-1])
         return rows * sum(
@@ -235,8 +218,7 @@ def model_stats(model, image_size=224):
     """
     inactive = sum(
         (layer.num_experts - layer.top_k) * _expert_params(layer)
-        for layer in model._flatten_layers()
-        if isinstance(layer, MoEFeedForward)
+        for layer in find_moe_layers(model, router_type="top_k")
     )
     params = _count_parameters(model)
     flops = sum(record["flops"] for record in layer_stats(model, image_size))

@@ -9,6 +9,7 @@ from keras_vmoe.training.datasets import load_mnist
 from keras_vmoe.training.metrics import RoutingMetricsMixin
 from keras_vmoe.training.metrics import moe_layers
 from keras_vmoe.training.metrics import routed_layers
+from keras_vmoe.training.metrics import top_k_layers
 from keras_vmoe.training.optimizer import LayerDecayAdamW
 from keras_vmoe.training.optimizer import create_optimizer
 from keras_vmoe.training.optimizer import layer_decay_multipliers

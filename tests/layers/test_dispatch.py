@@ -460,7 +460,7 @@ def test_auto_in_the_layer_follows_the_static_layout(
     batch, capacity_factor, expected, monkeypatch
 ):
     """The layer hands `resolve_dispatch` the layout of its own batch."""
-    from keras_vmoe.layers import moe
+    from keras_vmoe.layers import dispatch
 
     seen = []
 
@@ -468,7 +468,7 @@ def test_auto_in_the_layer_follows_the_static_layout(
         seen.append(resolve_dispatch(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(moe, "resolve_dispatch", spy)
+    monkeypatch.setattr(dispatch, "resolve_dispatch", spy)
     layer = MoEFeedForward(8, 16, capacity_factor=capacity_factor)
     layer(np.zeros((batch, 197, 8), "float32"), training=True)
     assert seen == [expected]

@@ -377,7 +377,7 @@ def test_tensorflow_and_jax_give_the_same_outputs(tmp_path):
         (dict(num_experts=4, activation="relu"), "activation='relu'"),
         (dict(num_experts=4, z_loss_weight=-1.0), "z_loss_weight=-1.0"),
         (dict(num_experts=4, load_loss_weight=0.1), "noisy_gating=False"),
-        (dict(num_experts=4, noise_std=0.0), "noise_std=0.0"),
+        (dict(num_experts=4, noise_std=-1.0), "noise_std=-1.0"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, message):

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_vmoe.training.metrics import moe_layers
+from keras_vmoe.training.metrics import top_k_layers
 from keras_vmoe.training.recipes import build_classifier
 
 
@@ -27,7 +27,7 @@ def test_fit_logs_aux_loss_and_expert_load_per_layer(model_name):
     names = sorted(key for key in history if key.endswith("max_load"))
     # One metric per MoE layer, for training and validation.
     assert len(names) == 4, names
-    num_experts = moe_layers(model)[0].num_experts
+    num_experts = top_k_layers(model)[0].num_experts
     for key in names:
         # E * max_i load_i: 1 when balanced, E when collapsed.
         assert 1.0 <= history[key][0] <= num_experts + 1e-5, key

@@ -6,7 +6,7 @@ import pytest
 
 from keras_vmoe.training import create_optimizer
 from keras_vmoe.training import set_precision
-from keras_vmoe.training.metrics import moe_layers
+from keras_vmoe.training.metrics import top_k_layers
 from keras_vmoe.training.recipes import build_classifier
 
 
@@ -31,7 +31,7 @@ def test_training_steps_are_finite_with_float32_routing(model_name, precision):
     assert np.isfinite(history.history["loss"]).all()
     for weight in model.weights:
         assert np.isfinite(keras.ops.convert_to_numpy(weight)).all(), weight.path
-    for layer in moe_layers(model):
+    for layer in top_k_layers(model):
         assert layer.router.compute_dtype == "float32"
         assert layer.compute_dtype == precision.split("_")[1]
     assert keras.backend.standardize_dtype(model(x[:2]).dtype) in (
