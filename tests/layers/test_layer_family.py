@@ -189,3 +189,17 @@ def test_a_registered_dispatcher_plugs_into_the_layer(monkeypatch):
     )
     with pytest.raises(ValueError, match="Dispatcher"):
         dispatch.register_dispatcher("bad", object())
+
+
+def test_moe_layers_functions_are_deprecated_aliases():
+    from keras_vmoe import distribution
+    from keras_vmoe.training import metrics
+
+    inputs = keras.Input((5, 8))
+    top_k, soft = LAYERS["top_k"](), LAYERS["soft"]()
+    model = keras.Model(inputs, soft(top_k(inputs)))
+    with pytest.warns(DeprecationWarning, match="top_k_layers"):
+        assert metrics.moe_layers(model) == [top_k]
+    with pytest.warns(DeprecationWarning, match="find_moe_layers"):
+        assert distribution.moe_layers(model) == [top_k, soft]
+    assert metrics.top_k_layers(model) == [top_k]

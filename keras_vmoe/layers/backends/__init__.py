@@ -222,15 +222,15 @@ def tile_matmul(tiles, kernels, biases, tile_expert, live):
     """Each tile of rows through its expert's kernel and bias (XLA layout).
 
     Args:
-        tiles: [T, t, a] rows in T tiles of t rows, sorted by expert.
+        tiles: [L, t, a] rows in L tiles of t rows, sorted by expert.
         kernels: [E, a, c].
         biases: [E, c].
-        tile_expert: [T] int32 expert of each tile.
-        live: [T] bool, False for the tiles past the last routed row
+        tile_expert: [L] int32 expert of each tile.
+        live: [L] bool, False for the tiles past the last routed row
             (the static bound counts every expert's worst-case padding).
 
     Returns:
-        [T, t, c]; rows of dead tiles are never read back (zeros on JAX
+        [L, t, c]; rows of dead tiles are never read back (zeros on JAX
         and TensorFlow, the expert's bias elsewhere).
 
     On JAX and TensorFlow, a loop over the tiles reads each tile's kernel
@@ -238,7 +238,7 @@ def tile_matmul(tiles, kernels, biases, tile_expert, live):
     accumulates each tile's kernel gradient into its expert's slice
     (autodiff of the loop would add a full [E, a, c] tensor per tile).
     Elsewhere, one batched matmul with the kernels gathered per tile
-    ([T, a, c]).
+    ([L, a, c]).
     """
     return get_adapter().tile_matmul(
         tiles, kernels, biases, tile_expert, live
@@ -262,20 +262,20 @@ def tile_mlp(
     """Each tile through its expert's MLP, `fc2(act(fc1(x)))` (XLA layout).
 
     Args:
-        tiles: [T, t, d] rows in T tiles of t rows, sorted by expert.
+        tiles: [L, t, d] rows in L tiles of t rows, sorted by expert.
         kernel_1, bias_1, kernel_2, bias_2: the stacked expert weights,
             [E, d, h], [E, h], [E, h, d], [E, d].
-        tile_expert: [T] int32 expert of each tile.
-        live: [T] bool prefix mask of the tiles before the last routed row.
+        tile_expert: [L] int32 expert of each tile.
+        live: [L] bool prefix mask of the tiles before the last routed row.
         activation: "gelu" (exact) or "gelu_tanh".
 
     Returns:
-        [T, t, d] in the result type of `tiles` and the kernels; dead tiles
+        [L, t, d] in the result type of `tiles` and the kernels; dead tiles
         are never read back (zeros on JAX).
 
     On JAX (`tiles_fuse_mlp`) one loop over the live tiles runs both
     matmuls and the activation of a tile, with a hand-written backward
-    pass, one loop too, that keeps only the [T, t, h] pre-activations of
+    pass, one loop too, that keeps only the [L, t, h] pre-activations of
     the forward pass and recomputes the activation and its derivative per
     tile. Autodiff of the unfused form keeps the activations too and
     builds [R, h] gradients of the activation and of its input, so the

@@ -122,133 +122,155 @@ def _row_maps():
 def _tile_matmul():
     """The JAX tile matmul with its custom VJP (built once, lazily)."""
 
-    def forward(tiles, kernels, biases, tile_expert, live):
-        # The VJP rule may see the caller's NumPy primals.
-        tiles, kernels, biases, tile_expert, live = (
-            jnp.asarray(v) for v in (tiles, kernels, biases, tile_expert, live)
-        )
-        dtype = jnp.result_type(tiles.dtype, kernels.dtype)
-        num_tiles, tile = tiles.shape[0], tiles.shape[1]
-        width = kernels.shape[-1]
-
-        def body(i, outputs):
-            e = tile_expert[i]
-            y = jnp.matmul(tiles[i], kernels[e]) + biases[e]
-            return outputs.at[i].set(y.astype(dtype))
-
-        init = jnp.zeros((num_tiles, tile, width), dtype)
-        # `live` is a prefix: loop over the live tiles only.
-        return jax.lax.fori_loop(0, _num_live(live), body, init)
-
     @jax.custom_vjp
     def tile_matmul(tiles, kernels, biases, tile_expert, live):
-        return forward(tiles, kernels, biases, tile_expert, live)
+        return _tile_matmul_forward(tiles, kernels, biases, tile_expert, live)
 
     def tile_matmul_fwd(tiles, kernels, biases, tile_expert, live):
-        outputs = forward(tiles, kernels, biases, tile_expert, live)
+        outputs = _tile_matmul_forward(
+            tiles, kernels, biases, tile_expert, live
+        )
         return outputs, (tiles, kernels, biases, tile_expert, live)
 
-    def tile_matmul_bwd(residuals, grads):
-        tiles, kernels, biases, tile_expert, live = (
-            jnp.asarray(v) for v in residuals
-        )
-
-        def body(i, carry):
-            d_tiles, d_kernels, d_biases = carry
-            e = tile_expert[i]
-            g = grads[i]
-            d_tiles = d_tiles.at[i].set(
-                jnp.matmul(g, kernels[e].T).astype(d_tiles.dtype)
-            )
-            d_kernels = d_kernels.at[e].add(
-                jnp.matmul(tiles[i].T, g).astype(d_kernels.dtype)
-            )
-            d_biases = d_biases.at[e].add(
-                jnp.sum(g, axis=0).astype(d_biases.dtype)
-            )
-            return d_tiles, d_kernels, d_biases
-
-        init = (
-            jnp.zeros_like(tiles),
-            jnp.zeros_like(kernels),
-            jnp.zeros_like(biases),
-        )
-        d_tiles, d_kernels, d_biases = jax.lax.fori_loop(
-            0, _num_live(live), body, init
-        )
-        return d_tiles, d_kernels, d_biases, None, None
-
-    tile_matmul.defvjp(tile_matmul_fwd, tile_matmul_bwd)
+    tile_matmul.defvjp(tile_matmul_fwd, _tile_matmul_backward)
     return tile_matmul
+
+
+def _tile_matmul_forward(tiles, kernels, biases, tile_expert, live):
+    """[T, t, c]: each live tile through its expert; dead tiles stay 0."""
+    # The VJP rule may see the caller's NumPy primals.
+    tiles, kernels, biases, tile_expert, live = (
+        jnp.asarray(v) for v in (tiles, kernels, biases, tile_expert, live)
+    )
+    dtype = jnp.result_type(tiles.dtype, kernels.dtype)
+    num_tiles, tile = tiles.shape[0], tiles.shape[1]
+    width = kernels.shape[-1]
+
+    def body(i, outputs):
+        e = tile_expert[i]
+        y = jnp.matmul(tiles[i], kernels[e]) + biases[e]
+        return outputs.at[i].set(y.astype(dtype))
+
+    init = jnp.zeros((num_tiles, tile, width), dtype)
+    # `live` is a prefix: loop over the live tiles only.
+    return jax.lax.fori_loop(0, _num_live(live), body, init)
+
+
+def _tile_matmul_backward(residuals, grads):
+    """The tile matmul's VJP rule: gradients for tiles, kernels, biases."""
+    tiles, kernels, biases, tile_expert, live = (
+        jnp.asarray(v) for v in residuals
+    )
+
+    def body(i, carry):
+        d_tiles, d_kernels, d_biases = carry
+        e = tile_expert[i]
+        g = grads[i]
+        d_tiles = d_tiles.at[i].set(
+            jnp.matmul(g, kernels[e].T).astype(d_tiles.dtype)
+        )
+        d_kernels = d_kernels.at[e].add(
+            jnp.matmul(tiles[i].T, g).astype(d_kernels.dtype)
+        )
+        d_biases = d_biases.at[e].add(
+            jnp.sum(g, axis=0).astype(d_biases.dtype)
+        )
+        return d_tiles, d_kernels, d_biases
+
+    init = (
+        jnp.zeros_like(tiles),
+        jnp.zeros_like(kernels),
+        jnp.zeros_like(biases),
+    )
+    d_tiles, d_kernels, d_biases = jax.lax.fori_loop(
+        0, _num_live(live), body, init
+    )
+    return d_tiles, d_kernels, d_biases, None, None
 
 
 @functools.cache
 def _tile_mlp(activation):
     """The JAX tile MLP with its custom VJP, one per activation."""
-    from keras_vmoe.layers.feed_forward import apply_activation
-
-    def run(tiles, k1, b1, k2, b2, tile_expert, live, save):
-        tiles, k1, b1, k2, b2, tile_expert, live = (
-            jnp.asarray(v) for v in (tiles, k1, b1, k2, b2, tile_expert, live)
-        )
-        dtype = jnp.result_type(tiles.dtype, k1.dtype, k2.dtype)
-        num_tiles, tile = tiles.shape[0], tiles.shape[1]
-
-        def body(i, carry):
-            outputs, pre_activations = carry
-            e = tile_expert[i]
-            pre = (jnp.matmul(tiles[i], k1[e]) + b1[e]).astype(dtype)
-            y = jnp.matmul(apply_activation(pre, activation), k2[e]) + b2[e]
-            outputs = outputs.at[i].set(y.astype(dtype))
-            if save:
-                pre_activations = pre_activations.at[i].set(pre)
-            return outputs, pre_activations
-
-        init = (
-            jnp.zeros((num_tiles, tile, k2.shape[-1]), dtype),
-            jnp.zeros((num_tiles, tile, k1.shape[-1]) if save else (), dtype),
-        )
-        return jax.lax.fori_loop(0, _num_live(live), body, init)
 
     @jax.custom_vjp
     def tile_mlp(tiles, k1, b1, k2, b2, tile_expert, live):
-        return run(tiles, k1, b1, k2, b2, tile_expert, live, False)[0]
+        return _tile_mlp_forward(
+            activation, tiles, k1, b1, k2, b2, tile_expert, live, False
+        )[0]
 
     def tile_mlp_fwd(tiles, k1, b1, k2, b2, tile_expert, live):
-        outputs, pre = run(tiles, k1, b1, k2, b2, tile_expert, live, True)
+        outputs, pre = _tile_mlp_forward(
+            activation, tiles, k1, b1, k2, b2, tile_expert, live, True
+        )
         return outputs, (tiles, k1, b1, k2, b2, tile_expert, live, pre)
 
     def tile_mlp_bwd(residuals, grads):
-        tiles, k1, b1, k2, b2, tile_expert, live, pre_activations = (
-            jnp.asarray(v) for v in residuals
-        )
-        dtype = pre_activations.dtype
-
-        def body(i, carry):
-            d_tiles, d_k1, d_b1, d_k2, d_b2 = carry
-            e = tile_expert[i]
-            g = grads[i].astype(dtype)
-            act, derivative = _activation_and_derivative(
-                pre_activations[i], activation
-            )
-            d_k2 = d_k2.at[e].add(jnp.matmul(act.T, g).astype(d_k2.dtype))
-            d_b2 = d_b2.at[e].add(jnp.sum(g, axis=0).astype(d_b2.dtype))
-            d_pre = (jnp.matmul(g, k2[e].T) * derivative).astype(dtype)
-            d_k1 = d_k1.at[e].add(
-                jnp.matmul(tiles[i].T, d_pre).astype(d_k1.dtype)
-            )
-            d_b1 = d_b1.at[e].add(jnp.sum(d_pre, axis=0).astype(d_b1.dtype))
-            d_tiles = d_tiles.at[i].set(
-                jnp.matmul(d_pre, k1[e].T).astype(d_tiles.dtype)
-            )
-            return d_tiles, d_k1, d_b1, d_k2, d_b2
-
-        init = tuple(jnp.zeros_like(v) for v in (tiles, k1, b1, k2, b2))
-        grads_out = jax.lax.fori_loop(0, _num_live(live), body, init)
-        return (*grads_out, None, None)
+        return _tile_mlp_backward(activation, residuals, grads)
 
     tile_mlp.defvjp(tile_mlp_fwd, tile_mlp_bwd)
     return tile_mlp
+
+
+def _tile_mlp_forward(
+    activation, tiles, k1, b1, k2, b2, tile_expert, live, save
+):
+    """`(outputs, pre_activations)` of the live tiles' expert MLPs.
+
+    `pre_activations` is [T, t, h] when `save` (for the VJP rule), else an
+    empty placeholder.
+    """
+    from keras_vmoe.layers.feed_forward import apply_activation
+
+    tiles, k1, b1, k2, b2, tile_expert, live = (
+        jnp.asarray(v) for v in (tiles, k1, b1, k2, b2, tile_expert, live)
+    )
+    dtype = jnp.result_type(tiles.dtype, k1.dtype, k2.dtype)
+    num_tiles, tile = tiles.shape[0], tiles.shape[1]
+
+    def body(i, carry):
+        outputs, pre_activations = carry
+        e = tile_expert[i]
+        pre = (jnp.matmul(tiles[i], k1[e]) + b1[e]).astype(dtype)
+        y = jnp.matmul(apply_activation(pre, activation), k2[e]) + b2[e]
+        outputs = outputs.at[i].set(y.astype(dtype))
+        if save:
+            pre_activations = pre_activations.at[i].set(pre)
+        return outputs, pre_activations
+
+    init = (
+        jnp.zeros((num_tiles, tile, k2.shape[-1]), dtype),
+        jnp.zeros((num_tiles, tile, k1.shape[-1]) if save else (), dtype),
+    )
+    return jax.lax.fori_loop(0, _num_live(live), body, init)
+
+
+def _tile_mlp_backward(activation, residuals, grads):
+    """The tile MLP's VJP rule: gradients for tiles and the four weights."""
+    tiles, k1, b1, k2, b2, tile_expert, live, pre_activations = (
+        jnp.asarray(v) for v in residuals
+    )
+    dtype = pre_activations.dtype
+
+    def body(i, carry):
+        d_tiles, d_k1, d_b1, d_k2, d_b2 = carry
+        e = tile_expert[i]
+        g = grads[i].astype(dtype)
+        act, derivative = _activation_and_derivative(
+            pre_activations[i], activation
+        )
+        d_k2 = d_k2.at[e].add(jnp.matmul(act.T, g).astype(d_k2.dtype))
+        d_b2 = d_b2.at[e].add(jnp.sum(g, axis=0).astype(d_b2.dtype))
+        d_pre = (jnp.matmul(g, k2[e].T) * derivative).astype(dtype)
+        d_k1 = d_k1.at[e].add(jnp.matmul(tiles[i].T, d_pre).astype(d_k1.dtype))
+        d_b1 = d_b1.at[e].add(jnp.sum(d_pre, axis=0).astype(d_b1.dtype))
+        d_tiles = d_tiles.at[i].set(
+            jnp.matmul(d_pre, k1[e].T).astype(d_tiles.dtype)
+        )
+        return d_tiles, d_k1, d_b1, d_k2, d_b2
+
+    init = tuple(jnp.zeros_like(v) for v in (tiles, k1, b1, k2, b2))
+    grads_out = jax.lax.fori_loop(0, _num_live(live), body, init)
+    return (*grads_out, None, None)
 
 
 def _num_live(live):

@@ -93,7 +93,7 @@ def _tile_matmul(tiles, kernels, biases, tile_expert, live):
 
     A `tf.while_loop` over the live tiles only (`live` is a prefix, so the
     trip count is their number and no tile needs a condition), writing
-    each tile's rows into one [T, t, c] buffer of zeros. Under XLA the
+    each tile's rows into one [L, t, c] buffer of zeros. Under XLA the
     loop's buffer updates happen in place; it also runs eagerly and in a
     plain `tf.function`. As on JAX, the outputs are in the result type of
     `tiles` and `kernels`, and the gradients in the dtypes of the inputs.
@@ -123,35 +123,47 @@ def _tile_matmul(tiles, kernels, biases, tile_expert, live):
         (outputs,) = loop(body, (tf.zeros((num_tiles, tile, width), dtype),))
 
         def grad(grads):
-            def body(i, d_tiles, d_kernels, d_biases):
-                e = tile_expert[i]
-                g = tf.cast(grads[i], dtype)
-                d_x = tf.matmul(g, tf.cast(kernels[e], dtype), transpose_b=True)
-                d_w = tf.matmul(tf.cast(tiles[i], dtype), g, transpose_a=True)
-                d_b = tf.reduce_sum(g, axis=0)
-                # Dead tiles and experts without tiles keep their zeros.
-                return (
-                    i + 1,
-                    tf.tensor_scatter_nd_update(
-                        d_tiles, [[i]], tf.cast(d_x, d_tiles.dtype)[None]
-                    ),
-                    tf.tensor_scatter_nd_add(
-                        d_kernels, [[e]], tf.cast(d_w, d_kernels.dtype)[None]
-                    ),
-                    tf.tensor_scatter_nd_add(
-                        d_biases, [[e]], tf.cast(d_b, d_biases.dtype)[None]
-                    ),
-                )
-
-            return loop(
-                body,
-                (
-                    tf.zeros_like(tiles),
-                    tf.zeros_like(kernels),
-                    tf.zeros_like(biases),
-                ),
+            return _tile_matmul_grad(
+                loop, tiles, kernels, biases, tile_expert, dtype, grads
             )
 
         return outputs, grad
 
     return tile_matmul(tiles, kernels, biases)
+
+
+def _tile_matmul_grad(loop, tiles, kernels, biases, tile_expert, dtype, grads):
+    """The tile matmul's gradients for tiles, kernels and biases.
+
+    `loop(body, init)` runs `body` over the live tiles (as in the forward
+    pass); the gradients are in the dtypes of the inputs.
+    """
+
+    def body(i, d_tiles, d_kernels, d_biases):
+        e = tile_expert[i]
+        g = tf.cast(grads[i], dtype)
+        d_x = tf.matmul(g, tf.cast(kernels[e], dtype), transpose_b=True)
+        d_w = tf.matmul(tf.cast(tiles[i], dtype), g, transpose_a=True)
+        d_b = tf.reduce_sum(g, axis=0)
+        # Dead tiles and experts without tiles keep their zeros.
+        return (
+            i + 1,
+            tf.tensor_scatter_nd_update(
+                d_tiles, [[i]], tf.cast(d_x, d_tiles.dtype)[None]
+            ),
+            tf.tensor_scatter_nd_add(
+                d_kernels, [[e]], tf.cast(d_w, d_kernels.dtype)[None]
+            ),
+            tf.tensor_scatter_nd_add(
+                d_biases, [[e]], tf.cast(d_b, d_biases.dtype)[None]
+            ),
+        )
+
+    return loop(
+        body,
+        (
+            tf.zeros_like(tiles),
+            tf.zeros_like(kernels),
+            tf.zeros_like(biases),
+        ),
+    )

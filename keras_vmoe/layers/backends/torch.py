@@ -8,8 +8,6 @@
   are not stable unless asked.
 """
 
-import functools
-
 import keras
 import torch
 
@@ -26,85 +24,81 @@ class TorchAdapter(BackendAdapter):
         biases = keras.ops.convert_to_tensor(biases)
         rows = keras.ops.convert_to_tensor(rows)
         counts = _int_list(counts)
-        return _segment_matmul().apply(rows, kernels, biases, counts)
+        return _SegmentMatmul.apply(rows, kernels, biases, counts)
 
     def stable_argsort(self, x, axis=-1):
         x = keras.ops.convert_to_tensor(x)
         return torch.argsort(x, dim=axis, stable=True).to(torch.int32)
 
 
-@functools.cache
-def _segment_matmul():
-    """The torch segment matmul as one autograd function (built lazily).
+class _SegmentMatmul(torch.autograd.Function):
+    """The torch segment matmul as one autograd function.
 
-    Each expert's `addmm` writes straight into its rows of one output
-    (no `cat` of the segments), and the backward pass writes each kernel
-    gradient into its slice of one [E, a, c] tensor (autodiff through
-    `unbind` would `stack` E separate gradients).
+    `_SegmentMatmul.apply(rows, kernels, biases, sizes)`: rows [N, a]
+    sorted by expert, kernels [E, a, c], biases [E, c], `sizes` a list of
+    E Python ints; returns [N, c] in the result type of `rows` and
+    `kernels`. Each expert's `addmm` writes straight into its rows of one
+    output (no `cat` of the segments), and the backward pass writes each
+    kernel gradient into its slice of one [E, a, c] tensor (autodiff
+    through `unbind` would `stack` E separate gradients); the gradients
+    are in the dtypes of the inputs.
     """
 
-    class SegmentMatmul(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, rows, kernels, biases, sizes):
-            ctx.dtypes = (rows.dtype, kernels.dtype, biases.dtype)
-            dtype = torch.result_type(rows, kernels)
-            rows, kernels, biases = (
-                v.to(dtype) for v in (rows, kernels, biases)
-            )
-            outputs = rows.new_empty((rows.shape[0], kernels.shape[-1]))
-            start = 0
-            for e, size in enumerate(sizes):
-                if size:
-                    end = start + size
-                    torch.addmm(
-                        biases[e],
-                        rows[start:end],
-                        kernels[e],
-                        out=outputs[start:end],
-                    )
-                    start = end
-            ctx.save_for_backward(rows, kernels)
-            ctx.sizes = sizes
-            return outputs
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, grads):
-            rows, kernels = ctx.saved_tensors
-            grads = grads.contiguous()
-            d_rows = d_kernels = d_biases = None
-            if ctx.needs_input_grad[0]:
-                d_rows = torch.empty_like(rows)
-            if ctx.needs_input_grad[1]:
-                d_kernels = torch.empty_like(kernels)
-            if ctx.needs_input_grad[2]:
-                d_biases = kernels.new_empty(
-                    (kernels.shape[0], kernels.shape[-1])
-                )
-            start = 0
-            for e, size in enumerate(ctx.sizes):
-                if not size:
-                    # An expert without rows gets exact zero gradients.
-                    if d_kernels is not None:
-                        d_kernels[e].zero_()
-                    if d_biases is not None:
-                        d_biases[e].zero_()
-                    continue
+    @staticmethod
+    def forward(ctx, rows, kernels, biases, sizes):
+        ctx.dtypes = (rows.dtype, kernels.dtype, biases.dtype)
+        dtype = torch.result_type(rows, kernels)
+        rows, kernels, biases = (v.to(dtype) for v in (rows, kernels, biases))
+        outputs = rows.new_empty((rows.shape[0], kernels.shape[-1]))
+        start = 0
+        for e, size in enumerate(sizes):
+            if size:
                 end = start + size
-                g = grads[start:end]
-                if d_rows is not None:
-                    torch.mm(g, kernels[e].t(), out=d_rows[start:end])
-                if d_kernels is not None:
-                    torch.mm(rows[start:end].t(), g, out=d_kernels[e])
-                if d_biases is not None:
-                    torch.sum(g, dim=0, out=d_biases[e])
+                torch.addmm(
+                    biases[e],
+                    rows[start:end],
+                    kernels[e],
+                    out=outputs[start:end],
+                )
                 start = end
-            # Gradients in the dtypes of the inputs, as autodiff of the
-            # casts would give them.
-            grads = [
-                None if g is None else g.to(dtype)
-                for g, dtype in zip((d_rows, d_kernels, d_biases), ctx.dtypes)
-            ]
-            return (*grads, None)
+        ctx.save_for_backward(rows, kernels)
+        ctx.sizes = sizes
+        return outputs
 
-    return SegmentMatmul
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grads):
+        rows, kernels = ctx.saved_tensors
+        grads = grads.contiguous()
+        d_rows = d_kernels = d_biases = None
+        if ctx.needs_input_grad[0]:
+            d_rows = torch.empty_like(rows)
+        if ctx.needs_input_grad[1]:
+            d_kernels = torch.empty_like(kernels)
+        if ctx.needs_input_grad[2]:
+            d_biases = kernels.new_empty((kernels.shape[0], kernels.shape[-1]))
+        start = 0
+        for e, size in enumerate(ctx.sizes):
+            if not size:
+                # An expert without rows gets exact zero gradients.
+                if d_kernels is not None:
+                    d_kernels[e].zero_()
+                if d_biases is not None:
+                    d_biases[e].zero_()
+                continue
+            end = start + size
+            g = grads[start:end]
+            if d_rows is not None:
+                torch.mm(g, kernels[e].t(), out=d_rows[start:end])
+            if d_kernels is not None:
+                torch.mm(rows[start:end].t(), g, out=d_kernels[e])
+            if d_biases is not None:
+                torch.sum(g, dim=0, out=d_biases[e])
+            start = end
+        # Gradients in the dtypes of the inputs, as autodiff of the casts
+        # would give them.
+        grads = [
+            None if g is None else g.to(dtype)
+            for g, dtype in zip((d_rows, d_kernels, d_biases), ctx.dtypes)
+        ]
+        return (*grads, None)

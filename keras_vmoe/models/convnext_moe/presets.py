@@ -9,8 +9,8 @@ paper's ImageNet-21k hierarchical models, Tab. 2, 5, 6). All these MoE
 presets use top-1 token routing and the linear router, as the paper does.
 
 Soft MoE presets (not in the paper; `router_type="soft"`):
-`convnext_soft_moe_{size}_e{E}_s{S}_{placement}_mlp4`, a
-`SoftMoEFeedForward` with E experts of S slots each in the MoE blocks.
+`convnext_soft_moe_{size}_e{E}_s{C}_{placement}_mlp4`, a
+`SoftMoEFeedForward` with E experts of C slots each in the MoE blocks.
 
 Each preset records `params`, `active_params` (per token: only the routed
 experts count) and `flops` (multiply-accumulates, the papers' convention)
@@ -210,7 +210,7 @@ _MODELS = {
     # === Soft MoE (router_type="soft"), upcycled like the `_mlp4` rows ===
     # Last-2 puts one Soft MoE block at stage 3 (14x14 = 196 tokens at
     # 224x224, d 384) and one at stage 4 (7x7 = 49 tokens, d 768); the
-    # backbone gives both the same E x S slots, so no single choice equals
+    # backbone gives both the same E x C slots, so no single choice equals
     # both token counts. E = 8, S = 10: 80 slots per image, between 49 and
     # 196 (0.41x and 1.63x the tokens), for which the two blocks' experts
     # cost what the dense MLPs cost: 80 x 5.90M = 472M MACs against
