@@ -137,7 +137,7 @@ def _tile_matmul():
 
 
 def _tile_matmul_forward(tiles, kernels, biases, tile_expert, live):
-    """[T, t, c]: each live tile through its expert; dead tiles stay 0."""
+    """[L, t, c]: each live tile through its expert; dead tiles stay 0."""
     # The VJP rule may see the caller's NumPy primals.
     tiles, kernels, biases, tile_expert, live = (
         jnp.asarray(v) for v in (tiles, kernels, biases, tile_expert, live)
@@ -216,7 +216,7 @@ def _tile_mlp_forward(
 ):
     """`(outputs, pre_activations)` of the live tiles' expert MLPs.
 
-    `pre_activations` is [T, t, h] when `save` (for the VJP rule), else an
+    `pre_activations` is [L, t, h] when `save` (for the VJP rule), else an
     empty placeholder.
     """
     from keras_vmoe.layers.feed_forward import apply_activation
