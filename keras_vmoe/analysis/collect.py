@@ -52,6 +52,9 @@ class LayerRouting:
             output width).
         num_prefix_tokens: tokens before the patches (CLS and registers)
             for [N, T, K] token routing; 0 otherwise.
+        fit_statistics: `{name: float}`, the layer's `routing_statistics()`
+            (the values `fit` logs) of every batch collected, averaged
+            with the batches' image counts as weights.
     """
 
     name: str
@@ -66,6 +69,7 @@ class LayerRouting:
     labels: np.ndarray = None
     num_classes: int = None
     num_prefix_tokens: int = 0
+    fit_statistics: dict = None
 
     kind = "top_k"
 
@@ -222,7 +226,7 @@ class SoftLayerRouting:
     kept, not the [N, T, E, S] weights.
 
     Attributes:
-        name, index, num_experts: as `LayerRouting`.
+        name, index, num_experts, fit_statistics: as `LayerRouting`.
         slots_per_expert: S.
         num_tokens: T, tokens (positions) per image.
         slot_entropy: [N, E] entropy (nats) of the expert's slots'
@@ -248,6 +252,7 @@ class SoftLayerRouting:
     combine_entropy: np.ndarray
     combine_max: np.ndarray
     routing: str = "soft"
+    fit_statistics: dict = None
     kind = "soft"
 
     @property
@@ -293,7 +298,7 @@ class ExpertChoiceLayerRouting:
     per group.
 
     Attributes:
-        name, index, num_experts: as `LayerRouting`.
+        name, index, num_experts, fit_statistics: as `LayerRouting`.
         tokens_per_expert: [N, E] tokens of each image each expert chose.
         experts_per_token: int array [N, T] (or [N, H, W]): how many
             experts chose each token.
@@ -310,6 +315,7 @@ class ExpertChoiceLayerRouting:
     router_probs: np.ndarray
     gates: np.ndarray
     routing: str = "expert_choice"
+    fit_statistics: dict = None
     kind = "expert_choice"
 
     @property
@@ -601,6 +607,8 @@ def collect_routing(
         )
     fields = ("expert_index", "gates", "dropped", "router_probs")
     records = {id(layer): {} for layer in layers}
+    batch_statistics = {id(layer): {} for layer in layers}
+    batch_sizes = []
 
     call_order = []
 
@@ -618,6 +626,10 @@ def collect_routing(
             }
         for field, value in arrays.items():
             records[id(layer)].setdefault(field, []).append(value)
+        for name, value in layer.routing_statistics().items():
+            batch_statistics[id(layer)].setdefault(name, []).append(
+                float(keras.ops.convert_to_numpy(value))
+            )
 
     for layer in layers:
         layer.add_routing_observer(observe)
@@ -633,6 +645,7 @@ def collect_routing(
             outputs = keras.tree.flatten(
                 model(model_inputs(model, batch_images), training=False)
             )
+            batch_sizes.append(len(batch_images))
             if len(outputs[0].shape) == 2:
                 outputs_width = outputs[0].shape[-1]
             image_shape = tuple(batch_images.shape[1:3])
@@ -677,7 +690,13 @@ def collect_routing(
             for field, values in records[id(layer)].items()
         }
         common = dict(
-            name=layer.path, index=index, num_experts=layer.num_experts
+            name=layer.path,
+            index=index,
+            num_experts=layer.num_experts,
+            fit_statistics={
+                name: float(np.average(values, weights=batch_sizes))
+                for name, values in batch_statistics[id(layer)].items()
+            },
         )
         if layer.router_type == "soft":
             num_tokens = int(arrays.pop("num_tokens")[0])

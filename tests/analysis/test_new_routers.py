@@ -95,6 +95,10 @@ def test_soft_moe_statistics_match_the_layer_routing_outputs():
     np.testing.assert_allclose(r.combine_mass.sum(axis=-1), 1.0, atol=1e-5)
     # Trained-free router: the load is not exactly uniform.
     assert not np.allclose(r.load, 0.25, atol=1e-4)
+    # One batch: the fit log's max load is E * max of that load.
+    assert r.fit_statistics == {
+        "max_load": pytest.approx(4 * r.load.max(), rel=1e-5)
+    }
 
 
 def test_expert_choice_counts_tokens_per_expert_and_unrouted_tokens():
@@ -113,6 +117,8 @@ def test_expert_choice_counts_tokens_per_expert_and_unrouted_tokens():
         unrouted = (r.experts_per_token == 0).mean()
         assert r.unrouted_fraction == pytest.approx(unrouted)
         assert r.unrouted_fraction >= 5 / NUM_TOKENS
+        # The fit log's value, from the layer's `routing_statistics()`.
+        assert r.fit_statistics == {"unrouted": pytest.approx(unrouted)}
         summary = r.summary()
         assert summary["tokens_per_expert"] == [15] * 4
         assert sum(summary["experts_per_token_histogram"]) == pytest.approx(1)
