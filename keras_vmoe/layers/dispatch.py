@@ -404,6 +404,25 @@ class TiledExperts(RowExperts):
         return ops.reshape(outputs, (-1, kernel_2.shape[-1]))
 
 
+class GroupedExperts(RowExperts):
+    """Rows sorted by expert, no padding between experts: one grouped
+    matmul (`backends.grouped_matmul`) per weight, the group sizes kept as
+    a tensor."""
+
+    def __init__(self, group_sizes):
+        self.group_sizes = group_sizes
+
+    def matmul(self, x, kernels, biases):
+        outputs = backends.grouped_matmul(x, kernels, self.group_sizes)
+        ends = ops.cumsum(self.group_sizes)
+        rows = ops.arange(ops.shape(x)[0], dtype="int32")
+        row_expert = ops.sum(
+            ops.cast(ends[None, :] <= rows[:, None], "int32"), axis=1
+        )
+        row_expert = ops.minimum(row_expert, ops.shape(kernels)[0] - 1)
+        return outputs + ops.take(biases, row_expert, axis=0)
+
+
 def sorted_dispatch(
     items,
     plan,
@@ -412,6 +431,7 @@ def sorted_dispatch(
     run_rows,
     static=None,
     tile_size=None,
+    grouped=False,
 ):
     """Dispatch whose cost follows the routed rows, not the capacity slots.
 
@@ -434,6 +454,8 @@ def sorted_dispatch(
             from the backend and compile mode.
         tile_size: items per tile of the static layout (default
             `tile_items`).
+        grouped: no tiles: the experts' rows follow each other without
+            padding and run as grouped matmuls (`GroupedExperts`).
 
     Returns:
         [G, S, P, d]: `sum_k gate_k * expert_k(item)` over kept choices.
@@ -442,7 +464,11 @@ def sorted_dispatch(
         static = backends.in_xla_context()
     shape = ops.shape(items)
     width = shape[3]
-    layout = _row_layout(plan, shape, capacity, num_experts, static, tile_size)
+    layout = _row_layout(
+        plan, shape, capacity, num_experts, static, 1 if grouped else tile_size
+    )
+    if grouped:
+        layout.experts = GroupedExperts(layout.totals * layout.per_item)
     per_item = layout.per_item
     rows = backends.gather_rows(
         ops.reshape(items, (-1, per_item, width)),
@@ -476,7 +502,7 @@ def _row_layout(plan, shape, capacity, num_experts, static, tile_size):
     `readers` [N, K] the rows of each item; `row_choice` [R] the choice in
     each row (-1 in padding rows); `row_item` [R] its item; `used` [R] bool
     (None in the dynamic layout, which has no padding); `experts`, the
-    `RowExperts` of the layout.
+    `RowExperts` of the layout; `totals` [E] kept choices per expert.
     """
     kept = plan["kept"]
     top_k = kept.shape[-1]
@@ -513,6 +539,7 @@ def _row_layout(plan, shape, capacity, num_experts, static, tile_size):
         # of item 0.
         used=row_choice >= 0 if static else None,
         experts=experts,
+        totals=totals,
     )
 
 
@@ -576,6 +603,9 @@ class Dispatcher:
 
     # The plan this dispatcher reads: "top_k", "expert_choice" or "soft".
     plan_kind = "top_k"
+    # Whether it lays its buffers out per group, so that expert
+    # parallelism can place them (`expert_exchange`).
+    expert_parallel = True
 
     @classmethod
     def preferred(cls, context):
@@ -607,6 +637,8 @@ class SlotDispatcher(Dispatcher):
 class SortedDispatcher(Dispatcher):
     """Rows sorted by expert (`sorted_dispatch`); plan as `SlotDispatcher`."""
 
+    expert_parallel = False
+
     def __call__(self, items, plan, experts, training=None, constrain=None):
         return sorted_dispatch(
             items,
@@ -616,6 +648,29 @@ class SortedDispatcher(Dispatcher):
             lambda rows, row_experts: experts.run_expert_rows(
                 rows, row_experts, training
             ),
+        )
+
+
+class GroupedDispatcher(Dispatcher):
+    """Rows sorted by expert without padding, every expert weight applied
+    as one grouped matmul (`jax.lax.ragged_dot` on JAX, `grouped_mm` on
+    torch); plan as `SlotDispatcher`. On JAX the rows are a static bound
+    (every kept choice), on torch exactly the routed rows. TensorFlow has
+    no grouped matmul: the call raises, naming the backends that do."""
+
+    expert_parallel = False
+
+    def __call__(self, items, plan, experts, training=None, constrain=None):
+        backends.require_grouped_matmul()
+        return sorted_dispatch(
+            items,
+            plan,
+            plan["capacity"],
+            experts.num_experts,
+            lambda rows, row_experts: experts.run_expert_rows(
+                rows, row_experts, training
+            ),
+            grouped=True,
         )
 
 
@@ -733,12 +788,13 @@ class SoftDispatcher(Dispatcher):
 DISPATCHERS = {
     "slots": SlotDispatcher(),
     "sorted": SortedDispatcher(),
+    "grouped": GroupedDispatcher(),
     "gather": GatherDispatcher(),
     "expert_choice": ExpertChoiceDispatcher(),
     "soft": SoftDispatcher(),
 }
 # Names a `MoEFeedForward(dispatch=...)` may take.
-DISPATCH_MODES = ("auto", "slots", "sorted")
+DISPATCH_MODES = ("auto", "slots", "sorted", "grouped")
 
 
 def register_dispatcher(name, dispatcher, top_k_mode=True):
@@ -799,4 +855,11 @@ def choose_dispatcher(
     )
     if name == "slots" and dropless_images:
         name = "gather"
-    return DISPATCHERS[name]
+    dispatcher = DISPATCHERS[name]
+    if expert_parallel and not dispatcher.expert_parallel:
+        raise ValueError(
+            f"`dispatch={name!r}` cannot run under expert parallelism (its "
+            "rows are not laid out per group and expert); use 'slots' or "
+            f"'auto'. Received: dispatch={dispatch!r}"
+        )
+    return dispatcher

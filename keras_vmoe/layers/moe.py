@@ -117,7 +117,9 @@ class MoEFeedForward(MoELayer):
     Dispatch (`dispatch`) never changes the results, only how they are
     computed: "slots" fills E*C capacity slots per group, used or not;
     "sorted" sorts the kept choices by expert and runs each expert on its
-    own rows only (under XLA in a static number of row tiles); "auto"
+    own rows only (under XLA in a static number of row tiles); "grouped"
+    sorts them too and runs every expert weight as one grouped matmul
+    (JAX's `ragged_dot`, torch's `grouped_mm`; not on TensorFlow); "auto"
     (default) picks per call from the backend, XLA, the distribution, the
     capacity and the batch (see `keras_vmoe.layers.dispatch` and
     `docs/dispatch.md`).
@@ -168,8 +170,8 @@ class MoEFeedForward(MoELayer):
         kernel_initializer: initializer of the expert kernels (default
             truncated normal, stddev 0.02, as ViT).
         seed: seed of the gating noise and the dropout.
-        dispatch: "auto", "slots" or "sorted" (or the name of a registered
-            dispatcher): how items reach their experts.
+        dispatch: "auto", "slots", "sorted" or "grouped" (or the name of a
+            registered dispatcher): how items reach their experts.
 
     Example:
     >>> moe = MoEFeedForward(num_experts=4, hidden_dim=64, top_k=2)

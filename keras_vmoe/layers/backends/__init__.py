@@ -154,6 +154,12 @@ class BackendAdapter:
     def sum_rows(self, y, inverse, index, valid):
         return _sum_rows(y, inverse)
 
+    def supports_grouped_matmul(self):
+        return False
+
+    def grouped_matmul(self, rows, kernels, group_sizes):
+        require_grouped_matmul()
+
     def stable_argsort(self, x, axis=-1):
         # `keras.ops.argsort` sorts stably on TensorFlow (`tf.argsort` is
         # built on `tf.math.top_k`, which puts the lower index first among
@@ -347,6 +353,50 @@ def sum_rows(y, inverse, index, valid):
         index, valid)`, a gather.
     """
     return get_adapter().sum_rows(y, inverse, index, valid)
+
+
+def supports_grouped_matmul():
+    """Whether the backend has a grouped matmul (`grouped_matmul`)."""
+    return get_adapter().supports_grouped_matmul()
+
+
+def require_grouped_matmul():
+    """Raises unless the backend has a grouped matmul.
+
+    Raises:
+        ValueError: naming the backend and the backends that have one.
+    """
+    if supports_grouped_matmul():
+        return
+    raise ValueError(
+        "A grouped matmul (`dispatch='grouped'`) needs the JAX backend "
+        "(`jax.lax.ragged_dot`) or the torch backend "
+        "(`torch.nn.functional.grouped_mm`); use dispatch='auto', "
+        "'slots' or 'sorted' here. Received: "
+        f"backend={keras.backend.backend()!r}"
+    )
+
+
+def grouped_matmul(rows, kernels, group_sizes):
+    """One matmul per expert over its contiguous group of rows.
+
+    Args:
+        rows: [R, a] rows sorted by expert.
+        kernels: [E, a, c].
+        group_sizes: [E] int32 rows of each expert, in order, summing to at
+            most R (a tensor: no host read).
+
+    Returns:
+        [R, c]: row r of group e is `rows[r] @ kernels[e]`. Rows past the
+        last group are zero on JAX (`jax.lax.ragged_dot`); on torch
+        (`torch.nn.functional.grouped_mm`) the groups must cover all R
+        rows.
+
+    Raises:
+        ValueError: on a backend without a grouped matmul (TensorFlow),
+            naming the backends that have one.
+    """
+    return get_adapter().grouped_matmul(rows, kernels, group_sizes)
 
 
 def stable_argsort(x, axis=-1):

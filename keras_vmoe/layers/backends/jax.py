@@ -55,6 +55,17 @@ class JaxAdapter(BackendAdapter):
     def sum_rows(self, y, inverse, index, valid):
         return _row_maps()[1](*_arguments(y, index, valid, inverse))
 
+    def supports_grouped_matmul(self):
+        return True
+
+    def grouped_matmul(self, rows, kernels, group_sizes):
+        # XLA's ragged dot: a grouped GEMM where the GPU library has one,
+        # else a dense form; rows past the groups come out zero.
+        rows, kernels, group_sizes = (
+            keras.ops.convert_to_tensor(v) for v in (rows, kernels, group_sizes)
+        )
+        return jax.lax.ragged_dot(rows, kernels, group_sizes.astype("int32"))
+
     def stable_argsort(self, x, axis=-1):
         return jnp.argsort(jnp.asarray(x), axis=axis, stable=True).astype(
             jnp.int32

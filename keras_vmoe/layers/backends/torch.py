@@ -26,6 +26,28 @@ class TorchAdapter(BackendAdapter):
         counts = _int_list(counts)
         return _SegmentMatmul.apply(rows, kernels, biases, counts)
 
+    def supports_grouped_matmul(self):
+        return True
+
+    def grouped_matmul(self, rows, kernels, group_sizes):
+        rows, kernels, group_sizes = (
+            keras.ops.convert_to_tensor(v) for v in (rows, kernels, group_sizes)
+        )
+        for name, size in (("a", rows.shape[-1]), ("c", kernels.shape[-1])):
+            if size * rows.element_size() % 16:
+                raise ValueError(
+                    "torch's grouped_mm needs rows of a multiple of 16 bytes: "
+                    f"the width {name}={size} of [R, a] @ [E, a, c] in "
+                    f"{rows.dtype} is not; use dispatch='sorted'. Received: "
+                    f"rows.shape={tuple(rows.shape)}, "
+                    f"kernels.shape={tuple(kernels.shape)}"
+                )
+        # Group end offsets, int32 and on the rows' device (no host read).
+        offsets = torch.cumsum(group_sizes, 0).to(
+            device=rows.device, dtype=torch.int32
+        )
+        return torch.nn.functional.grouped_mm(rows, kernels, offs=offsets)
+
     def stable_argsort(self, x, axis=-1):
         x = keras.ops.convert_to_tensor(x)
         return torch.argsort(x, dim=axis, stable=True).to(torch.int32)
