@@ -638,6 +638,7 @@ class SortedDispatcher(Dispatcher):
     """Rows sorted by expert (`sorted_dispatch`); plan as `SlotDispatcher`."""
 
     expert_parallel = False
+    grouped = False
 
     def __call__(self, items, plan, experts, training=None, constrain=None):
         return sorted_dispatch(
@@ -648,30 +649,22 @@ class SortedDispatcher(Dispatcher):
             lambda rows, row_experts: experts.run_expert_rows(
                 rows, row_experts, training
             ),
+            grouped=self.grouped,
         )
 
 
-class GroupedDispatcher(Dispatcher):
+class GroupedDispatcher(SortedDispatcher):
     """Rows sorted by expert without padding, every expert weight applied
     as one grouped matmul (`jax.lax.ragged_dot` on JAX, `grouped_mm` on
     torch); plan as `SlotDispatcher`. On JAX the rows are a static bound
     (every kept choice), on torch exactly the routed rows. TensorFlow has
     no grouped matmul: the call raises, naming the backends that do."""
 
-    expert_parallel = False
+    grouped = True
 
     def __call__(self, items, plan, experts, training=None, constrain=None):
         backends.require_grouped_matmul()
-        return sorted_dispatch(
-            items,
-            plan,
-            plan["capacity"],
-            experts.num_experts,
-            lambda rows, row_experts: experts.run_expert_rows(
-                rows, row_experts, training
-            ),
-            grouped=True,
-        )
+        return super().__call__(items, plan, experts, training, constrain)
 
 
 class GatherDispatcher(Dispatcher):
