@@ -465,10 +465,8 @@ def sorted_dispatch(
     shape = ops.shape(items)
     width = shape[3]
     layout = _row_layout(
-        plan, shape, capacity, num_experts, static, 1 if grouped else tile_size
+        plan, shape, capacity, num_experts, static, tile_size, grouped
     )
-    if grouped:
-        layout.experts = GroupedExperts(layout.totals * layout.per_item)
     per_item = layout.per_item
     rows = backends.gather_rows(
         ops.reshape(items, (-1, per_item, width)),
@@ -494,7 +492,9 @@ def sorted_dispatch(
     return ops.reshape(routed, (layout.groups, layout.num_items, per_item, width))
 
 
-def _row_layout(plan, shape, capacity, num_experts, static, tile_size):
+def _row_layout(
+    plan, shape, capacity, num_experts, static, tile_size, grouped=False
+):
     """Where every kept (item, choice) sits in the expert-sorted rows.
 
     Returns a namespace: `groups`, `num_items`, `per_item` (G, S, P);
@@ -502,12 +502,13 @@ def _row_layout(plan, shape, capacity, num_experts, static, tile_size):
     `readers` [N, K] the rows of each item; `row_choice` [R] the choice in
     each row (-1 in padding rows); `row_item` [R] its item; `used` [R] bool
     (None in the dynamic layout, which has no padding); `experts`, the
-    `RowExperts` of the layout; `totals` [E] kept choices per expert.
+    `RowExperts` of the layout (`GroupedExperts` when `grouped`: no
+    padding between experts).
     """
     kept = plan["kept"]
     top_k = kept.shape[-1]
     groups, num_items, per_item = shape[0], shape[1], shape[2]
-    tile = 1
+    tile, tile_size = 1, 1 if grouped else tile_size
     if static:
         layout = StaticLayout.of(shape, top_k, capacity, num_experts, tile_size)
         groups, num_items, per_item = (_as_int(v) for v in shape[:3])
@@ -519,6 +520,8 @@ def _row_layout(plan, shape, capacity, num_experts, static, tile_size):
         # tile == 1: the rows are exactly the kept choices.
         counts, num_rows = backends.segment_sizes(totals, per_item)
         experts = SegmentExperts(counts)
+    if grouped:
+        experts = GroupedExperts(totals * per_item)
     # (item, choice) pairs numbered item * K + k, over all groups.
     choice_ids = ops.reshape(
         ops.arange(groups * num_items * top_k, dtype="int32"), ops.shape(row)
@@ -539,7 +542,6 @@ def _row_layout(plan, shape, capacity, num_experts, static, tile_size):
         # of item 0.
         used=row_choice >= 0 if static else None,
         experts=experts,
-        totals=totals,
     )
 
 
