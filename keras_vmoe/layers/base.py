@@ -32,6 +32,7 @@ import keras
 from keras import ops
 
 from keras_vmoe import validation
+from keras_vmoe.layers.distribution_hooks import dispatch_constraint
 from keras_vmoe.layers.experts import StackedExperts
 from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.layers.feed_forward import make_shared_expert
@@ -119,6 +120,7 @@ class MoELayer(StackedExperts, keras.layers.Layer):
             name="dropout",
         )
         self._routing_observers = []
+        self._dispatch_path = None
 
     # === Router (layers that route with a router layer) ===
     def _init_router(self, router, router_dim, noise_std, noise=True):
@@ -234,6 +236,22 @@ class MoELayer(StackedExperts, keras.layers.Layer):
 
     def _routing_info(self, state, input_shape):
         raise NotImplementedError
+
+    def _dispatch(self, dispatcher, items, plan, training):
+        """Runs `dispatcher` (a `keras_vmoe.layers.dispatch.Dispatcher`)
+        on this layer's experts and records its name (`dispatch_path`)."""
+        self._dispatch_path = dispatcher.name
+        return dispatcher(
+            items, plan, self, training, dispatch_constraint(self)
+        )
+
+    @property
+    def dispatch_path(self):
+        """The name of the dispatcher the last call ran ("slots",
+        "sorted", "grouped", "gather", "expert_choice", "soft", ...), or
+        None before the first call. With `dispatch="auto"` this is the
+        path chosen for that call's backend, device, dtype and shapes."""
+        return self._dispatch_path
 
     def _routing_specs(self, input_shape):
         """`{name: (shape, dtype)}` of the `return_routing` dict."""

@@ -41,7 +41,6 @@ choices per item, R rows of the sorted layout, L tiles of t rows).
 """
 
 import math
-import types
 
 from keras import ops
 
@@ -166,9 +165,18 @@ def resolve_dispatch(
     static_shape=True,
     layout=None,
     expert_parallel=False,
+    accelerator=None,
+    grouped_fast=False,
 ):
-    """The path `dispatch` ("auto", "slots", "sorted", or a registered
-    name) runs in this trace, by name.
+    """The path `dispatch` ("auto", "slots", "sorted", "grouped" or a
+    registered name) runs in this trace, by name.
+
+    On a GPU or TPU (`accelerator`, default `backends.accelerator()`)
+    "auto" takes "grouped" where the grouped matmul runs as a grouped GEMM
+    kernel for this dtype and these shapes (`grouped_fast`, from
+    `backends.grouped_matmul_is_fast`), else "slots": one batched matmul
+    per weight, no per-tile loop and no read of the routing back to the
+    host. The rules below are the CPU rules.
 
     Without XLA (TensorFlow's default graph mode, torch) shapes may be
     dynamic: "auto" takes the sorted path, whose experts run on exactly
@@ -209,14 +217,23 @@ def resolve_dispatch(
     if dispatch == "slots":
         return dispatch
     if dispatch == "auto":
+        if accelerator is None:
+            accelerator = backends.accelerator()
         context = DispatchContext(
-            dropless_tokens, static_shape, layout, expert_parallel
+            dropless_tokens,
+            static_shape,
+            layout,
+            expert_parallel,
+            accelerator,
+            grouped_fast,
         )
         for name, dispatcher in DISPATCHERS.items():
             if dispatcher.preferred(context):
                 return name
         if expert_parallel or backends.distributed():
             return "slots"
+        if accelerator != "cpu":
+            return "grouped" if grouped_fast else "slots"
     if not backends.in_xla_context():
         if dispatch == "sorted" or dropless_tokens:
             return "sorted"
@@ -462,6 +479,9 @@ def sorted_dispatch(
     """
     if static is None:
         static = backends.in_xla_context()
+    # The grouped layout always has a static number of rows (every kept
+    # choice at most): its group sizes stay on the device.
+    static = static or grouped
     shape = ops.shape(items)
     width = shape[3]
     layout = _row_layout(
@@ -492,12 +512,21 @@ def sorted_dispatch(
     return ops.reshape(routed, (layout.groups, layout.num_items, per_item, width))
 
 
+class RowLayout:
+    """The expert-sorted rows of one call (see `_row_layout`): plain
+    attributes, set from the keyword arguments."""
+
+    def __init__(self, **fields):
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
 def _row_layout(
     plan, shape, capacity, num_experts, static, tile_size, grouped=False
 ):
     """Where every kept (item, choice) sits in the expert-sorted rows.
 
-    Returns a namespace: `groups`, `num_items`, `per_item` (G, S, P);
+    Returns a `RowLayout`: `groups`, `num_items`, `per_item` (G, S, P);
     `target` [G, S, K] row of each choice (the spare row R where dropped);
     `readers` [N, K] the rows of each item; `row_choice` [R] the choice in
     each row (-1 in padding rows); `row_item` [R] its item; `used` [R] bool
@@ -508,20 +537,22 @@ def _row_layout(
     kept = plan["kept"]
     top_k = kept.shape[-1]
     groups, num_items, per_item = shape[0], shape[1], shape[2]
-    tile, tile_size = 1, 1 if grouped else tile_size
+    tile = 1
     if static:
-        layout = StaticLayout.of(shape, top_k, capacity, num_experts, tile_size)
+        layout = StaticLayout.of(
+            shape, top_k, capacity, num_experts, 1 if grouped else tile_size
+        )
         groups, num_items, per_item = (_as_int(v) for v in shape[:3])
         tile, num_rows = layout.tile, layout.num_rows
     row, totals, padded_ends = _sorted_rows(plan, num_experts, tile)
-    if static:
+    if grouped:
+        experts = GroupedExperts(totals * per_item)
+    elif static:
         experts = _tiled_experts(padded_ends, layout.num_tiles, tile, num_experts)
     else:
         # tile == 1: the rows are exactly the kept choices.
         counts, num_rows = backends.segment_sizes(totals, per_item)
         experts = SegmentExperts(counts)
-    if grouped:
-        experts = GroupedExperts(totals * per_item)
     # (item, choice) pairs numbered item * K + k, over all groups.
     choice_ids = ops.reshape(
         ops.arange(groups * num_items * top_k, dtype="int32"), ops.shape(row)
@@ -530,7 +561,7 @@ def _row_layout(
     target = ops.where(kept, row, num_rows)
     # The choice in each row, -1 in padding rows (no choice writes there).
     row_choice = _scatter_rows(num_rows, target, choice_ids + 1)[:num_rows] - 1
-    return types.SimpleNamespace(
+    return RowLayout(
         groups=groups,
         num_items=num_items,
         per_item=per_item,
@@ -584,13 +615,26 @@ class DispatchContext:
         static_shape: every items dimension is known at trace time.
         layout: the `StaticLayout` of the sorted path, or None.
         expert_parallel: a distribution places the dispatch buffers.
+        accelerator: "cpu", "gpu" or "tpu" (`backends.accelerator`).
+        grouped_fast: the grouped matmul runs as a grouped GEMM kernel
+            for this call's dtype and shapes.
     """
 
-    def __init__(self, dropless_tokens, static_shape, layout, expert_parallel):
+    def __init__(
+        self,
+        dropless_tokens,
+        static_shape,
+        layout,
+        expert_parallel,
+        accelerator="cpu",
+        grouped_fast=False,
+    ):
         self.dropless_tokens = dropless_tokens
         self.static_shape = static_shape
         self.layout = layout
         self.expert_parallel = expert_parallel
+        self.accelerator = accelerator
+        self.grouped_fast = grouped_fast
 
 
 class Dispatcher:
@@ -603,6 +647,9 @@ class Dispatcher:
     distribution's placement hook (see `expert_exchange`) or None.
     """
 
+    # Its name in `DISPATCHERS` (set by `register_dispatcher`); a layer's
+    # `dispatch_path` after a call.
+    name = None
     # The plan this dispatcher reads: "top_k", "expert_choice" or "soft".
     plan_kind = "top_k"
     # Whether it lays its buffers out per group, so that expert
@@ -788,6 +835,8 @@ DISPATCHERS = {
     "expert_choice": ExpertChoiceDispatcher(),
     "soft": SoftDispatcher(),
 }
+for _name, _dispatcher in DISPATCHERS.items():
+    _dispatcher.name = _name
 # Names a `MoEFeedForward(dispatch=...)` may take.
 DISPATCH_MODES = ("auto", "slots", "sorted", "grouped")
 
@@ -805,6 +854,7 @@ def register_dispatcher(name, dispatcher, top_k_mode=True):
             f"dispatcher={dispatcher!r}"
         )
     DISPATCHERS[name] = dispatcher
+    dispatcher.name = name
     if top_k_mode and name not in DISPATCH_MODES:
         DISPATCH_MODES = DISPATCH_MODES + (name,)
 
@@ -824,6 +874,8 @@ def choose_dispatcher(
     dropless=False,
     static_shape=True,
     expert_parallel=False,
+    dtype="float32",
+    hidden_dim=None,
 ):
     """The `Dispatcher` of a top-k plan for this call.
 
@@ -837,8 +889,16 @@ def choose_dispatcher(
         dropless: no capacity (`capacity_factor=None` in this mode).
         static_shape: every dimension of the items is known at trace time.
         expert_parallel: a distribution places the dispatch buffers.
+        dtype: the experts' compute dtype.
+        hidden_dim: the experts' hidden width h (with `dtype`, for the
+            grouped-matmul check on accelerators; default d).
+
+    Dropless image routing runs "gather" where the path would be "slots"
+    (an image's expert weights gathered per image, not S slots per
+    expert).
     """
     dropless_images = dropless and routing == "image"
+    accelerator = backends.accelerator()
     name = resolve_dispatch(
         dispatch,
         dropless_tokens=dropless and routing == "token",
@@ -847,6 +907,11 @@ def choose_dispatcher(
         if dropless_images
         else StaticLayout.of(items_shape, top_k, capacity, num_experts),
         expert_parallel=expert_parallel,
+        accelerator=accelerator,
+        grouped_fast=_grouped_fast(
+            dispatch, accelerator, items_shape, top_k, capacity,
+            num_experts, dtype, hidden_dim, expert_parallel,
+        ),
     )
     if name == "slots" and dropless_images:
         name = "gather"
@@ -858,3 +923,33 @@ def choose_dispatcher(
             f"'auto'. Received: dispatch={dispatch!r}"
         )
     return dispatcher
+
+
+def _grouped_fast(
+    dispatch,
+    accelerator,
+    items_shape,
+    top_k,
+    capacity,
+    num_experts,
+    dtype,
+    hidden_dim,
+    expert_parallel,
+):
+    """Whether "auto" on an accelerator may take "grouped" for this call:
+    a grouped GEMM kernel for the dtype and the static row bound."""
+    if dispatch != "auto" or accelerator == "cpu" or expert_parallel:
+        return False
+    if not backends.supports_grouped_matmul():
+        return False
+    layout = StaticLayout.of(items_shape, top_k, capacity, num_experts, 1)
+    if layout is None:
+        return False
+    width = _as_int(items_shape[3])
+    return backends.grouped_matmul_is_fast(
+        dtype,
+        layout.num_rows * layout.per_item,
+        width,
+        hidden_dim or width,
+        num_experts,
+    )

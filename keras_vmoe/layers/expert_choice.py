@@ -24,7 +24,6 @@ from keras_vmoe import validation
 from keras_vmoe.layers import backends
 from keras_vmoe.layers.base import MoELayer
 from keras_vmoe.layers.dispatch import DISPATCHERS
-from keras_vmoe.layers.distribution_hooks import dispatch_constraint
 from keras_vmoe.layers.routing import compute_capacity
 from keras_vmoe.layers.routing import group_items
 
@@ -202,8 +201,8 @@ class ExpertChoiceFeedForward(MoELayer):
         capacity = expert_choice_capacity(group_size, e, self.capacity_factor)
         gates, item_index = top_items_per_expert(probs, capacity)  # [G, E, C]
         plan = {"item_index": item_index, "gates": gates}
-        outputs = DISPATCHERS["expert_choice"](
-            groups, plan, self, training, dispatch_constraint(self)
+        outputs = self._dispatch(
+            DISPATCHERS["expert_choice"], groups, plan, training
         )
         self._last_choice = (item_index, group_size)
         return ops.reshape(outputs, ops.shape(inputs)), dict(plan, probs=probs)

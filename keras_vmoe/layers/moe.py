@@ -330,7 +330,6 @@ class MoEFeedForward(MoELayer):
         )
         self.expert_load.assign(load)
         grouped = group_items(items, self.group_size)  # [G, S, P, d]
-        constrain = dispatch_constraint(self)
         dispatcher = choose_dispatcher(
             self.dispatch,
             ops.shape(grouped),
@@ -340,9 +339,11 @@ class MoEFeedForward(MoELayer):
             routing=self.routing,
             dropless=capacity_factor is None,
             static_shape=None not in tuple(items.shape),
-            expert_parallel=constrain is not None,
+            expert_parallel=dispatch_constraint(self) is not None,
+            dtype=self.compute_dtype,
+            hidden_dim=self.hidden_dim,
         )
-        routed = dispatcher(grouped, plan, self, training, constrain)
+        routed = self._dispatch(dispatcher, grouped, plan, training)
         # Items with non-finite router input get NaN, never a fake expert.
         valid = ops.reshape(plan["valid"], (-1, 1, 1))
         routed = ops.where(valid, ops.reshape(routed, ops.shape(items)), float("nan"))

@@ -28,7 +28,6 @@ from keras import ops
 from keras_vmoe import validation
 from keras_vmoe.layers.base import MoELayer
 from keras_vmoe.layers.dispatch import DISPATCHERS
-from keras_vmoe.layers.distribution_hooks import dispatch_constraint
 
 NORM_EPSILON = 1e-6
 
@@ -209,9 +208,7 @@ class SoftMoEFeedForward(MoELayer):
         tokens = ops.reshape(inputs, (shape[0], -1, shape[-1]))  # [B, T, d]
         dispatch, combine = self.routing_weights(tokens)
         plan = {"dispatch": dispatch, "combine": combine}
-        outputs = DISPATCHERS["soft"](
-            tokens, plan, self, training, dispatch_constraint(self)
-        )
+        outputs = self._dispatch(DISPATCHERS["soft"], tokens, plan, training)
         self._last_combine = ops.stop_gradient(combine)
         return ops.reshape(outputs, shape), plan
 

@@ -154,7 +154,15 @@ class BackendAdapter:
     def sum_rows(self, y, inverse, index, valid):
         return _sum_rows(y, inverse)
 
+    def accelerator(self):
+        return "cpu"
+
     def supports_grouped_matmul(self):
+        return False
+
+    def grouped_matmul_is_fast(
+        self, dtype, num_rows, width_in, width_out, num_experts
+    ):
         return False
 
     def grouped_matmul(self, rows, kernels, group_sizes):
@@ -355,9 +363,43 @@ def sum_rows(y, inverse, index, valid):
     return get_adapter().sum_rows(y, inverse, index, valid)
 
 
+def accelerator():
+    """Where the layers' computation runs: "cpu", "gpu" or "tpu".
+
+    JAX: its default backend; torch: the device Keras puts tensors on
+    ("cuda" and "mps" are "gpu"); TensorFlow: "gpu" when it sees one.
+    "auto" dispatch follows the CPU rules only on "cpu".
+    """
+    return get_adapter().accelerator()
+
+
 def supports_grouped_matmul():
     """Whether the backend has a grouped matmul (`grouped_matmul`)."""
     return get_adapter().supports_grouped_matmul()
+
+
+def grouped_matmul_is_fast(dtype, num_rows, width_in, width_out, num_experts):
+    """Whether `grouped_matmul` runs as a grouped GEMM kernel here.
+
+    Args:
+        dtype: the compute dtype of the rows and kernels.
+        num_rows: R, rows of `[R, a] @ [E, a, c]`.
+        width_in: a.
+        width_out: c.
+        num_experts: E.
+
+    Elsewhere a grouped matmul costs E dense matmuls (XLA rewrites the
+    ragged dot to a masked dense one) or a loop over the groups. JAX: on
+    a GPU in bfloat16 or float16, when XLA compiles the forward and both
+    gradients of a ragged dot of these shapes to grouped kernels (the
+    compiled HLO keeps its three `ragged-dot` instructions; checked once
+    per shape and dtype). torch: on a CUDA GPU of compute capability 9.0
+    or newer (CUTLASS), in bfloat16, with widths that are multiples of 8.
+    Always False on a CPU and on TensorFlow.
+    """
+    return get_adapter().grouped_matmul_is_fast(
+        dtype, num_rows, width_in, width_out, num_experts
+    )
 
 
 def require_grouped_matmul():
@@ -388,9 +430,10 @@ def grouped_matmul(rows, kernels, group_sizes):
 
     Returns:
         [R, c]: row r of group e is `rows[r] @ kernels[e]`. Rows past the
-        last group are zero on JAX (`jax.lax.ragged_dot`); on torch
-        (`torch.nn.functional.grouped_mm`) the groups must cover all R
-        rows.
+        last group are zero on JAX (`jax.lax.ragged_dot`) and multiplied
+        by the last kernel on torch (`torch.nn.functional.grouped_mm`,
+        which would leave them uninitialized); callers never read them and
+        pass them zero gradients.
 
     Raises:
         ValueError: on a backend without a grouped matmul (TensorFlow),

@@ -7,6 +7,7 @@
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,22 @@ class JaxAdapter(BackendAdapter):
     def sum_rows(self, y, inverse, index, valid):
         return _row_maps()[1](*_arguments(y, index, valid, inverse))
 
+    def accelerator(self):
+        platform = jax.default_backend()
+        return platform if platform in ("cpu", "tpu") else "gpu"
+
     def supports_grouped_matmul(self):
         return True
+
+    def grouped_matmul_is_fast(
+        self, dtype, num_rows, width_in, width_out, num_experts
+    ):
+        dtype = keras.backend.standardize_dtype(dtype)
+        if self.accelerator() != "gpu" or dtype not in ("bfloat16", "float16"):
+            return False
+        return _ragged_dots_are_grouped(
+            dtype, int(num_rows), int(width_in), int(width_out), int(num_experts)
+        )
 
     def grouped_matmul(self, rows, kernels, group_sizes):
         # XLA's ragged dot: a grouped GEMM where the GPU library has one,
@@ -70,6 +85,35 @@ class JaxAdapter(BackendAdapter):
         return jnp.argsort(jnp.asarray(x), axis=axis, stable=True).astype(
             jnp.int32
         )
+
+
+@functools.cache
+def _ragged_dots_are_grouped(dtype, num_rows, width_in, width_out, num_experts):
+    """Whether XLA keeps the three ragged dots of a grouped matmul's
+    forward pass and VJP (output, row and kernel gradients) as grouped
+    kernels for these shapes, rather than rewriting them to dense dots
+    over all E groups."""
+    shapes = (
+        jax.ShapeDtypeStruct((num_rows, width_in), dtype),
+        jax.ShapeDtypeStruct((num_experts, width_in, width_out), dtype),
+        jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+        jax.ShapeDtypeStruct((num_rows, width_out), dtype),
+    )
+
+    def forward_and_vjp(rows, kernels, group_sizes, grads):
+        outputs, vjp = jax.vjp(
+            lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), rows, kernels
+        )
+        return outputs, vjp(grads)
+
+    compiled = jax.jit(forward_and_vjp).lower(*shapes).compile()
+    return count_ragged_dots(compiled.as_text()) >= 3
+
+
+def count_ragged_dots(hlo_text):
+    """The `ragged-dot` instructions of an HLO module's text (XLA's dense
+    rewrite of a ragged dot leaves none)."""
+    return len(re.findall(r"\sragged-dot\(", hlo_text))
 
 
 def _activation_and_derivative(x, activation):

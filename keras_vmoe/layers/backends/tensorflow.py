@@ -29,6 +29,10 @@ class TensorFlowAdapter(BackendAdapter):
         graph = tf.compat.v1.get_default_graph()
         return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
+    def accelerator(self):
+        # TensorFlow places the ops on a GPU whenever it sees one.
+        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+
     def sorted_beats_slots(self):
         return True
 

@@ -26,8 +26,23 @@ class TorchAdapter(BackendAdapter):
         counts = _int_list(counts)
         return _SegmentMatmul.apply(rows, kernels, biases, counts)
 
+    def accelerator(self):
+        device = keras.ops.zeros(()).device.type
+        return "gpu" if device in ("cuda", "mps") else "cpu"
+
     def supports_grouped_matmul(self):
         return True
+
+    def grouped_matmul_is_fast(
+        self, dtype, num_rows, width_in, width_out, num_experts
+    ):
+        # CUTLASS grouped GEMM: bfloat16 on sm90+ with 16-byte rows.
+        if keras.backend.standardize_dtype(dtype) != "bfloat16":
+            return False
+        if keras.ops.zeros(()).device.type != "cuda":
+            return False
+        major, _ = torch.cuda.get_device_capability()
+        return major >= 9 and width_in % 8 == 0 and width_out % 8 == 0
 
     def grouped_matmul(self, rows, kernels, group_sizes):
         rows, kernels, group_sizes = (
@@ -42,10 +57,21 @@ class TorchAdapter(BackendAdapter):
                     f"rows.shape={tuple(rows.shape)}, "
                     f"kernels.shape={tuple(kernels.shape)}"
                 )
+        if rows.is_cuda and {rows.dtype, kernels.dtype} != {torch.bfloat16}:
+            raise ValueError(
+                "torch's grouped_mm on a GPU needs bfloat16 rows and kernels "
+                "(e.g. the 'mixed_bfloat16' dtype policy); use "
+                "dispatch='auto' or 'slots' here. Received: "
+                f"rows.dtype={rows.dtype}, kernels.dtype={kernels.dtype}"
+            )
         # Group end offsets, int32 and on the rows' device (no host read).
+        # The last group runs to the end of the rows: `grouped_mm` leaves
+        # rows past the last offset (and their input gradients)
+        # uninitialized, while these rows only carry zero gradients.
         offsets = torch.cumsum(group_sizes, 0).to(
             device=rows.device, dtype=torch.int32
         )
+        offsets[-1] = rows.shape[0]
         return torch.nn.functional.grouped_mm(rows, kernels, offs=offsets)
 
     def stable_argsort(self, x, axis=-1):
