@@ -176,7 +176,10 @@ def resolve_dispatch(
     kernel for this dtype and these shapes (`grouped_fast`, from
     `backends.grouped_matmul_is_fast`), else "slots": one batched matmul
     per weight, no per-tile loop and no read of the routing back to the
-    host. The rules below are the CPU rules.
+    host. Dropless token routing without a grouped kernel is the
+    exception: its slot path would give every expert a slot for every
+    token (E times the work), so it follows the rules below, which are
+    the CPU rules.
 
     Without XLA (TensorFlow's default graph mode, torch) shapes may be
     dynamic: "auto" takes the sorted path, whose experts run on exactly
@@ -232,7 +235,7 @@ def resolve_dispatch(
                 return name
         if expert_parallel or backends.distributed():
             return "slots"
-        if accelerator != "cpu":
+        if accelerator != "cpu" and (grouped_fast or not dropless_tokens):
             return "grouped" if grouped_fast else "slots"
     if not backends.in_xla_context():
         if dispatch == "sorted" or dropless_tokens:
@@ -705,9 +708,12 @@ class SortedDispatcher(Dispatcher):
 class GroupedDispatcher(SortedDispatcher):
     """Rows sorted by expert without padding, every expert weight applied
     as one grouped matmul (`jax.lax.ragged_dot` on JAX, `grouped_mm` on
-    torch); plan as `SlotDispatcher`. On JAX the rows are a static bound
-    (every kept choice), on torch exactly the routed rows. TensorFlow has
-    no grouped matmul: the call raises, naming the backends that do."""
+    torch); plan as `SlotDispatcher`. The rows are a static bound (every
+    choice that capacity allows, the kept ones first in expert order) and
+    the group sizes stay on the device: no read back to the host, so the
+    call traces once per shape (`jax.jit`, `torch.compile` without graph
+    breaks). TensorFlow has no grouped matmul: the call raises, naming
+    the backends that do."""
 
     grouped = True
 
