@@ -15,7 +15,7 @@ import re
 
 import keras
 
-from keras_vmoe.training.devices import has_gpu
+from keras_vmoe.training.devices import auto_precision
 from keras_vmoe.validation import check_int
 from keras_vmoe.validation import check_number
 
@@ -284,7 +284,8 @@ def set_precision(precision):
 
     Args:
         precision: "float32", "mixed_float16", "mixed_bfloat16", or "auto"
-            (mixed_float16 on a GPU, mixed_bfloat16 elsewhere). Routers,
+            (`auto_precision()`: mixed_bfloat16, or mixed_float16 on a
+            GPU older than compute capability 8.0). Routers,
             softmax and aux losses of keras-vmoe layers stay float32 under
             every policy; with mixed_float16, `compile` wraps the optimizer
             in Keras' `LossScaleOptimizer`.
@@ -298,6 +299,6 @@ def set_precision(precision):
             f"precision={precision!r}"
         )
     if precision == "auto":
-        precision = "mixed_float16" if has_gpu() else "mixed_bfloat16"
+        precision = auto_precision()
     keras.config.set_dtype_policy(precision)
     return precision

@@ -1,4 +1,4 @@
-"""`set_precision("auto")` and the GPU check answer on every backend."""
+"""`set_precision("auto")` and the GPU checks answer on every backend."""
 
 import importlib.util
 
@@ -6,13 +6,17 @@ import keras
 import pytest
 
 from keras_vmoe.training import set_precision
+from keras_vmoe.training.devices import _parse_capability
+from keras_vmoe.training.devices import auto_precision
+from keras_vmoe.training.devices import gpu_compute_capability
 from keras_vmoe.training.devices import has_gpu
 
 
 def test_auto_precision_on_the_current_backend():
-    expected = "mixed_float16" if has_gpu() else "mixed_bfloat16"
+    expected = auto_precision()
     assert set_precision("auto") == expected
     assert keras.config.dtype_policy().name == expected
+    keras.config.set_dtype_policy("float32")
 
 
 @pytest.mark.parametrize("backend", ["jax", "tensorflow", "torch", "numpy"])
@@ -33,3 +37,38 @@ def test_torch_asks_cuda(monkeypatch, available):
 def test_bad_backend_names_the_value():
     with pytest.raises(ValueError, match="backend='mxnet'"):
         has_gpu("mxnet")
+
+
+@pytest.mark.parametrize(
+    "capability, expected",
+    [
+        ((7, 5), "mixed_float16"),  # T4
+        ((7, 0), "mixed_float16"),  # V100
+        ((8, 0), "mixed_bfloat16"),  # A100
+        ((9, 0), "mixed_bfloat16"),  # H100
+    ],
+)
+def test_auto_precision_takes_bfloat16_from_ampere_on(
+    monkeypatch, capability, expected
+):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda *args: capability
+    )
+
+    assert gpu_compute_capability("torch") == capability
+    assert auto_precision("torch") == expected
+
+
+def test_capability_strings_parse():
+
+    assert _parse_capability("8.6") == (8, 6)
+    assert _parse_capability((9, 0)) == (9, 0)
+    assert _parse_capability(None) is None
+
+
+def test_no_gpu_means_bfloat16_and_no_capability():
+
+    assert gpu_compute_capability("numpy") is None
+    assert auto_precision("numpy") == "mixed_bfloat16"
