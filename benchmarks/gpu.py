@@ -118,20 +118,29 @@ class Budget:
 
 
 def run_lines(cases, run_case, budget, section):
-    """Runs `run_case(case)` for each case until the section's deadline;
-    the rest become `skipped (budget)` lines. `run_case` returns a dict."""
+    """Runs `run_case(case)` for each case while it is expected to end
+    before the section's deadline (expected to take as long as the
+    previous case); the others become `skipped (budget)` lines.
+
+    `run_case` returns a dict (one line) or a list of dicts (several
+    lines), each merged into a copy of the case; an exception becomes an
+    "error" line.
+    """
     lines = []
+    last = 0.0
     for case in cases:
-        if budget.spent(section):
+        if budget.clock() + last >= budget.deadline(section):
             lines.append(dict(case, status="skipped", note=SKIPPED))
             continue
+        start = budget.clock()
         try:
-            lines.append(dict(case, **run_case(case)))
+            result = run_case(case)
         except Exception as error:  # noqa: BLE001 - recorded as a failure
-            lines.append(
-                dict(case, status="error", note=_message(error))
-            )
             traceback.print_exc()
+            result = {"status": "error", "note": _message(error)}
+        last = budget.clock() - start
+        for line in result if isinstance(result, list) else [result]:
+            lines.append(dict(case, **line))
     return lines
 
 
@@ -278,8 +287,16 @@ def report(results):
             )
             if data.get("error"):
                 out.append(f"  section error: {data['error']}")
-            if data.get("lines"):
-                out.append(format_table(data["lines"], COLUMNS[section]))
+            shown = [
+                line
+                for line in data.get("lines", [])
+                if line.get("status") != "skipped"
+            ]
+            if shown:
+                out.append(format_table(shown, COLUMNS[section]))
+            skipped = len(data.get("lines", [])) - len(shown)
+            if skipped:
+                out.append(f"{skipped} more lines {SKIPPED}")
         out.append(
             f"[{backend}] tensorflow imported: "
             f"{result.get('tensorflow_imported')}"
@@ -292,33 +309,42 @@ def report(results):
 
 
 def collect_failures(results):
+    """Every failure of the merged results, one line each."""
     failures = []
     for backend in results["requested_backends"]:
         result = results["backends"].get(backend)
-        if result is None or result.get("returncode"):
-            code = None if result is None else result.get("returncode")
-            failures.append(f"{backend}: process failed (exit {code})")
-            if result is None:
-                continue
-        if result.get("tensorflow_imported"):
-            failures.append(f"{backend}: tensorflow imported")
-        for section in results["sections"]:
-            data = result.get("sections", {}).get(section)
-            if data is None:
-                failures.append(f"{backend} {section}: no result")
-                continue
-            if data.get("error"):
-                failures.append(f"{backend} {section}: {data['error']}")
-            for line in data.get("lines", []):
-                if line.get("status") in ("error", "fail"):
-                    ident = " ".join(
-                        str(line[k])
-                        for k, _, s in COLUMNS[section]
-                        if s == "{}" and k in line
-                    )
-                    failures.append(
-                        f"{backend} {section} {ident}: {line.get('note')}"
-                    )
+        if result is None:
+            failures.append(f"{backend}: no result")
+            continue
+        failures += _backend_failures(backend, result, results["sections"])
+    return failures
+
+
+def _backend_failures(backend, result, sections=None):
+    failures = []
+    if result.get("returncode"):
+        failures.append(
+            f"{backend}: process failed (exit {result['returncode']})"
+        )
+    if result.get("tensorflow_imported"):
+        failures.append(f"{backend}: tensorflow imported")
+    for section in sections or result.get("sections", {}):
+        data = result.get("sections", {}).get(section)
+        if data is None:
+            failures.append(f"{backend} {section}: no result")
+            continue
+        if data.get("error"):
+            failures.append(f"{backend} {section}: {data['error']}")
+        for line in data.get("lines", []):
+            if line.get("status") in ("error", "fail"):
+                ident = " ".join(
+                    str(line[key])
+                    for key, _, spec in COLUMNS[section]
+                    if spec == "{}" and key in line
+                )
+                failures.append(
+                    f"{backend} {section} {ident}: {line.get('note')}"
+                )
     return failures
 
 
@@ -409,7 +435,7 @@ def _finish_backend(backend, process, out, log, start):
             result = json.load(f)
     result["returncode"] = code
     result["wall_s"] = round(time.monotonic() - start, 1)
-    if code or not result.get("sections"):
+    if code or _backend_failures(backend, result):
         with open(log) as f:
             tail = f.read()[-4000:]
         print(f"--- {backend} stderr (tail) ---\n{tail}", file=sys.stderr)
@@ -528,7 +554,7 @@ def layer_cases(smoke):
     if smoke:
         groups = SMOKE_LAYER_GROUPS
     else:
-        groups = [group + (tuple(LAYER_CONFIGS),) for group in FULL_LAYER_GROUPS]
+        groups = [g + (tuple(LAYER_CONFIGS),) for g in FULL_LAYER_GROUPS]
     for dtype, batch, tokens, width, names in groups:
         for name in names:
             kind = LAYER_CONFIGS[name][0]
@@ -765,7 +791,9 @@ def image_model(backbone):
     class PooledHead(keras.layers.Layer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.dense = keras.layers.Dense(NUM_CLASSES, dtype=self.dtype_policy)
+            self.dense = keras.layers.Dense(
+                NUM_CLASSES, dtype=self.dtype_policy
+            )
 
         def call(self, x):
             axes = tuple(range(1, len(x.shape) - 1))
@@ -814,31 +842,27 @@ def section_model(context):
     batch, rounds, warmup = (4, 2, 1) if smoke else (256, 5, 2)
     previous = keras.config.dtype_policy().name
     keras.config.set_dtype_policy("mixed_bfloat16")
+
+    def run_case(case):
+        _, dense, moe = next(p for p in pairs if p[0] == case["pair"])
+        return measure_pair(timing, dense, moe, batch, rounds, warmup)
+
     try:
-        cases = [
-            {"pair": name, "mode": mode}
-            for name, _, _ in pairs
-            for mode in ("train", "inference")
-        ]
-        measured = {}
-
-        def run_case(case):
-            name = case["pair"]
-            if name not in measured:
-                _, dense, moe = next(p for p in pairs if p[0] == name)
-                measured[name] = measure_pair(
-                    timing, dense, moe, batch, rounds, warmup
-                )
-            return measured[name][case["mode"]]
-
+        cases = [{"pair": name} for name, _, _ in pairs]
         return run_lines(cases, run_case, context["budget"], "model")
     finally:
         keras.config.set_dtype_policy(previous)
         free_memory()
 
 
+def _train_step(model, labels):
+    """One compiled forward, backward and optimizer update."""
+    return lambda images: model.train_on_batch(images, labels)
+
+
 def measure_pair(timing, dense, moe, batch, rounds, warmup):
     """Train and inference lines of one (dense, MoE) pair."""
+    import keras
     import numpy as np
 
     free_memory()
@@ -849,33 +873,33 @@ def measure_pair(timing, dense, moe, batch, rounds, warmup):
         models[label] = image_model(backbone)
     size = models["dense"].input_shape[1:]
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, *size)).astype("float32")
-    y = rng.integers(0, NUM_CLASSES, batch)
+    # On the device once: no host-to-device copy inside the timed steps.
+    x = keras.ops.convert_to_tensor(
+        rng.standard_normal((batch, *size)).astype("float32")
+    )
+    y = keras.ops.convert_to_tensor(rng.integers(0, NUM_CLASSES, batch))
     flop_ratio = flops["moe"] / flops["dense"]
-    lines = {}
+    lines = []
     for mode in ("train", "inference"):
-        if mode == "train":
-            functions = {
-                k: (lambda m: lambda v: m.train_on_batch(v, y))(m)
-                for k, m in models.items()
-            }
-        else:
-            functions = {
-                k: (lambda m: lambda v: m.predict_on_batch(v))(m)
-                for k, m in models.items()
-            }
+        functions = {
+            label: _train_step(model, y)
+            if mode == "train"
+            else model.predict_on_batch
+            for label, model in models.items()
+        }
         times = timing.interleaved_median_times(
             functions, x, rounds=rounds, warmup=warmup
         )
         speed = times["dense"] / times["moe"]
-        lines[mode] = {
+        lines.append({
+            "mode": mode,
             "status": "ok",
             "moe_images_s": batch / times["moe"],
             "dense_images_s": batch / times["dense"],
             "speed_ratio": speed,
             "flop_ratio": flop_ratio,
             "speed_x_flops": speed * flop_ratio,
-        }
+        })
     return lines
 
 
@@ -994,7 +1018,9 @@ def _fit_and_check(name, policy, steps, batch, smoke):
     else:
         model, size = build_classifier(name, num_classes=NUM_CLASSES), 28
     model.compile(
-        optimizer=create_optimizer(model, total_steps=steps, learning_rate=1e-3),
+        optimizer=create_optimizer(
+            model, total_steps=steps, learning_rate=1e-3
+        ),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=[],
     )
@@ -1132,6 +1158,10 @@ def _check_case(smoke, config, dtype, dispatch="auto"):
     }
 
 
+def _case_shape(case):
+    return case["batch"], case["tokens"], case["width"]
+
+
 def traced_dispatch_path(layer, case):
     """The path the layer runs for a training call of this shape: traced
     only (no compile) on JAX, one call on torch."""
@@ -1204,7 +1234,7 @@ def ragged_dot_check(timing, smoke):
         layer = build_moe_layer(case, experts)
         step = timing.compiled_train_step(layer, input_gradient=True)
         inputs = cast_inputs(
-            timing.random_inputs((case["batch"], case["tokens"], case["width"])),
+            timing.random_inputs(_case_shape(case)),
             dtype,
         )
         text = step.lower(inputs).compile().as_text()
@@ -1266,7 +1296,7 @@ def sync_check(timing, smoke):
         layer = build_moe_layer(case, experts)
         step = timing.compiled_train_step(layer, input_gradient=True)
         inputs = cast_inputs(
-            timing.random_inputs((case["batch"], case["tokens"], case["width"])),
+            timing.random_inputs(_case_shape(case)),
             "bfloat16",
         )
         timing.block(step(inputs))  # first call outside: lazy setup

@@ -42,7 +42,8 @@ def smoke(tmp_path_factory):
 
 def test_smoke_exits_zero_and_prints_the_table(smoke):
     process, _ = smoke
-    assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
+    output = process.stdout[-4000:] + process.stderr[-4000:]
+    assert process.returncode == 0, output
     assert "== keras-vmoe GPU benchmark (smoke)" in process.stdout
     assert "date: " in process.stdout
     assert "[jax] layer" in process.stdout
@@ -130,7 +131,7 @@ def test_budget_skips_the_lines_past_a_section_deadline():
     budget = gpu.Budget(10, {"layer": 0.5, "model": 1.0}, clock=lambda: now[0])
 
     def run_case(case):
-        now[0] += 3
+        now[0] += 2
         return {"status": "ok"}
 
     cases = [{"config": str(i)} for i in range(4)]
@@ -139,9 +140,36 @@ def test_budget_skips_the_lines_past_a_section_deadline():
         "ok", "ok", "skipped", "skipped"
     ]
     assert lines[-1]["note"] == gpu.SKIPPED
-    # The layer section's overrun comes out of the next section's time.
+    # A case expected to end past the deadline is not started; the next
+    # section starts from its own deadline.
     lines = gpu.run_lines(cases, run_case, budget, "model")
     assert [line["status"] for line in lines] == [
         "ok", "ok", "skipped", "skipped"
     ]
     assert not budget.spent("checks")
+
+
+def test_report_counts_skipped_lines_and_failures():
+    lines = [
+        {"check": "auto dispatch", "subject": "a", "result": "slots",
+         "status": "ok"},
+        {"check": "no host sync", "subject": "b", "result": "fail",
+         "status": "fail", "note": "RuntimeError: synced"},
+        {"check": "x", "subject": "c", "status": "skipped",
+         "note": gpu.SKIPPED},
+    ]
+    results = {
+        "date": "today", "python": "3", "versions": {"keras": "3"},
+        "smoke": False, "requested_backends": ["torch"],
+        "sections": ["checks"],
+        "backends": {"torch": {
+            "returncode": 0, "tensorflow_imported": False,
+            "device": {"name": "GPU", "platform": "cuda", "runtime": {}},
+            "sections": {"checks": {"seconds": 1.0, "lines": lines}},
+        }},
+    }
+    text = gpu.report(results)
+    assert "torch: device GPU (cuda)" in text
+    assert f"1 more lines {gpu.SKIPPED}" in text
+    assert "failures: 1" in text
+    assert "torch checks no host sync b fail: RuntimeError: synced" in text
