@@ -26,8 +26,9 @@ Sections:
   on this device (e.g. torch's grouped matmul in float32 on a GPU) is
   recorded as "n/a" with the message; "auto" records the path it ran
   (`layer.dispatch_path`). Peak memory of the step: XLA's memory analysis
-  of the compiled step on JAX (temporaries and gradients), the CUDA
-  allocator's peak above the resident tensors on torch, none on a CPU.
+  of the compiled step on JAX (temporaries and gradients, on any device),
+  the CUDA allocator's peak above the resident tensors on torch with
+  CUDA, none with torch on a CPU.
 - `model`: training-step (forward, backward and AdamW update through
   `train_on_batch`) and inference (`predict_on_batch`) images/s of MoE
   models against their dense baselines, B=256, 224x224, mixed_bfloat16,
@@ -51,8 +52,9 @@ Sections:
   this device; on JAX, the ragged dots left in the compiled forward +
   backward of a grouped-dispatch layer and `grouped_matmul_is_fast`; on
   torch with CUDA, a training call + backward of the "auto", "grouped"
-  and "slots" paths under `torch.cuda.set_sync_debug_mode("error")` (no
-  host synchronisation); and whether TensorFlow was imported.
+  and "slots" paths under `torch.cuda.set_sync_debug_mode("error")` (a
+  host synchronisation there is a failure); and whether TensorFlow was
+  imported.
 
 Targets (bfloat16, B=256, on the GPU): layer forward + backward at most
 1.10x dense at capacity factor 1.0, 1.20x at 1.25 and 1.25x dropless;
@@ -61,14 +63,17 @@ allow (speed ratio x FLOP ratio >= 0.95).
 
 Every backend process has a time budget (`--budget-s`, shared by the
 `layer`, `model` and `fit` sections in turn, a section's unused time
-passing on to the next); lines past it print "skipped (budget)". The grid
-is ordered by importance, so the lines skipped are the least important.
+passing on to the next; `checks` is not budgeted). A line expected (from
+the previous line's time) to end past its section's share is not started
+and counts as "skipped (budget)". The grid is ordered by importance, so
+the lines skipped are the least important.
 
 It never imports TensorFlow (the GPU machines have none): the backend
 processes refuse any `tensorflow` import, as if it were not installed,
 and report whether it got imported anyway. `--smoke` runs a tiny grid,
-tiny models and a few fit steps, exercising every section on a CPU in
-well under a minute per backend; its numbers are not GPU figures.
+tiny models and a few fit steps, the backends side by side, exercising
+every section on a CPU in under a minute; its numbers are not GPU
+figures.
 """
 
 import argparse
@@ -87,8 +92,8 @@ import traceback
 BACKENDS = ("jax", "torch")
 SECTIONS = ("layer", "model", "fit", "checks")
 # Fractions of the budget at which the budgeted sections end (cumulative).
-SECTION_SHARES = {"layer": 0.45, "model": 0.85, "fit": 1.0}
-DEFAULT_BUDGET_S = 150.0
+SECTION_SHARES = {"layer": 0.4, "model": 0.75, "fit": 1.0}
+DEFAULT_BUDGET_S = 140.0
 SKIPPED = "skipped (budget)"
 # The one error tolerated on a CPU: XLA:CPU has no float16 dot.
 CPU_FLOAT16_ERROR = "F16_F16_F32"
@@ -463,7 +468,8 @@ def device_info():
         device = jax.devices()[0]
         runtime = {"jax": jax.__version__}
         try:
-            runtime["platform_version"] = device.client.platform_version
+            version = str(device.client.platform_version)
+            runtime["platform_version"] = " ".join(version.split())
         except AttributeError:
             pass
         return {
@@ -910,10 +916,14 @@ FIT_POLICIES = ("mixed_bfloat16", "mixed_float16")
 
 
 def section_fit(context):
+    # Both policies and both models within the first two cases, should
+    # the budget stop the section early.
     cases = [
         {"model": model, "policy": policy}
-        for policy in FIT_POLICIES
-        for model in FIT_MODELS
+        for offset in range(len(FIT_MODELS))
+        for policy, model in zip(
+            FIT_POLICIES, FIT_MODELS[offset:] + FIT_MODELS[:offset]
+        )
     ]
     steps = 3 if context["smoke"] else 300
     batch = 4 if context["smoke"] else 64
@@ -1130,7 +1140,8 @@ def record_outputs(model, images, layers):
 def section_checks(context):
     smoke = context["smoke"]
     lines = []
-    for check in (dispatch_table, ragged_dot_check, sync_check):
+    checks = (dispatch_table, ragged_dot_check, grouped_fast_check, sync_check)
+    for check in checks:
         try:
             lines += check(context["timing"], smoke)
         except Exception as error:  # noqa: BLE001 - recorded as a failure
@@ -1145,9 +1156,10 @@ def section_checks(context):
     return lines
 
 
-def _check_case(smoke, config, dtype, dispatch="auto"):
+def _check_case(smoke, config, dtype, dispatch="auto", batch=None):
     group = SMOKE_LAYER_GROUPS[0] if smoke else FULL_LAYER_GROUPS[0]
-    batch, tokens, width = group[1:4]
+    tokens, width = group[2:4]
+    batch = batch or group[1]
     return {
         "config": config,
         "batch": batch,
@@ -1167,7 +1179,7 @@ def traced_dispatch_path(layer, case):
     only (no compile) on JAX, one call on torch."""
     import keras
 
-    shape = (case["batch"], case["tokens"], case["width"])
+    shape = _case_shape(case)
     if keras.backend.backend() == "jax":
         import jax
 
@@ -1189,42 +1201,34 @@ def traced_dispatch_path(layer, case):
 
 
 def dispatch_table(timing, smoke):
-    """What "auto" runs for each configuration and dtype on this device."""
-    lines = []
+    """What "auto" runs for each configuration, dtype and batch size (at
+    the layer grid's first width) on this device."""
     experts = SMOKE_EXPERTS if smoke else NUM_EXPERTS
-    for dtype in ("bfloat16", "float32"):
-        for config in LAYER_CONFIGS:
-            case = _check_case(smoke, config, dtype)
-            layer = build_moe_layer(case, experts)
-            path = traced_dispatch_path(layer, case)
-            lines.append(
-                {
-                    "check": "auto dispatch",
-                    "subject": f"{config} {dtype} B={case['batch']}",
-                    "result": path,
-                    "status": "ok",
-                }
-            )
+    groups = SMOKE_LAYER_GROUPS if smoke else FULL_LAYER_GROUPS
+    batches = sorted({group[1] for group in groups}, reverse=True)
+    lines = []
+    for batch in batches:
+        for dtype in ("bfloat16", "float32"):
+            for config in LAYER_CONFIGS:
+                case = _check_case(smoke, config, dtype, batch=batch)
+                layer = build_moe_layer(case, experts)
+                lines.append(
+                    _check_line(
+                        "auto dispatch",
+                        f"{config} {dtype} B={batch}",
+                        traced_dispatch_path(layer, case),
+                    )
+                )
     return lines
 
 
 def ragged_dot_check(timing, smoke):
-    """JAX: ragged dots left in the compiled forward + backward of a
-    grouped layer, and whether the grouped matmul counts as fast."""
+    """JAX: the ragged dots left in the compiled forward + backward of a
+    grouped-dispatch layer (none where XLA rewrote them densely)."""
     import keras
 
-    from keras_vmoe.layers import backends
-    from keras_vmoe.layers.dispatch import StaticLayout
-
     if keras.backend.backend() != "jax":
-        return [
-            {
-                "check": "ragged dots",
-                "subject": "-",
-                "result": "n/a (jax only)",
-                "status": "ok",
-            }
-        ] + _grouped_fast_lines(smoke, backends, StaticLayout)
+        return [_check_line("ragged dots", "-", "n/a (jax only)")]
     from keras_vmoe.layers.backends.jax import count_ragged_dots
 
     lines = []
@@ -1233,43 +1237,50 @@ def ragged_dot_check(timing, smoke):
         case = _check_case(smoke, "top-1 cf=1.0", dtype, "grouped")
         layer = build_moe_layer(case, experts)
         step = timing.compiled_train_step(layer, input_gradient=True)
-        inputs = cast_inputs(
-            timing.random_inputs(_case_shape(case)),
-            dtype,
-        )
+        inputs = cast_inputs(timing.random_inputs(_case_shape(case)), dtype)
         text = step.lower(inputs).compile().as_text()
         lines.append(
-            {
-                "check": "ragged dots",
-                "subject": f"grouped fwd+bwd {dtype} B={case['batch']}",
-                "result": str(count_ragged_dots(text)),
-                "status": "ok",
-            }
+            _check_line(
+                "ragged dots",
+                f"grouped fwd+bwd {dtype} B={case['batch']}",
+                count_ragged_dots(text),
+            )
         )
-    return lines + _grouped_fast_lines(smoke, backends, StaticLayout)
+    return lines
 
 
-def _grouped_fast_lines(smoke, backends, static_layout):
+def grouped_fast_check(timing, smoke):
+    """`grouped_matmul_is_fast` for the rows of a top-1 layer of the grid's
+    first shape (what "auto" asks before taking the grouped path)."""
+    from keras_vmoe.layers import backends
+    from keras_vmoe.layers.dispatch import StaticLayout
+
     lines = []
     experts = SMOKE_EXPERTS if smoke else NUM_EXPERTS
     for dtype in ("bfloat16", "float32"):
         case = _check_case(smoke, "top-1 cf=1.0", dtype)
         shape = (1, case["batch"] * case["tokens"], 1, case["width"])
         capacity = math.ceil(shape[1] / experts)
-        layout = static_layout.of(shape, 1, capacity, experts, 1)
+        layout = StaticLayout.of(shape, 1, capacity, experts, 1)
         rows = layout.num_rows * layout.per_item
         fast = backends.grouped_matmul_is_fast(
             dtype, rows, case["width"], 4 * case["width"], experts
         )
         lines.append(
-            {
-                "check": "grouped_matmul_is_fast",
-                "subject": f"{dtype} rows={rows} d={case['width']}",
-                "result": str(fast),
-                "status": "ok",
-            }
+            _check_line(
+                "grouped_matmul_is_fast",
+                f"{dtype} rows={rows} d={case['width']}",
+                fast,
+            )
         )
     return lines
+
+
+def _check_line(check, subject, result, status="ok", **extra):
+    return dict(
+        check=check, subject=subject, result=str(result), status=status,
+        **extra,
+    )
 
 
 def sync_check(timing, smoke):
@@ -1281,14 +1292,7 @@ def sync_check(timing, smoke):
     import torch
 
     if not torch.cuda.is_available():
-        return [
-            {
-                "check": "no host sync",
-                "subject": "-",
-                "result": "n/a (cpu)",
-                "status": "ok",
-            }
-        ]
+        return [_check_line("no host sync", "-", "n/a (cpu)")]
     lines = []
     experts = SMOKE_EXPERTS if smoke else NUM_EXPERTS
     for dispatch in ("auto", "grouped", "slots"):
@@ -1296,14 +1300,10 @@ def sync_check(timing, smoke):
         layer = build_moe_layer(case, experts)
         step = timing.compiled_train_step(layer, input_gradient=True)
         inputs = cast_inputs(
-            timing.random_inputs(_case_shape(case)),
-            "bfloat16",
+            timing.random_inputs(_case_shape(case)), "bfloat16"
         )
         timing.block(step(inputs))  # first call outside: lazy setup
-        line = {
-            "check": "no host sync",
-            "subject": f"{dispatch} bfloat16 B={case['batch']}",
-        }
+        subject = f"{dispatch} bfloat16 B={case['batch']}"
         try:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
@@ -1312,11 +1312,13 @@ def sync_check(timing, smoke):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
-            line.update(
-                result=f"pass ({layer.dispatch_path})", status="ok"
+            line = _check_line(
+                "no host sync", subject, f"pass ({layer.dispatch_path})"
             )
         except RuntimeError as error:
-            line.update(result="fail", status="fail", note=_message(error))
+            line = _check_line(
+                "no host sync", subject, "fail", "fail", note=_message(error)
+            )
         lines.append(line)
     return lines
 
@@ -1358,13 +1360,13 @@ def run_worker(args):
     imported = tensorflow_imported()
     result["tensorflow_imported"] = imported
     if "checks" in args.sections:
-        result["sections"]["checks"]["lines"].append(
-            {
-                "check": "tensorflow imported",
-                "subject": "-",
-                "result": str(imported),
-                "status": "fail" if imported else "ok",
-            }
+        result["sections"]["checks"].setdefault("lines", []).append(
+            _check_line(
+                "tensorflow imported",
+                "-",
+                imported,
+                "fail" if imported else "ok",
+            )
         )
     print(f"[{backend}] tensorflow imported: {imported}", flush=True)
     with open(args.worker, "w") as f:
