@@ -48,15 +48,16 @@ Sections:
   steps/s (after the first, compiling, step) and the loss Keras logs at
   the last step (the epoch's running mean). `fit` is `keras.Model.fit`
   on pre-scaled arrays: the KerasHub task's own `fit` (and keras-vmoe's
-  shuffling one) would build a `tf.data` pipeline. On a CPU, JAX's missing float16 dot
-  ("F16_F16_F32 ... dot_general") is recorded as "n/a"; on a GPU every
-  error is a failure.
-- `checks`: the path "auto" takes for each configuration and dtype on
-  this device; on JAX, the ragged dots left in the compiled forward +
-  backward of a grouped-dispatch layer and `grouped_matmul_is_fast`; on
-  torch with CUDA, a training call + backward of the "auto", "grouped"
-  and "slots" paths under `torch.cuda.set_sync_debug_mode("error")` (a
-  host synchronisation there is a failure); and whether TensorFlow was
+  shuffling one) would build a `tf.data` pipeline. On a CPU, JAX's
+  missing float16 dot ("F16_F16_F32 ... dot_general") is recorded as
+  "n/a"; on a GPU every error is a failure.
+- `checks`: the path "auto" takes for each configuration, dtype and
+  batch size on this device; on JAX, the ragged dots left in the
+  compiled forward + backward of a grouped-dispatch layer;
+  `grouped_matmul_is_fast` for the grid's first shape; on torch with
+  CUDA, a training call + backward of the "auto", "grouped" and "slots"
+  paths under `torch.cuda.set_sync_debug_mode("error")` (a host
+  synchronisation there is a failure); and whether TensorFlow was
   imported.
 
 Targets (bfloat16, B=256, on the GPU): layer forward + backward at most
@@ -64,12 +65,13 @@ Targets (bfloat16, B=256, on the GPU): layer forward + backward at most
 model training throughput at least 0.95 of the speed ratio the FLOPs
 allow (speed ratio x FLOP ratio >= 0.95).
 
-Every backend process has a time budget (`--budget-s`, shared by the
-`layer`, `model` and `fit` sections in turn, a section's unused time
-passing on to the next; `checks` is not budgeted). A line expected (from
-the previous line's time) to end past its section's share is not started
-and counts as "skipped (budget)". The grid is ordered by importance, so
-the lines skipped are the least important.
+Every backend process has a time budget (`--budget-s`): `layer`, `model`
+and `fit` get 40, 35 and 25 % of it, plus what the sections before them
+left unused (`checks` is not budgeted). A line expected (from the
+previous line's time) to end past its section's time is not started and
+counts as "skipped (budget)"; the first line of a section always runs.
+The grid is ordered by importance, so the lines skipped are the least
+important.
 
 It never imports TensorFlow (the GPU machines have none): the backend
 processes refuse any `tensorflow` import, as if it were not installed,
@@ -94,9 +96,9 @@ import traceback
 
 BACKENDS = ("jax", "torch")
 SECTIONS = ("layer", "model", "fit", "checks")
-# Fractions of the budget at which the budgeted sections end (cumulative).
-SECTION_SHARES = {"layer": 0.4, "model": 0.75, "fit": 1.0}
-DEFAULT_BUDGET_S = 140.0
+# Each budgeted section's share of the budget.
+SECTION_SHARES = {"layer": 0.4, "model": 0.35, "fit": 0.25}
+DEFAULT_BUDGET_S = 150.0
 SKIPPED = "skipped (budget)"
 # The one error tolerated on a CPU: XLA:CPU has no float16 dot.
 CPU_FLOAT16_ERROR = "F16_F16_F32"
@@ -106,23 +108,29 @@ CPU_FLOAT16_ERROR = "F16_F16_F32"
 
 
 class Budget:
-    """Deadlines of the budgeted sections: section i ends at the cumulative
-    share i of the budget after the start, so a section's unused time
-    passes to the next. Sections outside `shares` are not budgeted."""
+    """Time of the budgeted sections: each gets its share of the budget
+    from when it starts, plus what the sections before it left unused (a
+    section that overran takes nothing from the next). Sections outside
+    `shares` are not budgeted."""
 
     def __init__(self, seconds, shares=None, clock=time.monotonic):
         self.seconds = seconds
         self.shares = dict(SECTION_SHARES if shares is None else shares)
         self.clock = clock
-        self.start = clock()
+        self.unused = 0.0
 
-    def deadline(self, section):
+    def begin(self, section):
+        """The deadline of `section`, starting now."""
         if section not in self.shares:
             return math.inf
-        return self.start + self.shares[section] * self.seconds
+        share = self.shares[section] * self.seconds + self.unused
+        self.unused = 0.0
+        return self.clock() + share
 
-    def spent(self, section):
-        return self.clock() >= self.deadline(section)
+    def end(self, deadline):
+        """Passes the time left before `deadline` on to the next section."""
+        if deadline != math.inf:
+            self.unused = max(0.0, deadline - self.clock())
 
 
 def run_lines(cases, run_case, budget, section):
@@ -134,10 +142,11 @@ def run_lines(cases, run_case, budget, section):
     lines), each merged into a copy of the case; an exception becomes an
     "error" line.
     """
+    deadline = budget.begin(section)
     lines = []
     last = 0.0
     for case in cases:
-        if budget.clock() + last >= budget.deadline(section):
+        if budget.clock() + last >= deadline:
             lines.append(dict(case, status="skipped", note=SKIPPED))
             continue
         start = budget.clock()
@@ -149,6 +158,7 @@ def run_lines(cases, run_case, budget, section):
         last = budget.clock() - start
         for line in result if isinstance(result, list) else [result]:
             lines.append(dict(case, **line))
+    budget.end(deadline)
     return lines
 
 
@@ -272,10 +282,12 @@ def header_lines(results):
     ]
     for backend, result in results["backends"].items():
         info = result.get("device") or {}
+        runtime = info.get("runtime", {}).items()
         lines.append(
             f"{backend}: device {info.get('name', '?')} "
             f"({info.get('platform', '?')}), "
-            + ", ".join(f"{k} {v}" for k, v in info.get("runtime", {}).items())
+            + ", ".join(f"{k} {v}" for k, v in runtime)
+            + f"; {result.get('wall_s', '?')} s in all"
         )
     return lines
 

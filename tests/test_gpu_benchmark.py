@@ -131,27 +131,27 @@ def test_table_shows_notes_in_place_of_measurements():
     assert table[3].split() == ["top-2", "2", "n/a:", "no"]
 
 
-def test_budget_skips_the_lines_past_a_section_deadline():
+def test_budget_skips_the_lines_expected_to_end_past_the_deadline():
     now = [0.0]
-    budget = gpu.Budget(10, {"layer": 0.5, "model": 1.0}, clock=lambda: now[0])
+    budget = gpu.Budget(10, {"layer": 0.5, "model": 0.3}, clock=lambda: now[0])
+    step = [2.0]
 
     def run_case(case):
-        now[0] += 2
+        now[0] += step[0]
         return {"status": "ok"}
 
     cases = [{"config": str(i)} for i in range(4)]
     lines = gpu.run_lines(cases, run_case, budget, "layer")
+    # Deadline 5: the third case would end at 6.
     assert [line["status"] for line in lines] == [
         "ok", "ok", "skipped", "skipped"
     ]
     assert lines[-1]["note"] == gpu.SKIPPED
-    # A case expected to end past the deadline is not started; the next
-    # section starts from its own deadline.
+    # The model section gets its 3 s and the 1 s the layer section left.
+    step[0] = 1.0
     lines = gpu.run_lines(cases, run_case, budget, "model")
-    assert [line["status"] for line in lines] == [
-        "ok", "ok", "skipped", "skipped"
-    ]
-    assert not budget.spent("checks")
+    assert [line["status"] for line in lines] == ["ok", "ok", "ok", "skipped"]
+    assert budget.begin("checks") == float("inf")
 
 
 def test_report_counts_skipped_lines_and_failures():
