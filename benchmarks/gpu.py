@@ -287,7 +287,7 @@ def header_lines(results):
             f"{backend}: device {info.get('name', '?')} "
             f"({info.get('platform', '?')}), "
             + ", ".join(f"{k} {v}" for k, v in runtime)
-            + f"; {result.get('wall_s', '?')} s in all"
+            + f"; {result.get('elapsed_s', '?')} s in all"
         )
     return lines
 
@@ -444,17 +444,16 @@ def _start_backend(backend, args, folder):
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, env=env, stderr=stderr)
-    return backend, process, out, log, time.monotonic()
+    return backend, process, out, log
 
 
-def _finish_backend(backend, process, out, log, start):
+def _finish_backend(backend, process, out, log):
     code = process.wait()
     result = {}
     if os.path.exists(out):
         with open(out) as f:
             result = json.load(f)
     result["returncode"] = code
-    result["wall_s"] = round(time.monotonic() - start, 1)
     if code or _backend_failures(backend, result):
         with open(log) as f:
             tail = f.read()[-4000:]
@@ -1359,6 +1358,7 @@ SECTION_FUNCTIONS = {
 
 
 def run_worker(args):
+    start = time.monotonic()
     refuse_tensorflow()
     timing = _worker_imports()
     import keras
@@ -1394,6 +1394,7 @@ def run_worker(args):
             )
         )
     print(f"[{backend}] tensorflow imported: {imported}", flush=True)
+    result["elapsed_s"] = round(time.monotonic() - start, 1)
     with open(args.worker, "w") as f:
         json.dump(result, f, indent=1, default=str)
     return 0
