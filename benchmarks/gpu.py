@@ -1357,8 +1357,22 @@ SECTION_FUNCTIONS = {
 }
 
 
-def run_worker(args):
+def run_section(section, context):
+    """`{"lines": [...], "seconds": ...}`, or an "error" for a section
+    that raised."""
     start = time.monotonic()
+    data = {}
+    try:
+        data["lines"] = SECTION_FUNCTIONS[section](context)
+    except Exception as error:  # noqa: BLE001 - recorded as a failure
+        traceback.print_exc()
+        data["error"] = _message(error)
+    data["seconds"] = round(time.monotonic() - start, 2)
+    return data
+
+
+def run_worker(args):
+    began = time.monotonic()
     refuse_tensorflow()
     timing = _worker_imports()
     import keras
@@ -1372,14 +1386,7 @@ def run_worker(args):
         "budget": Budget(args.budget_s),
     }
     for section in args.sections:
-        start = time.monotonic()
-        data = {}
-        try:
-            data["lines"] = SECTION_FUNCTIONS[section](context)
-        except Exception as error:  # noqa: BLE001 - recorded as a failure
-            traceback.print_exc()
-            data["error"] = _message(error)
-        data["seconds"] = round(time.monotonic() - start, 2)
+        data = run_section(section, context)
         result["sections"][section] = data
         print(f"[{backend}] {section}: {data['seconds']:.1f} s", flush=True)
     imported = tensorflow_imported()
@@ -1394,7 +1401,7 @@ def run_worker(args):
             )
         )
     print(f"[{backend}] tensorflow imported: {imported}", flush=True)
-    result["elapsed_s"] = round(time.monotonic() - start, 1)
+    result["elapsed_s"] = round(time.monotonic() - began, 1)
     with open(args.worker, "w") as f:
         json.dump(result, f, indent=1, default=str)
     return 0

@@ -60,6 +60,8 @@ def test_smoke_has_every_section_for_both_backends(smoke):
     for backend in ("jax", "torch"):
         result = results["backends"][backend]
         assert result["returncode"] == 0
+        seconds = sum(data["seconds"] for data in result["sections"].values())
+        assert result["elapsed_s"] >= seconds
         for section in gpu.SECTIONS:
             data = result["sections"][section]
             assert "error" not in data, (backend, section, data["error"])
