@@ -93,7 +93,14 @@ def compiled_train_step(layer, jit_compile=False, input_gradient=False):
         grad = jax.jit(
             jax.grad(loss_fn, argnums=(0, 1) if input_gradient else 0)
         )
-        return lambda x: grad(trainable, x)
+
+        def step(x):
+            return grad(trainable, x)
+
+        # `step.lower(x).compile()` is the compiled step (XLA's cache makes
+        # it free after a call): its HLO text and memory analysis.
+        step.lower = lambda x: grad.lower(trainable, x)
+        return step
     if backend == "torch":
 
         def step(x):
@@ -111,7 +118,9 @@ def compiled_train_step(layer, jit_compile=False, input_gradient=False):
 
 
 def block(value):
-    """Waits for asynchronous results (JAX dispatch, CUDA streams)."""
+    """Waits for asynchronous results (JAX dispatch, CUDA streams): every
+    JAX array's `block_until_ready`, and on torch a device-wide
+    `torch.cuda.synchronize()` (a torch step may return nothing)."""
     leaves = keras.tree.flatten(value) if value is not None else []
     for leaf in leaves:
         if hasattr(leaf, "block_until_ready"):
