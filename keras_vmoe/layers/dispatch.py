@@ -49,8 +49,6 @@ from keras_vmoe.layers.feed_forward import apply_activation
 from keras_vmoe.layers.routing import _as_int
 from keras_vmoe.layers.routing import expert_mask
 
-DISPATCH_MODES = ("auto", "slots", "sorted")
-
 # Token rows of a full-size tile of the static sorted layout (shorter tiles
 # were measured slower per row on a CPU; they serve small batches only).
 MIN_TILE_TOKENS = 128
