@@ -1,4 +1,4 @@
-"""`keras-vmoe`: train, evaluate, predict, analyze and list presets.
+"""`keras-vmoe`: train, evaluate, predict, analyze, convert and list presets.
 
 `keras-vmoe train` with no arguments trains a small MoE-ConvNeXt (token
 routing, top-1, 4 experts in the last block of the last two stages) on the
@@ -7,6 +7,11 @@ preset, evaluates it on the 10,000 test images and writes a routing report
 (class x expert heatmaps, gating maps, statistics); its last line is the
 path of the report's headline image. Interrupted runs resume from their
 last epoch.
+
+`keras-vmoe convert NAME OUTPUT` turns a published V-MoE / E^3 checkpoint
+(downloaded, or `--checkpoint` for a local copy) into a KerasHub preset
+folder; `keras-vmoe train --model NAME --recipe vmoe-finetune` fine-tunes
+it with vmoe's recipe.
 """
 
 import argparse
@@ -147,23 +152,49 @@ def build_parser():
     train.add_argument(
         "--pretrained",
         action="store_true",
-        help="for preset names: start from the dense checkpoint, upcycled",
+        help="for preset names: start from the dense checkpoint, upcycled "
+        "(for a published V-MoE / E^3 name: from its trained checkpoint)",
+    )
+    train.add_argument(
+        "--checkpoint",
+        default=None,
+        help="for a published V-MoE / E^3 name: a local copy of its "
+        "checkpoint (prefix or folder) instead of the download; implies "
+        "--pretrained",
+    )
+    train.add_argument(
+        "--recipe",
+        default="adamw",
+        choices=["adamw", "vmoe-finetune"],
+        help="adamw: AdamW, layer decay, warmup-cosine, label smoothing "
+        "(default); vmoe-finetune: vmoe's fine-tuning (SGD momentum 0.9, "
+        "warmup-cosine to 1e-5, global-norm clip 10, no weight decay, no "
+        "label smoothing; --learning-rate is the peak)",
     )
     _add_data_arguments(train)
     train.add_argument("--epochs", type=_integer(1), default=3)
     train.add_argument(
         "--learning-rate", type=_real(0, min_open=True), default=2e-3
     )
-    train.add_argument("--weight-decay", type=_real(0), default=0.05)
+    train.add_argument(
+        "--weight-decay",
+        type=_real(0),
+        default=None,
+        help="AdamW weight decay (default 0.05; not with vmoe-finetune)",
+    )
     train.add_argument(
         "--layer-decay",
         type=_real(0, 1, min_open=True),
-        default=1.0,
-        help="layer-wise lr decay (ViMoE fine-tuning: 0.65; 1 = off)",
+        default=None,
+        help="layer-wise lr decay (ViMoE fine-tuning: 0.65; default 1 = "
+        "off; not with vmoe-finetune)",
     )
     train.add_argument("--warmup-epochs", type=_real(0), default=0.5)
     train.add_argument(
-        "--label-smoothing", type=_real(0, 1, max_open=True), default=0.1
+        "--label-smoothing",
+        type=_real(0, 1, max_open=True),
+        default=None,
+        help="default 0.1 (adamw), 0 (vmoe-finetune)",
     )
     train.add_argument(
         "--precision",
@@ -234,6 +265,44 @@ def build_parser():
         type=_integer(1),
         default=None,
         help="analyse at most N batches",
+    )
+
+    convert = commands.add_parser(
+        "convert",
+        help="a published V-MoE / E^3 checkpoint -> a KerasHub preset folder",
+        parents=[common],
+    )
+    convert.add_argument(
+        "source",
+        help="a published checkpoint name (`keras-vmoe presets`, e.g. "
+        "vmoe_s32_last2_ilsvrc2012_randaug_light1), or the prefix of a "
+        "local vmoe checkpoint (<prefix>.index, <prefix>.data-*) with "
+        "--config and --image-size",
+    )
+    convert.add_argument("output_dir", help="the preset folder to write")
+    convert.add_argument(
+        "--checkpoint",
+        default=None,
+        help="for a name: a local copy (prefix or folder) instead of the "
+        "download",
+    )
+    convert.add_argument(
+        "--config",
+        default=None,
+        help="for a prefix: a JSON file with vmoe's `config.model`",
+    )
+    convert.add_argument(
+        "--image-size",
+        type=_integer(1),
+        default=None,
+        help="input side (default: the checkpoint's)",
+    )
+    convert.add_argument(
+        "--eval-capacity-factor",
+        type=_real(0, min_open=True),
+        default=None,
+        help="capacity factor at inference (default: the preset's, or the "
+        "config's training one)",
     )
 
     commands.add_parser(
@@ -339,6 +408,7 @@ def train(args):
     from keras_vmoe.training import set_precision
     from keras_vmoe.training.recipes import build_classifier
 
+    recipe = _training_recipe(args)
     output_dir = _output_dir(
         args.output_dir or os.path.join("runs", args.model.strip("/"))
     )
@@ -358,8 +428,9 @@ def train(args):
         args.model,
         num_classes,
         image_size=image_size,
-        pretrained=args.pretrained,
+        pretrained=args.pretrained or args.checkpoint is not None,
         group_size=args.group_size,
+        checkpoint=args.checkpoint,
     )
     if args.devices or args.expert_parallel:
         from keras_vmoe.distribution import distribute_for_training
@@ -371,19 +442,30 @@ def train(args):
     if steps_per_epoch < 1:
         steps_per_epoch = sum(1 for _ in train_data)
     total_steps = steps_per_epoch * args.epochs
-    model.compile(
-        optimizer=create_optimizer(
+    warmup_steps = min(
+        int(args.warmup_epochs * steps_per_epoch), total_steps - 1
+    )
+    if args.recipe == "vmoe-finetune":
+        from keras_vmoe.training import vmoe_finetune_optimizer
+
+        optimizer = vmoe_finetune_optimizer(
+            total_steps,
+            learning_rate=args.learning_rate,
+            warmup_steps=warmup_steps,
+        )
+    else:
+        optimizer = create_optimizer(
             model,
             total_steps=total_steps,
             learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay,
-            layer_decay=args.layer_decay,
-            warmup_steps=min(
-                int(args.warmup_epochs * steps_per_epoch), total_steps - 1
-            ),
-        ),
+            weight_decay=recipe["weight_decay"],
+            layer_decay=recipe["layer_decay"],
+            warmup_steps=warmup_steps,
+        )
+    model.compile(
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=args.label_smoothing
+            from_logits=True, label_smoothing=recipe["label_smoothing"]
         ),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
@@ -447,6 +529,30 @@ def train(args):
         print(f"Routing report: {summary['routing_report']}", flush=True)
         print(summary["routing_figure"], flush=True)
     return summary
+
+
+def _training_recipe(args):
+    """The optimizer flags in force for `--recipe` (flags a recipe does not
+    use are refused, not ignored)."""
+    if args.recipe == "vmoe-finetune":
+        for flag, value in (
+            ("--weight-decay", args.weight_decay),
+            ("--layer-decay", args.layer_decay),
+        ):
+            if value is not None:
+                raise CliError(
+                    f"{flag} is not used by --recipe vmoe-finetune (SGD "
+                    f"without weight decay). Received: {flag} {value}"
+                )
+        smoothing = args.label_smoothing or 0.0
+        return {"label_smoothing": smoothing}
+    return {
+        "weight_decay": 0.05 if args.weight_decay is None else args.weight_decay,
+        "layer_decay": 1.0 if args.layer_decay is None else args.layer_decay,
+        "label_smoothing": (
+            0.1 if args.label_smoothing is None else args.label_smoothing
+        ),
+    }
 
 
 def _routing_figure(files):
@@ -593,6 +699,88 @@ def analyze(args):
     return report
 
 
+def convert(args):
+    from keras_vmoe.models import ViTMoEImageClassifier
+    from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
+
+    if args.source in VMOE_PRESETS:
+        if args.config is not None:
+            raise CliError(
+                "--config is for a local checkpoint prefix; a published "
+                f"name has its own. Received: {args.source!r} with --config "
+                f"{args.config!r}"
+            )
+        model = ViTMoEImageClassifier.from_preset(
+            args.source,
+            checkpoint=args.checkpoint,
+            image_size=args.image_size,
+            eval_capacity_factor=args.eval_capacity_factor,
+        )
+    else:
+        model = _convert_prefix(args)
+    output_dir = args.output_dir
+    if os.path.exists(output_dir) and (
+        not os.path.isdir(output_dir) or os.listdir(output_dir)
+    ):
+        raise CliError(
+            "output_dir must be a new or empty folder. Received: "
+            f"output_dir={output_dir!r}"
+        )
+    model.save_to_preset(output_dir)
+    print(
+        f"Wrote {output_dir}: {type(model).__name__}, "
+        f"{model.count_params():,} parameters, "
+        f"{model.backbone.image_shape[0]} px, {model.num_classes} classes",
+        flush=True,
+    )
+    return output_dir
+
+
+def _convert_prefix(args):
+    from keras_vmoe.converters.vmoe import build_vmoe_model
+    from keras_vmoe.models.vit_moe.vmoe_preset_builder import vmoe_preprocessor
+
+    if args.checkpoint is not None:
+        raise CliError(
+            "--checkpoint is for a published name; give the local prefix as "
+            f"the source. Received: source={args.source!r}, --checkpoint "
+            f"{args.checkpoint!r}"
+        )
+    if not os.path.isfile(args.source + ".index"):
+        raise CliError(
+            "source must be a published checkpoint name (`keras-vmoe "
+            "presets`) or the prefix of a local vmoe checkpoint (no "
+            f"{args.source + '.index'!r}). Received: source={args.source!r}"
+        )
+    if args.config is None or args.image_size is None:
+        raise CliError(
+            "a local checkpoint prefix needs --config (a JSON file with "
+            "vmoe's config.model) and --image-size. Received: --config "
+            f"{args.config!r}, --image-size {args.image_size!r}"
+        )
+    try:
+        with open(args.config) as file:
+            config = json.load(file)
+    except (OSError, ValueError) as error:
+        raise CliError(
+            f"--config is not a readable JSON file ({error}). Received: "
+            f"--config {args.config!r}"
+        ) from error
+    if not isinstance(config, dict):
+        raise CliError(
+            "--config must hold a JSON object (vmoe's config.model). "
+            f"Received: --config {args.config!r}"
+        )
+    size = args.image_size
+    return build_vmoe_model(
+        args.source,
+        config,
+        size,
+        eval_capacity_factor=args.eval_capacity_factor,
+        preprocessor=vmoe_preprocessor(size),
+    )
+
+
 def presets(args):
     from keras_vmoe.models import list_presets
 
@@ -605,6 +793,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "predict": predict,
     "analyze": analyze,
+    "convert": convert,
     "presets": presets,
 }
 

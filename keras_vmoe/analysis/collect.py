@@ -473,6 +473,22 @@ class RoutingResult:
         }
 
 
+def _fold_ensemble(arrays, members):
+    """An E^3 layer's routing of B*M rows (copies of an image consecutive)
+    as B images: every member's K choices become choices of the image's
+    token ([B, T, M*K]), and the router probabilities are the members'
+    mean ([B, T, E]: member m's probabilities / M on its experts)."""
+    folded = {}
+    for field, value in arrays.items():
+        value = value.reshape((-1, members) + value.shape[1:])
+        if field == "router_probs":
+            folded[field] = value.mean(axis=1)
+            continue
+        value = np.moveaxis(value, 1, -2)  # [B, ..., M, K]
+        folded[field] = value.reshape(value.shape[:-2] + (-1,))
+    return folded
+
+
 def _resolve_layer_index(index, names):
     if isinstance(index, str):
         if index not in names:
@@ -624,6 +640,9 @@ def collect_routing(
                 field: keras.ops.convert_to_numpy(routing[field])
                 for field in fields
             }
+            members = getattr(layer, "ensemble_size", 1)
+            if members > 1:
+                arrays = _fold_ensemble(arrays, members)
         for field, value in arrays.items():
             records[id(layer)].setdefault(field, []).append(value)
         for name, value in layer.routing_statistics().items():
@@ -713,7 +732,7 @@ def collect_routing(
         else:
             results.append(
                 LayerRouting(
-                    top_k=layer.top_k,
+                    top_k=layer.top_k * getattr(layer, "ensemble_size", 1),
                     routing=layer.routing,
                     labels=labels,
                     num_classes=num_classes,

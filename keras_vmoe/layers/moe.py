@@ -12,6 +12,7 @@ Axis letters: see `docs/glossary.md`.
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_vmoe import validation
@@ -29,6 +30,7 @@ ROUTING_MODES = ("token", "image")
 IMAGE_ROUTER_INPUTS = ("auto", "cls", "mean")
 EXPERT_LOAD_NAME = "expert_load"
 AUX_LOSSES = ("load_balance", "importance", "load", "z")
+PARTIAL_GROUPS = ("error", "pad")
 
 
 def _check_capacity_factor(name, value):
@@ -62,6 +64,36 @@ def _check_routing_arguments(
         "image_router_input", image_router_input, IMAGE_ROUTER_INPUTS
     )
     validation.check_choice("dispatch", dispatch, dispatch_modes())
+
+
+def _check_ensemble(ensemble_size, num_experts, top_k, routing, group_size):
+    validation.check_int("ensemble_size", ensemble_size)
+    if ensemble_size == 1:
+        return
+    if num_experts % ensemble_size:
+        raise ValueError(
+            "`num_experts` must be a multiple of `ensemble_size` (each "
+            "ensemble member routes among its own num_experts / "
+            f"ensemble_size experts). Received: num_experts={num_experts}, "
+            f"ensemble_size={ensemble_size}"
+        )
+    if top_k > num_experts // ensemble_size:
+        raise ValueError(
+            "`top_k` must be <= num_experts / ensemble_size, the experts of "
+            f"one ensemble member. Received: top_k={top_k}, num_experts="
+            f"{num_experts}, ensemble_size={ensemble_size}"
+        )
+    if routing != "token":
+        raise ValueError(
+            "Ensemble routing (`ensemble_size` > 1) routes tokens; use "
+            f"routing='token'. Received: routing={routing!r}"
+        )
+    if group_size is not None and group_size % ensemble_size:
+        raise ValueError(
+            "`group_size` must be a multiple of `ensemble_size` (a group "
+            "holds the tokens of every member of its images). Received: "
+            f"group_size={group_size}, ensemble_size={ensemble_size}"
+        )
 
 
 def _loss_weights(*weights, noisy_gating, noise_std):
@@ -103,7 +135,14 @@ class MoEFeedForward(MoELayer):
     The routing of an item then depends only on its own group, so it does
     not change with the number of devices as long as every device holds
     whole groups. A batch whose item count is not a multiple of n raises a
-    `ValueError`.
+    `ValueError`, unless `partial_groups="pad"`: then, at inference, the
+    last group is completed with padding items that claim no expert slot
+    (capacity stays that of a full group): the real items route as in a
+    full group whose other items are absent. For top-1 routing without
+    batch priority that is exactly the start of a full group (an item never
+    competes with the items after it); with K > 1 the later items' first
+    choices would come before an item's second choice, so there it is not.
+    Training still needs whole groups.
 
     Capacity: each expert has `C = ceil(K * S * capacity_factor / E)` slots
     per group of S items; choices beyond that are dropped and contribute
@@ -112,7 +151,20 @@ class MoEFeedForward(MoELayer):
     largest router probability claim slots first (Riquelme et al., 2021);
     the order uses the raw probability also when `normalize_gates=True`;
     equal probabilities go in item order on every backend.
-    `capacity_factor=None` is dropless: no choice is ever dropped.
+    `capacity_factor=None` is dropless: no choice is ever dropped. With
+    `capacity_multiple_of=m`, C is rounded up to a multiple of m (vmoe
+    rounds to 4).
+
+    Ensemble routing (E^3, Allingham et al., 2022, "Sparse MoEs meet
+    Efficient Ensembles"): with `ensemble_size=M` > 1 the input batch holds
+    M copies of every image, consecutive (`[x_0, x_0, x_1, x_1, ...]` for
+    M = 2, as `ops.repeat(images, M, axis=0)`): copy m is ensemble member m
+    and routes only among experts `[m E/M, (m+1) E/M)`: its router
+    probabilities are the softmax over those E/M logits (0 elsewhere), its
+    noise std defaults to M / E, and the auxiliary losses are computed per
+    member over its E/M experts and averaged. The tokens are grouped in
+    (image, token, member) order, as vmoe's `EncoderMoeEnsemble`, so a
+    group of `group_size` tokens holds all members of its images.
 
     Dispatch (`dispatch`) never changes the results, only how they are
     computed: "slots" fills E*C capacity slots per group, used or not;
@@ -172,6 +224,13 @@ class MoEFeedForward(MoELayer):
         seed: seed of the gating noise and the dropout.
         dispatch: "auto", "slots", "sorted" or "grouped" (or the name of a
             registered dispatcher): how items reach their experts.
+        capacity_multiple_of: None, or a positive int: the capacity is
+            rounded up to a multiple of it (vmoe: 4).
+        ensemble_size: M, ensemble members (E^3 routing, see above); 1 (the
+            default) is ordinary routing. M > 1 needs token routing, E a
+            multiple of M, K <= E / M and a `group_size` multiple of M.
+        partial_groups: "error" (default) or "pad": what a batch that does
+            not fill whole routing groups does at inference (see above).
 
     Example:
     >>> moe = MoEFeedForward(num_experts=4, hidden_dim=64, top_k=2)
@@ -209,6 +268,9 @@ class MoEFeedForward(MoELayer):
         kernel_initializer=None,
         seed=None,
         dispatch="auto",
+        capacity_multiple_of=None,
+        ensemble_size=1,
+        partial_groups="error",
         **kwargs,
     ):
         _check_routing_arguments(
@@ -221,6 +283,11 @@ class MoEFeedForward(MoELayer):
             image_router_input,
             dispatch,
         )
+        validation.check_int(
+            "capacity_multiple_of", capacity_multiple_of, allow_none=True
+        )
+        _check_ensemble(ensemble_size, num_experts, top_k, routing, group_size)
+        validation.check_choice("partial_groups", partial_groups, PARTIAL_GROUPS)
         loss_weights = _loss_weights(
             load_balance_loss_weight,
             importance_loss_weight,
@@ -252,6 +319,16 @@ class MoEFeedForward(MoELayer):
         self.image_router_input = image_router_input
         self.loss_weights = loss_weights
         self.dispatch = dispatch
+        self.capacity_multiple_of = capacity_multiple_of
+        self.ensemble_size = ensemble_size
+        self.partial_groups = partial_groups
+
+    @property
+    def _noise_std(self):
+        # vmoe divides the noise by the experts one item can choose from.
+        if self.noise_std is None:
+            return self.ensemble_size / self.num_experts
+        return self.noise_std
 
     # === Build ===
     def _check_inputs(self, input_shape):
@@ -301,12 +378,18 @@ class MoEFeedForward(MoELayer):
             group_items(x, self.group_size)
             for x in self._router_logits(router_input, training)
         )
-        probs = ops.softmax(routing_logits, axis=-1)  # float32 [G, S, E]
+        probs = ops.softmax(
+            self._member_logits(routing_logits), axis=-1
+        )  # float32 [G, S, E]
         capacity_factor = (
             self.capacity_factor if training else self.eval_capacity_factor
         )
         capacity = compute_capacity(
-            ops.shape(probs)[1], self.num_experts, self.top_k, capacity_factor
+            ops.shape(probs)[1],
+            self.num_experts,
+            self.top_k,
+            capacity_factor,
+            self.capacity_multiple_of,
         )
         plan = route(
             probs,
@@ -322,11 +405,116 @@ class MoEFeedForward(MoELayer):
             )
         return plan, probs, capacity_factor
 
+    # === Ensemble routing ===
+    def _member_logits(self, logits):
+        """[G, S, E] logits with every expert outside an item's ensemble
+        member at -inf (items are in (image, token, member) order)."""
+        members = self.ensemble_size
+        if members == 1:
+            return logits
+        shape = ops.shape(logits)
+        experts = self.num_experts // members
+        own = np.repeat(np.eye(members, dtype=bool), experts, axis=1)
+        grouped = ops.reshape(logits, (shape[0], -1, members, self.num_experts))
+        masked = ops.where(own, grouped, float("-inf"))
+        return ops.reshape(masked, shape)
+
+    def _member_blocks(self, x, offset=False):
+        """[G, S, X] (X = E, or K expert indices) -> [M*G, S/M, X'] with
+        each member's own experts: X' = E/M columns of its block, or the
+        indices relative to its block (`offset=True`)."""
+        members = self.ensemble_size
+        if members == 1:
+            return x
+        shape = ops.shape(x)
+        x = ops.reshape(x, (shape[0], -1, members, shape[-1]))
+        experts = self.num_experts // members
+        blocks = []
+        for m in range(members):
+            if offset:
+                blocks.append(x[:, :, m, :] - m * experts)
+            else:
+                blocks.append(x[:, :, m, m * experts : (m + 1) * experts])
+        blocks = ops.stack(blocks, axis=0)
+        return ops.reshape(blocks, (-1,) + tuple(blocks.shape[2:]))
+
+    def _member_minor(self, inputs):
+        """[B*M, ..., d] (copies of an image consecutive) -> [B*M, T, d]
+        whose flattened order is (image, token, member)."""
+        members, width = self.ensemble_size, inputs.shape[-1]
+        tokens = ops.reshape(inputs, (-1, members, self._tokens(inputs), width))
+        tokens = ops.transpose(tokens, (0, 2, 1, 3))
+        return ops.reshape(tokens, (-1, self._tokens(inputs), width))
+
+    def _member_major(self, x, num_tokens):
+        """Inverse of `_member_minor` for a [B*M*T, X] tensor."""
+        members = self.ensemble_size
+        x = ops.reshape(x, (-1, num_tokens, members, ops.shape(x)[-1]))
+        x = ops.transpose(x, (0, 2, 1, 3))
+        return ops.reshape(x, (-1, ops.shape(x)[-1]))
+
+    # === Partial routing groups ===
+    def _pad_to_groups(self, items, router_input, training):
+        """With `partial_groups="pad"` at inference, pads [N, P, d] items
+        and [N, d] router inputs to whole groups. Padding items have a NaN
+        router input: they claim no slot. Returns the items, router input
+        and N (None when nothing was padded)."""
+        size = self.group_size
+        if size is None or self.partial_groups == "error":
+            return items, router_input, None
+        num_items = ops.shape(items)[0]
+        static = isinstance(num_items, int)
+        if static and num_items % size == 0:
+            return items, router_input, None
+        if training:
+            if static:
+                raise ValueError(
+                    f"In training the number of routed items ({num_items}) "
+                    f"must be a multiple of `group_size` ({size}): "
+                    "`partial_groups='pad'` pads partial groups at "
+                    "inference only. Use a batch size whose items fill "
+                    "whole groups (and drop the last partial batch)."
+                )
+            return items, router_input, None
+        pad = (-num_items) % size
+        items = ops.pad(items, [[0, pad], [0, 0], [0, 0]])
+        router_input = ops.pad(
+            router_input, [[0, pad], [0, 0]], constant_values=float("nan")
+        )
+        return items, router_input, num_items
+
+    @staticmethod
+    def _real_items(plan, num_items):
+        """The [N, ...] rows of the first `num_items` items of a grouped
+        plan (all of them when `num_items` is None)."""
+        if num_items is None:
+            return plan
+        real = {}
+        for name, value in plan.items():
+            if name == "capacity":
+                real[name] = value
+                continue
+            rows = ops.reshape(value, (-1,) + tuple(value.shape[2:]))
+            real[name] = rows[:num_items]
+        return real
+
+    @staticmethod
+    def _tokens(inputs):
+        return math.prod(inputs.shape[1:-1])
+
     def _forward(self, inputs, training):
+        ensemble = self.ensemble_size > 1
+        if ensemble:
+            inputs_shape = ops.shape(inputs)
+            inputs = self._member_minor(inputs)
         items, router_input = self._items(inputs)
+        items, router_input, num_items = self._pad_to_groups(
+            items, router_input, training
+        )
         plan, probs, capacity_factor = self._plan(router_input, training)
+        real = self._real_items(plan, num_items)
         load = expert_load(
-            plan["expert_index"], plan["kept"], self.num_experts, plan["valid"]
+            real["expert_index"], real["kept"], self.num_experts, real["valid"]
         )
         self.expert_load.assign(load)
         grouped = group_items(items, self.group_size)  # [G, S, P, d]
@@ -347,11 +535,34 @@ class MoEFeedForward(MoELayer):
         # Items with non-finite router input get NaN, never a fake expert.
         valid = ops.reshape(plan["valid"], (-1, 1, 1))
         routed = ops.where(valid, ops.reshape(routed, ops.shape(items)), float("nan"))
+        if num_items is not None:
+            routed = routed[:num_items]
+            probs = self._real_items({"probs": probs}, num_items)["probs"]
+            plan = real
+        if ensemble:
+            routed = self._member_major(
+                ops.reshape(routed, (-1, inputs.shape[-1])),
+                self._tokens(inputs),
+            )
+            return ops.reshape(routed, inputs_shape), {
+                "plan": plan,
+                "probs": probs,
+                "load": load,
+                "tokens": self._tokens(inputs),
+            }
         outputs = ops.reshape(routed, ops.shape(inputs))
         return outputs, {"plan": plan, "probs": probs, "load": load}
 
     def _add_aux_losses(self, logits, noisy_logits, probs, expert_index):
-        """Adds the weighted aux losses; all inputs are [G, S, ...]."""
+        """Adds the weighted aux losses; all inputs are [G, S, ...]. With
+        ensemble routing each member's block is one more group."""
+        logits, noisy_logits, expert_index = (
+            self._member_blocks(logits),
+            self._member_blocks(noisy_logits),
+            self._member_blocks(expert_index, offset=True),
+        )
+        if self.ensemble_size > 1:
+            probs = ops.softmax(noisy_logits, axis=-1)
         weights = self.loss_weights
         values = {}
         if weights["load_balance"]:
@@ -389,6 +600,10 @@ class MoEFeedForward(MoELayer):
         plan, leading = state["plan"], self._leading(input_shape)
 
         def shaped(x, last):
+            if "tokens" in state:  # ensemble: back to the input's order
+                x = self._member_major(
+                    ops.reshape(x, (-1, last)), state["tokens"]
+                )
             return ops.reshape(x, leading + (last,))
 
         k, e = self.top_k, self.num_experts
@@ -428,6 +643,9 @@ class MoEFeedForward(MoELayer):
                 "load_loss_weight": self.loss_weights["load"],
                 "z_loss_weight": self.loss_weights["z"],
                 "dispatch": self.dispatch,
+                "capacity_multiple_of": self.capacity_multiple_of,
+                "ensemble_size": self.ensemble_size,
+                "partial_groups": self.partial_groups,
             }
         )
         return config

@@ -29,12 +29,16 @@ def _as_int(value):
         return value
 
 
-def compute_capacity(num_items, num_experts, top_k, capacity_factor):
+def compute_capacity(
+    num_items, num_experts, top_k, capacity_factor, multiple_of=None
+):
     """Slots per expert, `C = ceil(K * S * capacity_factor / E)`.
 
-    The result is clamped to `[1, S]`: an expert never receives an item twice
-    (top-k experts of an item are distinct), so more than `S` slots would only
-    hold padding.
+    With `multiple_of=m`, C is then rounded up to a multiple of m, as vmoe's
+    `compute_capacity` does (its default is m = 4). The result is clamped to
+    `[1, S]`: an expert never receives an item twice (top-k experts of an
+    item are distinct), so more than `S` slots would only hold padding and
+    the clamp never changes which choices are kept.
 
     Args:
         num_items: S, the number of items in the routing group. A Python int,
@@ -43,6 +47,8 @@ def compute_capacity(num_items, num_experts, top_k, capacity_factor):
         top_k: K.
         capacity_factor: float > 0, or `None` for dropless routing
             (`C = S`: no item is ever dropped).
+        multiple_of: None, or a positive int the capacity is rounded up to
+            a multiple of (before the clamp).
 
     Returns:
         The capacity, a Python int when `num_items` is static.
@@ -52,10 +58,14 @@ def compute_capacity(num_items, num_experts, top_k, capacity_factor):
         return num_items
     if isinstance(num_items, int):
         capacity = math.ceil(top_k * num_items * capacity_factor / num_experts)
+        if multiple_of:
+            capacity += -capacity % multiple_of
         return max(1, min(capacity, num_items))
     capacity = ops.ceil(
         ops.cast(num_items, "float32") * (top_k * capacity_factor / num_experts)
     )
+    if multiple_of:
+        capacity = ops.ceil(capacity / multiple_of) * multiple_of
     capacity = ops.cast(capacity, "int32")
     return ops.clip(capacity, 1, num_items)
 

@@ -16,10 +16,11 @@ from keras_vmoe.models.stats import model_stats
 from keras_vmoe.models.vit_moe import ViTMoEBackbone
 from keras_vmoe.models.vit_moe import ViTMoEImageClassifier
 from keras_vmoe.models.vit_moe.presets import PRESETS as _VIT_MOE_PRESETS
+from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
 
 # One table per model family: name -> preset description (config, source
 # checkpoint, params, active params, FLOPs at 224x224).
-_PRESET_TABLES = (_VIT_MOE_PRESETS, _CONVNEXT_MOE_PRESETS)
+_PRESET_TABLES = (_VIT_MOE_PRESETS, _CONVNEXT_MOE_PRESETS, VMOE_PRESETS)
 
 
 # The trained presets installed with the package load by name through
@@ -34,7 +35,10 @@ def list_presets():
     load with `keras_hub.models.ImageClassifier.from_preset(name)` or
     their family's `from_preset(name)`; the architecture presets with the
     `from_preset` of their family, e.g.
-    `ViTMoEImageClassifier.from_preset(name, num_classes=...)`.
+    `ViTMoEImageClassifier.from_preset(name, num_classes=...)`; the
+    published V-MoE / E^3 checkpoints (`VMOE_PRESETS`) with
+    `ViTMoEImageClassifier.from_preset(name)` (downloaded from their
+    publisher).
     """
     names = {name for table in _PRESET_TABLES for name in table}
     return sorted(names | set(_SHIPPED_PRESETS))

@@ -51,6 +51,8 @@ MOE_ARGUMENTS = (
     "router_type",
     "slots_per_expert",
     "normalize",
+    "capacity_multiple_of",
+    "partial_groups",
 )
 
 _COMMON_DEFAULTS = {
@@ -74,6 +76,8 @@ _COMMON_DEFAULTS = {
     "router_type": "top_k",
     "slots_per_expert": 1,
     "normalize": True,
+    "capacity_multiple_of": None,
+    "partial_groups": "error",
 }
 
 # The only defaults that differ: ViMoE routes images over 8 experts, the

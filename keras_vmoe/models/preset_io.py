@@ -117,7 +117,8 @@ def preset_normalization(preset):
     Images in [0, 255] are normalised as `(x / 255 - mean) / std`, the
     statistics the preset's dense checkpoint was trained with (DINOv2 and
     ConvNeXt: ImageNet's; the timm AugReg ViT-S/16 and ViT-B/16 presets,
-    `vit_*_patch16*` and `vit_moe_*_patch16_*`: 0.5 and 0.5). The
+    `vit_*_patch16*` and `vit_moe_*_patch16_*`, and the published vmoe
+    checkpoints: 0.5 and 0.5, i.e. [-1, 1]). The
     preprocessor built by `from_preset` applies them; pass them to input
     pipelines that normalise outside the model.
 
@@ -133,6 +134,11 @@ def preset_normalization(preset):
     preset = shipped_preset_dir(preset) or preset
     if isinstance(preset, str) and os.path.isdir(preset):
         return _folder_normalization(preset)
+    from keras_vmoe.models.vit_moe import vmoe_presets
+
+    if preset in vmoe_presets.VMOE_PRESETS:
+        # vmoe's `value_range(-1, 1)`.
+        return {"mean": vmoe_presets.VMOE_MEAN, "std": vmoe_presets.VMOE_STD}
     entry = preset_table_entry(preset)
     return {"mean": tuple(entry["mean"]), "std": tuple(entry["std"])}
 

@@ -15,4 +15,5 @@ from keras_vmoe.training.optimizer import create_optimizer
 from keras_vmoe.training.optimizer import layer_decay_multipliers
 from keras_vmoe.training.optimizer import no_weight_decay_variables
 from keras_vmoe.training.optimizer import set_precision
+from keras_vmoe.training.optimizer import vmoe_finetune_optimizer
 from keras_vmoe.training.optimizer import warmup_cosine_schedule

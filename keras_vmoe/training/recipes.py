@@ -90,7 +90,9 @@ def _preset_family(name):
     from keras_vmoe.models.convnext_moe import presets as convnext_presets
     from keras_vmoe.models.vit_moe import presets as vit_presets
 
-    if name in vit_presets.PRESETS:
+    from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
+
+    if name in vit_presets.PRESETS or name in VMOE_PRESETS:
         return ViTMoEImageClassifier
     if name in convnext_presets.PRESETS:
         return ConvNeXtMoEImageClassifier
@@ -98,7 +100,12 @@ def _preset_family(name):
 
 
 def build_classifier(
-    name, num_classes, image_size=28, pretrained=False, group_size=None
+    name,
+    num_classes,
+    image_size=28,
+    pretrained=False,
+    group_size=None,
+    checkpoint=None,
 ):
     """A classifier from a small recipe, a preset name or a preset folder.
 
@@ -113,6 +120,8 @@ def build_classifier(
             images for image routing, tokens for token routing), e.g. for
             expert parallelism. Small recipes and preset names of both
             families (not a saved preset folder).
+        checkpoint: for a published V-MoE / E^3 name, a local copy of its
+            checkpoint (prefix or folder) instead of the download.
 
     Raises:
         ValueError: for an unknown name.
@@ -135,6 +144,24 @@ def build_classifier(
             f"{sorted(SMALL_MODELS)} and preset names (both families); set "
             "it in the backbone's config (`group_size`) of a saved preset. "
             f"Received: group_size={group_size}, model={name!r}"
+        )
+    from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
+
+    if checkpoint is not None and name not in VMOE_PRESETS:
+        raise ValueError(
+            "`checkpoint` is for the published V-MoE / E^3 names "
+            f"{sorted(VMOE_PRESETS)}. Received: checkpoint={checkpoint!r}, "
+            f"model={name!r}"
+        )
+    if name in VMOE_PRESETS:
+        overrides = {} if group_size is None else {"group_size": group_size}
+        return family.from_preset(
+            name,
+            load_weights=pretrained,
+            num_classes=num_classes,
+            image_size=image_size,
+            checkpoint=checkpoint,
+            **overrides,
         )
     if family is not None:
         overrides = {} if group_size is None else {"group_size": group_size}

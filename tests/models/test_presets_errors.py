@@ -27,6 +27,7 @@ from keras_vmoe.models.vit_moe.image_classifier import (
 )
 from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageConverter
 from keras_vmoe.models.vit_moe.presets import PRESETS as VIT
+from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
 from keras_vmoe.utils import atomic_directory
 from keras_vmoe.utils import atomic_file
 
@@ -61,7 +62,11 @@ def test_every_preset_records_the_statistics_of_its_checkpoint(name):
 
 
 def test_the_table_has_both_kinds():
-    assert set(TABLE_NAMES) | set(SHIPPED) == set(list_presets())
+    assert set(TABLE_NAMES) | set(SHIPPED) | set(VMOE_PRESETS) == set(
+        list_presets()
+    )
+    for name in VMOE_PRESETS:  # vmoe's value_range(-1, 1)
+        assert preset_normalization(name) == {"mean": HALF[0], "std": HALF[1]}
     kinds = {_expected_statistics(name) for name in TABLE_NAMES}
     assert kinds == {IMAGENET, HALF}
     # 2 dense, 2 x 9 Sweet-spot, 2 Soft MoE, 4 Expert Choice.

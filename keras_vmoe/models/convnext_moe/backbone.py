@@ -177,7 +177,7 @@ class ConvNeXtMoEBackbone(
         batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
         load_balance_loss_weight, importance_loss_weight, load_loss_weight,
         z_loss_weight, dispatch, seed, router_type, slots_per_expert,
-        normalize: the MoE arguments, the same names and meaning in both
+        normalize, capacity_multiple_of, partial_groups: the MoE arguments, the same names and meaning in both
             families (`keras_vmoe.models.moe_arguments`); each MoE block
             gets a `MoEFeedForward` with these arguments (see its
             documentation; every feature-map position is a token), block
@@ -264,6 +264,8 @@ class ConvNeXtMoEBackbone(
         router_type="top_k",
         slots_per_expert=1,
         normalize=True,
+        capacity_multiple_of=None,
+        partial_groups="error",
         expert_mlp_ratio=None,
         moe_skip_connection=True,
         block_mlp_dims=None,

@@ -4,7 +4,9 @@ import numbers
 
 import keras
 import keras_hub
+from keras import ops
 
+from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.models import moe_arguments
 from keras_vmoe.models import preset_io
 from keras_vmoe.models import registry
@@ -13,6 +15,9 @@ from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe import presets
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
+from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
+from keras_vmoe.layers.feed_forward import check_activation
+from keras_vmoe.validation import check_int
 from keras_vmoe.validation import check_no_unknown_kwargs
 from keras_vmoe.validation import check_number
 
@@ -59,15 +64,25 @@ class ViTMoEBackbone(
         drop_path_rate: stochastic depth rate of the last block; it grows
             linearly from 0 at the first block (timm).
         layer_norm_epsilon: LayerNorm epsilon.
+        activation: activation of every MLP and expert: "gelu" (exact, as
+            timm and DINOv2) or "gelu_tanh" (the tanh approximation, flax's
+            default, which vmoe's models use).
         moe_layers: which blocks are MoE, see `resolve_moe_layers`: None or
             [] (dense), "last-L", "every-n", an int L (last L blocks), or a
             list of indices.
+        ensemble_size: M, members of an E^3 ensemble (Allingham et al.,
+            2022): before the first MoE block every image is repeated M
+            times (copies consecutive), and every MoE block routes copy m
+            among its own E/M experts (`MoEFeedForward`'s `ensemble_size`).
+            The output then has B*M rows; `ViTMoEImageClassifier` combines
+            the members' predictions. 1 (default): no ensemble. Needs
+            `router_type="top_k"`, token routing and MoE blocks.
         num_experts, top_k, routing, router, router_dim, shared_expert,
         capacity_factor, eval_capacity_factor, group_size,
         batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
         load_balance_loss_weight, importance_loss_weight, load_loss_weight,
         z_loss_weight, dispatch, seed, router_type, slots_per_expert,
-        normalize: the MoE arguments, the same names and meaning in both
+        normalize, capacity_multiple_of, partial_groups: the MoE arguments, the same names and meaning in both
             families (`keras_vmoe.models.moe_arguments`); each MoE block
             gets a `MoEFeedForward` with these arguments (see its
             documentation), block `i` with gating-noise seed `seed + i`.
@@ -109,7 +124,9 @@ class ViTMoEBackbone(
         layer_scale_init_value=None,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        activation="gelu",
         moe_layers=None,
+        ensemble_size=1,
         num_experts=8,
         top_k=1,
         routing="image",
@@ -132,6 +149,8 @@ class ViTMoEBackbone(
         router_type="top_k",
         slots_per_expert=1,
         normalize=True,
+        capacity_multiple_of=None,
+        partial_groups="error",
         dtype=None,
         **kwargs,
     ):
@@ -209,9 +228,13 @@ class ViTMoEBackbone(
         check_number(
             "layer_scale_init_value", layer_scale_init_value, allow_none=True
         )
+        check_activation(activation)
         moe_values = moe_arguments.collect(locals())
         moe_config = moe_arguments.build_moe_config(moe_values, "vit")
         moe_indices = resolve_moe_layers(moe_layers, num_layers)
+        moe_config = _with_ensemble(
+            moe_config, ensemble_size, moe_indices, router_type
+        )
 
         # === Layers ===
         self.embedding = ViTEmbedding(
@@ -236,6 +259,7 @@ class ViTMoEBackbone(
                     else 0.0
                 ),
                 layer_norm_epsilon=layer_norm_epsilon,
+                activation=activation,
                 moe_config=(
                     moe_arguments.block_moe_config(moe_config, i)
                     if i in moe_indices
@@ -253,7 +277,10 @@ class ViTMoEBackbone(
         # === Functional Model ===
         image_input = keras.Input(shape=image_shape, name="images")
         x = self.embedding(image_input)
-        for block in self.transformer_layers:
+        for index, block in enumerate(self.transformer_layers):
+            if ensemble_size > 1 and index == moe_indices[0]:
+                # E^3: the members' copies of an image are consecutive.
+                x = ops.repeat(x, ensemble_size, axis=0)
             x = block(x)
         outputs = self.norm(x)
         super().__init__(
@@ -272,7 +299,9 @@ class ViTMoEBackbone(
         self.layer_scale_init_value = layer_scale_init_value
         self.drop_path_rate = drop_path_rate
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.activation = activation
         self.moe_layers = moe_layers
+        self.ensemble_size = ensemble_size
         self.moe_layer_indices = moe_indices
         moe_arguments.set_attributes(self, moe_values)
 
@@ -289,8 +318,11 @@ class ViTMoEBackbone(
             preset: a name from `keras_vmoe.models.list_presets()` (the
                 architecture is built from the table; with `load_weights`
                 the dense checkpoint it names is downloaded, converted and
-                upcycled), a local KerasHub preset directory, or a KerasHub
-                handle ("hf://...", "kaggle://...").
+                upcycled; for a published V-MoE / E^3 checkpoint
+                (`keras_vmoe.models.vit_moe.vmoe_presets`) the trained
+                model's backbone, see `build_vmoe_preset`), a local KerasHub
+                preset directory, or a KerasHub handle ("hf://...",
+                "kaggle://...").
             load_weights: load pretrained weights.
             **kwargs: for a preset name, `weights_path` (a local dense
                 `.safetensors` checkpoint to use instead of the download),
@@ -298,7 +330,9 @@ class ViTMoEBackbone(
                 argument to override (e.g. `image_shape`, `dtype`, `normalize_gates`);
                 otherwise passed to KerasHub.
         """
-        if isinstance(preset, str) and preset in presets.PRESETS:
+        if isinstance(preset, str) and (
+            preset in presets.PRESETS or preset in VMOE_PRESETS
+        ):
             return registry.build_preset(cls, preset, load_weights, **kwargs)
         preset_io.check_preset_name(preset, "ViTMoE", cls.__name__)
         preset_io.check_preset_dir(preset, False, load_weights, **kwargs)
@@ -324,8 +358,28 @@ class ViTMoEBackbone(
                 "layer_scale_init_value": self.layer_scale_init_value,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "activation": self.activation,
                 "moe_layers": self.moe_layers,
+                "ensemble_size": self.ensemble_size,
                 **moe_arguments.get_config(self),
             }
         )
         return config
+
+
+def _with_ensemble(moe_config, ensemble_size, moe_indices, router_type):
+    """`moe_config` with `ensemble_size` when it is > 1, checked."""
+    check_int("ensemble_size", ensemble_size)
+    if ensemble_size == 1:
+        return moe_config
+    if router_type != "top_k" or not moe_indices:
+        raise ValueError(
+            "`ensemble_size` > 1 (E^3 ensemble routing) needs top-k MoE "
+            "blocks: router_type='top_k' and `moe_layers`. Received: "
+            f"ensemble_size={ensemble_size}, router_type={router_type!r}, "
+            f"MoE blocks {list(moe_indices)}"
+        )
+    config = dict(moe_config, ensemble_size=ensemble_size)
+    # The layer's own error names the argument (routing, top_k, ...).
+    build_moe_layer(config, hidden_dim=1, name="moe_argument_check")
+    return config

@@ -1,5 +1,7 @@
 """`ViTMoEImageClassifier`: a linear head on a `ViTMoEBackbone`."""
 
+import math
+
 import keras
 import keras_hub
 from keras import ops
@@ -11,6 +13,7 @@ from keras_vmoe.models.routing_metrics import RoutingMetricsMixin
 from keras_vmoe.models.shuffle import ShuffledFitMixin
 from keras_vmoe.models.vit_moe import presets
 from keras_vmoe.models.vit_moe.backbone import ViTMoEBackbone
+from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
 from keras_vmoe.models.vit_moe.image_classifier_preprocessor import (
     ViTMoEImageClassifierPreprocessor,
 )
@@ -23,6 +26,7 @@ from keras_vmoe.models.vit_moe.image_converter import (  # noqa: F401
 )
 from keras_vmoe.validation import TASK_KWARGS
 from keras_vmoe.validation import check_head_args
+from keras_vmoe.validation import check_int
 from keras_vmoe.validation import check_no_unknown_kwargs
 
 POOLINGS = ("cls", "cls+mean")
@@ -54,6 +58,16 @@ class ViTMoEImageClassifier(
         activation: activation of the output layer, None for logits.
         dropout: dropout before the output layer.
         head_dtype: dtype policy of the head; default: the backbone's.
+        representation_size: None, or the width of a `pre_logits` Dense
+            layer with tanh between the pooled features and the output
+            layer (ViT's `representation_size`, used by vmoe's models).
+
+    With an E^3 backbone (`ensemble_size=M` > 1) the head runs on every
+    member's features and the output is the log of the members' mean
+    probability, `logsumexp_m(log_softmax(z_m)) - log M` (vmoe's ensemble
+    evaluation), [B, num_classes]; `activation` applies after that. A loss
+    on logits (`from_logits=True`) is then the ensemble's negative log
+    likelihood.
 
     Example:
     >>> backbone = ViTMoEBackbone(
@@ -76,6 +90,7 @@ class ViTMoEImageClassifier(
         activation=None,
         dropout=0.0,
         head_dtype=None,
+        representation_size=None,
         **kwargs,
     ):
         check_no_unknown_kwargs(type(self).__name__, kwargs, TASK_KWARGS)
@@ -85,7 +100,9 @@ class ViTMoEImageClassifier(
                 f"`pooling` must be one of {POOLINGS}. Received: "
                 f"pooling={pooling!r}"
             )
+        check_int("representation_size", representation_size, allow_none=True)
         head_dtype = head_dtype or backbone.dtype_policy
+        ensemble_size = getattr(backbone, "ensemble_size", 1)
 
         # === Layers ===
         self.backbone = backbone
@@ -93,9 +110,19 @@ class ViTMoEImageClassifier(
         self.output_dropout = keras.layers.Dropout(
             dropout, dtype=head_dtype, name="output_dropout"
         )
+        self.pre_logits = (
+            keras.layers.Dense(
+                representation_size,
+                activation="tanh",
+                dtype=head_dtype,
+                name="pre_logits",
+            )
+            if representation_size
+            else None
+        )
         self.output_dense = keras.layers.Dense(
             num_classes,
-            activation=activation,
+            activation=activation if ensemble_size == 1 else None,
             dtype=head_dtype,
             name="predictions",
         )
@@ -109,7 +136,13 @@ class ViTMoEImageClassifier(
                 tokens[:, backbone.num_prefix_tokens :], axis=1
             )
             features = ops.concatenate([features, patch_mean], axis=-1)
+        if self.pre_logits is not None:
+            features = self.pre_logits(features)
         outputs = self.output_dense(self.output_dropout(features))
+        if ensemble_size > 1:
+            outputs = ensemble_log_mean_probability(outputs, ensemble_size)
+            if activation is not None:
+                outputs = keras.activations.get(activation)(outputs)
         # Skip `ImageClassifier.__init__`, which builds a 2D pooling head.
         keras_hub.models.Task.__init__(
             self, inputs=inputs, outputs=outputs, **kwargs
@@ -120,13 +153,26 @@ class ViTMoEImageClassifier(
         self.pooling = pooling
         self.activation = activation
         self.dropout = dropout
+        self.representation_size = representation_size
         self._track_routing()
+
+    def get_config(self):
+        config = super().get_config()
+        if self.representation_size is not None:
+            # Only when set: configs saved before the option still load.
+            config["representation_size"] = self.representation_size
+        return config
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Builds a classifier from a preset name, a directory or a handle.
 
-        For a name from `keras_vmoe.models.list_presets()`, `num_classes` is
+        For a published V-MoE / E^3 checkpoint (a name of
+        `keras_vmoe.models.vit_moe.vmoe_presets.VMOE_PRESETS`) the trained
+        classifier is downloaded (or read from `checkpoint=`) and
+        converted; `num_classes=n` starts fine-tuning from it (see
+        `build_vmoe_preset`). For another name from
+        `keras_vmoe.models.list_presets()`, `num_classes` is
         required (the dense checkpoints have no head for the target task),
         the head is new, the preprocessor normalises with the statistics of
         the preset's checkpoint (`keras_vmoe.models.preset_normalization`),
@@ -134,7 +180,10 @@ class ViTMoEImageClassifier(
         except `pooling`, `activation`, `dropout` and `head_dtype`. Anything
         else is handled by KerasHub.
         """
-        if not (isinstance(preset, str) and preset in presets.PRESETS):
+        if not (
+            isinstance(preset, str)
+            and (preset in presets.PRESETS or preset in VMOE_PRESETS)
+        ):
             preset_io.check_preset_name(preset, "ViTMoE", cls.__name__)
             preset_io.check_preset_dir(preset, True, load_weights, **kwargs)
             return preset_io._wrap_loading_errors(
@@ -144,3 +193,12 @@ class ViTMoEImageClassifier(
                 ),
             )
         return registry.build_preset(cls, preset, load_weights, **kwargs)
+
+
+def ensemble_log_mean_probability(logits, ensemble_size):
+    """[B*M, C] member logits (copies of an image consecutive) -> [B, C]
+    log of the members' mean probability, in float32."""
+    logits = ops.cast(logits, "float32")
+    logits = ops.reshape(logits, (-1, ensemble_size, logits.shape[-1]))
+    log_probs = ops.log_softmax(logits, axis=-1)
+    return ops.logsumexp(log_probs, axis=1) - math.log(ensemble_size)

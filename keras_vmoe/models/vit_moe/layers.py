@@ -288,6 +288,7 @@ class ViTBlock(keras.layers.Layer):
             LayerScale.
         drop_path_rate: stochastic depth rate of this block's branches.
         layer_norm_epsilon: epsilon of both LayerNorms.
+        activation: "gelu" (exact) or "gelu_tanh", of the MLP or experts.
         moe_config: None for a dense MLP, else the keyword arguments of
             the MoE layer other than `hidden_dim`, plus an optional
             `"router_type"` ("top_k", the default: `MoEFeedForward`;
@@ -302,9 +303,11 @@ class ViTBlock(keras.layers.Layer):
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
         moe_config=None,
+        activation="gelu",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.activation = activation
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
         self.layer_scale_init_value = layer_scale_init_value
@@ -325,10 +328,15 @@ class ViTBlock(keras.layers.Layer):
         # model (routing metrics and analyses are keyed by them).
         mlp_name = f"{self.name}_mlp"
         if moe_config is None:
-            self.mlp = FeedForward(mlp_dim, dtype=dtype, name=mlp_name)
+            self.mlp = FeedForward(
+                mlp_dim, activation=activation, dtype=dtype, name=mlp_name
+            )
         else:
             self.mlp = build_moe_layer(
-                moe_config, hidden_dim=mlp_dim, dtype=dtype, name=mlp_name
+                dict(moe_config, activation=activation),
+                hidden_dim=mlp_dim,
+                dtype=dtype,
+                name=mlp_name,
             )
         self.ls1, self.ls2 = (
             (
@@ -383,6 +391,7 @@ class ViTBlock(keras.layers.Layer):
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "moe_config": self.moe_config,
+                "activation": self.activation,
             }
         )
         return config

@@ -19,6 +19,8 @@ from keras_vmoe.models.vit_moe.image_classifier_preprocessor import (
     ViTMoEImageClassifierPreprocessor,
 )
 from keras_vmoe.models.vit_moe.image_converter import ViTMoEImageConverter
+from keras_vmoe.models.vit_moe.vmoe_preset_builder import build_vmoe_preset
+from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
 from keras_vmoe.validation import deprecated_alias
 
 
@@ -135,15 +137,26 @@ def build_classifier(cls, preset, load_weights=True, **kwargs):
     return cls(backbone=backbone, **head_kwargs)
 
 
+def _build_backbone_preset(cls, name, load_weights, **kwargs):
+    if name in VMOE_PRESETS:
+        return build_vmoe_preset(cls, name, load_weights, **kwargs)
+    return build_backbone(name, load_weights, **kwargs)
+
+
+def _build_classifier_preset(cls, name, load_weights, **kwargs):
+    if name in VMOE_PRESETS:
+        return build_vmoe_preset(cls, name, load_weights, **kwargs)
+    return build_classifier(cls, name, load_weights, **kwargs)
+
+
 def register():
-    """Registers the builders of this family (see `registry`)."""
+    """Registers the builders of this family (see `registry`): the
+    upcycled architecture presets (`presets.PRESETS`) and the published
+    V-MoE / E^3 checkpoints (`vmoe_presets.VMOE_PRESETS`)."""
     registry.register_family(
         "ViTMoE", backbone=ViTMoEBackbone, classifier=ViTMoEImageClassifier
     )
+    registry.register_preset_builder(ViTMoEBackbone, _build_backbone_preset)
     registry.register_preset_builder(
-        ViTMoEBackbone,
-        lambda cls, name, load_weights, **kwargs: build_backbone(
-            name, load_weights, **kwargs
-        ),
+        ViTMoEImageClassifier, _build_classifier_preset
     )
-    registry.register_preset_builder(ViTMoEImageClassifier, build_classifier)
