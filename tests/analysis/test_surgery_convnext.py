@@ -241,6 +241,7 @@ def test_block_mlp_dims_and_dense_skip_blocks_are_checked():
         tiny_convnext(dense_skip_blocks=[7])
 
 
+@pytest.mark.slow
 def test_distillation_into_a_moe_convnext_student():
     images, labels = tiny_data(16)
     teacher = tiny_convnext(moe_layers=None, seed=1)

@@ -62,6 +62,7 @@ def test_reproduces_vmoe_logits(fixture_model):
     np.testing.assert_allclose(logits, IO["logits"], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_capacity_drops_tokens_in_the_fixture(fixture_model):
     # The parity above is not trivial: at vmoe's capacity (12 slots of 34
     # tokens per expert) tokens are dropped; without drops the logits move.
@@ -242,6 +243,7 @@ def test_other_image_size_resamples_the_position_grid():
         model(images.astype("float32"), training=True)
 
 
+@pytest.mark.slow
 def test_routing_analysis_reads_converted_models(fixture_model, tmp_path):
     from keras_vmoe.analysis import collect_routing
 
@@ -265,6 +267,7 @@ def test_routing_analysis_reads_converted_models(fixture_model, tmp_path):
     assert record.class_expert_counts.shape == (5, 4)
 
 
+@pytest.mark.slow
 def test_ensemble_classifier_round_trips_through_a_preset_folder(tmp_path):
     from keras_vmoe.models import load_classifier
 

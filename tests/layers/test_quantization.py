@@ -83,6 +83,7 @@ def test_quantized_layer_keras_round_trip_is_identical(mode, tmp_path):
     np.testing.assert_array_equal(_np(loaded(TOKENS)), expected)
 
 
+@pytest.mark.slow
 def test_model_quantize_reaches_every_moe_layer(tmp_path):
     images, _ = tiny_data()
     model = tiny_classifier(shared_expert=True)
@@ -184,6 +185,7 @@ def test_soft_and_expert_choice_keras_round_trip_is_identical(kind, mode, tmp_pa
 
 
 @pytest.mark.parametrize("router_type", ["soft", "expert_choice"])
+@pytest.mark.slow
 def test_model_quantize_reaches_soft_and_expert_choice_layers(router_type, tmp_path):
     images, _ = tiny_data()
     model = tiny_classifier(router_type=router_type, eval_capacity_factor=2.0, shared_expert=True)

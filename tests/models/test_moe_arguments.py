@@ -218,6 +218,7 @@ def _preset_backbone(config_path, weights_path):
     return backbone
 
 
+@pytest.mark.slow
 def test_old_and_new_convnext_mnist_configs_give_the_same_outputs():
     weights = os.path.join(PRESET_DIR, "model.weights.h5")
     with pytest.warns(DeprecationWarning, match="`moe_placement` is dep"):
@@ -294,6 +295,7 @@ def _shrunk(family, config):
     [("convnext", n) for n in _representatives(convnext_presets.PRESETS)]
     + [("vit", n) for n in _representatives(vit_presets.PRESETS)],
 )
+@pytest.mark.slow
 def test_building_presets_triggers_no_deprecation_warning(family, name):
     presets = {"convnext": convnext_presets, "vit": vit_presets}[family]
     overrides = _shrunk(family, presets.PRESETS[name]["config"])

@@ -39,6 +39,7 @@ def test_list_presets_names_them():
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
+@pytest.mark.slow
 def test_keras_hub_and_our_classes_load_the_same_model_by_name(name):
     classifier_cls, backbone_cls = NAMES[name]
     by_hub = keras_hub.models.ImageClassifier.from_preset(name)

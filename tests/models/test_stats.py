@@ -95,6 +95,7 @@ def test_moe_counts_top_k_experts_router_and_shared_expert(routing):
         ),
     ],
 )
+@pytest.mark.slow
 def test_vit_formula_matches_the_measured_model(config):
     config = dict(
         image_shape=(32, 32, 3),

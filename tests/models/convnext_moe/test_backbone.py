@@ -93,6 +93,7 @@ def test_isotropic_last_3_needs_enough_blocks():
     [(HIERARCHICAL, (2, 1, 1, 32)), (ISOTROPIC, (2, 4, 4, 16))],
     ids=["hierarchical", "isotropic"],
 )
+@pytest.mark.slow
 def test_every_family_builds_with_correct_shapes(
     family, expected_shape, placement
 ):

@@ -69,6 +69,7 @@ def test_recorded_stats_equal_the_formula(name):
 
 
 @pytest.mark.parametrize("name", BUILT)
+@pytest.mark.slow
 def test_recorded_stats_equal_model_stats_of_the_built_model(name):
     backbone = ConvNeXtMoEBackbone.from_preset(name, load_weights=False)
     classifier = ConvNeXtMoEImageClassifier(backbone, num_classes=1000)
@@ -98,6 +99,7 @@ def test_recorded_stats_equal_model_stats_of_the_built_model(name):
         ),
     ],
 )
+@pytest.mark.slow
 def test_formula_equals_model_stats_for_other_options(config):
     config = dict(depths=[1, 1, 3, 1], hidden_dims=[8, 16, 24, 32], **config)
     backbone = ConvNeXtMoEBackbone(**config, image_shape=(32, 32, 3))

@@ -120,6 +120,7 @@ def _logits(model, images):
     return keras.ops.convert_to_numpy(model(images))
 
 
+@pytest.mark.slow
 def test_from_preset_downloads_caches_and_reproduces_vmoe(tiny_preset, tmp_path):
     model = ViTMoEImageClassifier.from_preset(
         NAME, cache_dir=str(tmp_path), progress=False
