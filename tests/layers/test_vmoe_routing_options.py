@@ -62,8 +62,12 @@ def test_capacity_multiple_of_changes_what_is_kept():
     kept = []
     for multiple in (None, 4):
         layer = MoEFeedForward(
-            4, 8, routing="token", eval_capacity_factor=1.0,
-            capacity_multiple_of=multiple, batch_prioritized_routing=False,
+            4,
+            8,
+            routing="token",
+            eval_capacity_factor=1.0,
+            capacity_multiple_of=multiple,
+            batch_prioritized_routing=False,
             return_routing=True,
         )
         layer.build(inputs.shape)
@@ -84,8 +88,12 @@ def test_capacity_multiple_of_is_checked():
 
 def _ensemble_layer(**kwargs):
     arguments = dict(
-        num_experts=4, hidden_dim=8, routing="token", ensemble_size=2,
-        capacity_factor=None, eval_capacity_factor=None,
+        num_experts=4,
+        hidden_dim=8,
+        routing="token",
+        ensemble_size=2,
+        capacity_factor=None,
+        eval_capacity_factor=None,
     )
     arguments.update(kwargs)
     return MoEFeedForward(**arguments)
@@ -97,7 +105,9 @@ def test_ensemble_member_routes_among_its_own_experts():
     _, info = layer(np.repeat(tokens, 2, axis=0))
     index = _np(info["expert_index"])[..., 0]  # [B*M, T]
     member = np.arange(6) % 2
-    np.testing.assert_array_equal(index // 2, np.broadcast_to(member[:, None], (6, 5)))
+    np.testing.assert_array_equal(
+        index // 2, np.broadcast_to(member[:, None], (6, 5))
+    )
     probs = _np(info["router_probs"])  # 0 outside the member's block
     np.testing.assert_array_equal(probs[0::2, :, 2:], 0)
     np.testing.assert_array_equal(probs[1::2, :, :2], 0)
@@ -113,14 +123,21 @@ def test_ensemble_equals_independent_members():
     weights = {w.path.split("/")[-1]: _np(w) for w in ensemble.weights}
     for m in range(2):
         member = MoEFeedForward(
-            2, 8, routing="token", capacity_factor=None,
+            2,
+            8,
+            routing="token",
+            capacity_factor=None,
             eval_capacity_factor=None,
         )
         member.build(tokens.shape)
         block = slice(2 * m, 2 * m + 2)
         member.router.kernel.assign(weights["kernel"][:, block])
-        for name in ("expert_kernel_1", "expert_bias_1", "expert_kernel_2",
-                     "expert_bias_2"):
+        for name in (
+            "expert_kernel_1",
+            "expert_bias_1",
+            "expert_kernel_2",
+            "expert_bias_2",
+        ):
             getattr(member, name).assign(weights[name][block])
         np.testing.assert_allclose(
             outputs[m::2], _np(member(tokens)), rtol=1e-5, atol=1e-6
@@ -133,7 +150,9 @@ def test_ensemble_groups_tokens_member_minor_as_vmoe():
     # order) that chose it. All tokens of member 0 choose expert 0, all of
     # member 1 expert 2: only (image 0, token 0) is kept for each member.
     layer = _ensemble_layer(
-        eval_capacity_factor=0.5, group_size=8, return_routing=True,
+        eval_capacity_factor=0.5,
+        group_size=8,
+        return_routing=True,
         batch_prioritized_routing=False,
     )
     inputs = np.ones((4, 2, 3), "float32")
@@ -143,14 +162,13 @@ def test_ensemble_groups_tokens_member_minor_as_vmoe():
     layer.router.kernel.assign(kernel)
     _, info = layer(inputs)
     kept = ~_np(info["dropped"])[..., 0]  # [B*M, T]: rows img0m0, img0m1, ...
-    np.testing.assert_array_equal(
-        kept, [[1, 0], [1, 0], [0, 0], [0, 0]]
-    )
+    np.testing.assert_array_equal(kept, [[1, 0], [1, 0], [0, 0], [0, 0]])
 
 
 def test_ensemble_aux_losses_are_per_member():
     layer = _ensemble_layer(
-        load_balance_loss_weight=1.0, importance_loss_weight=1.0,
+        load_balance_loss_weight=1.0,
+        importance_loss_weight=1.0,
         capacity_factor=2.0,
     )
     tokens = RNG.standard_normal((2, 4, 6)).astype("float32")
@@ -174,8 +192,11 @@ def test_ensemble_aux_losses_are_per_member():
 @pytest.mark.slow
 def test_ensemble_gradients_config_and_saving(tmp_path):
     layer = _ensemble_layer(
-        capacity_factor=1.5, eval_capacity_factor=1.5, group_size=10,
-        capacity_multiple_of=4, importance_loss_weight=0.01,
+        capacity_factor=1.5,
+        eval_capacity_factor=1.5,
+        group_size=10,
+        capacity_multiple_of=4,
+        importance_loss_weight=0.01,
     )
     inputs = np.repeat(RNG.standard_normal((2, 5, 6)).astype("float32"), 2, 0)
     layer(inputs)
@@ -206,9 +227,15 @@ def test_ensemble_arguments_are_checked(kwargs, match):
 
 def _padded_layer(**kwargs):
     arguments = dict(
-        num_experts=4, hidden_dim=8, top_k=2, routing="token",
-        eval_capacity_factor=1.0, capacity_factor=1.0, group_size=20,
-        partial_groups="pad", batch_prioritized_routing=False,
+        num_experts=4,
+        hidden_dim=8,
+        top_k=2,
+        routing="token",
+        eval_capacity_factor=1.0,
+        capacity_factor=1.0,
+        group_size=20,
+        partial_groups="pad",
+        batch_prioritized_routing=False,
         return_routing=True,
     )
     arguments.update(kwargs)
@@ -241,7 +268,9 @@ def test_top2_padding_is_a_group_whose_other_items_claim_nothing():
     tokens = RNG.standard_normal((8, 5, 6)).astype("float32")
     full, _ = layer(tokens)
     padded, info = layer(tokens[:2])
-    invalid = np.concatenate([tokens[:2], np.full((2, 5, 6), np.nan, "float32")])
+    invalid = np.concatenate(
+        [tokens[:2], np.full((2, 5, 6), np.nan, "float32")]
+    )
     strict = _padded_layer(eval_capacity_factor=0.5, partial_groups="error")
     strict.build(tokens.shape)
     for source, target in zip(layer.weights, strict.weights):

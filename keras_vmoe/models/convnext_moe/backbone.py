@@ -177,8 +177,9 @@ class ConvNeXtMoEBackbone(
         batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
         load_balance_loss_weight, importance_loss_weight, load_loss_weight,
         z_loss_weight, dispatch, seed, router_type, slots_per_expert,
-        normalize, capacity_multiple_of, partial_groups: the MoE arguments, the same names and meaning in both
-            families (`keras_vmoe.models.moe_arguments`); each MoE block
+        normalize, capacity_multiple_of, partial_groups: the MoE
+            arguments, the same names and meaning in both families
+            (`keras_vmoe.models.moe_arguments`); each MoE block
             gets a `MoEFeedForward` with these arguments (see its
             documentation; every feature-map position is a token), block
             `i` (counted over all blocks) with gating-noise seed

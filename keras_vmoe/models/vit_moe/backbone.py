@@ -6,6 +6,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.models import moe_arguments
 from keras_vmoe.models import preset_io
@@ -16,7 +17,6 @@ from keras_vmoe.models.vit_moe import presets
 from keras_vmoe.models.vit_moe.layers import ViTBlock
 from keras_vmoe.models.vit_moe.layers import ViTEmbedding
 from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
-from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.validation import check_int
 from keras_vmoe.validation import check_no_unknown_kwargs
 from keras_vmoe.validation import check_number
@@ -82,8 +82,9 @@ class ViTMoEBackbone(
         batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
         load_balance_loss_weight, importance_loss_weight, load_loss_weight,
         z_loss_weight, dispatch, seed, router_type, slots_per_expert,
-        normalize, capacity_multiple_of, partial_groups: the MoE arguments, the same names and meaning in both
-            families (`keras_vmoe.models.moe_arguments`); each MoE block
+        normalize, capacity_multiple_of, partial_groups: the MoE
+            arguments, the same names and meaning in both families
+            (`keras_vmoe.models.moe_arguments`); each MoE block
             gets a `MoEFeedForward` with these arguments (see its
             documentation), block `i` with gating-noise seed `seed + i`.
             Defaults are those of `MoEFeedForward`, except

@@ -147,15 +147,18 @@ def build_vmoe_preset(
     model_config = copy.deepcopy(preset["model"])
     moe = model_config["encoder"]["moe"]
     moe["group_size"] = group_size_for(preset, image_size)
-    fine_tune = num_classes is not None and num_classes != preset["model"][
-        "num_classes"
-    ]
+    fine_tune = (
+        num_classes is not None
+        and num_classes != preset["model"]["num_classes"]
+    )
     if fine_tune:
         capacity_factor = capacity_factor or FINE_TUNE_CAPACITY_FACTOR
         eval_capacity_factor = eval_capacity_factor or capacity_factor
     if capacity_factor:
         moe["router"]["dispatcher"]["capacity_factor"] = capacity_factor
-    eval_capacity_factor = eval_capacity_factor or preset["eval_capacity_factor"]
+    eval_capacity_factor = (
+        eval_capacity_factor or preset["eval_capacity_factor"]
+    )
     if not load_weights:
         patch = model_config["patch_size"][0]
         overrides.setdefault("position_grid", preset["image_size"] // patch)

@@ -140,7 +140,9 @@ def _reported(top1, split, source):
     return {"top1": top1, "split": split, "source": source}
 
 
-_LIGHT1_CONFIG = "vmoe/configs/vmoe_paper/vmoe_s32_last2_ilsvrc2012_randaug_light1"
+_LIGHT1_CONFIG = (
+    "vmoe/configs/vmoe_paper/vmoe_s32_last2_ilsvrc2012_randaug_light1"
+)
 _S32_LAST2 = dict(variant="S", patch=32, where=("last", 2), top_k=2)
 _B16_EVERY2 = dict(variant="B", patch=16, where=("every", 2), top_k=2)
 _EEE_S32 = dict(
@@ -176,7 +178,9 @@ VMOE_PRESETS = {
         1.5,
         _resize(384),
         "ILSVRC2012 (1,000 classes)",
-        _reported(75.9, "ILSVRC2012 validation", _LIGHT1_CONFIG + "_ft_ilsvrc2012.py"),
+        _reported(
+            75.9, "ILSVRC2012 validation", _LIGHT1_CONFIG + "_ft_ilsvrc2012.py"
+        ),
     ),
     "vmoe_s32_last2_ilsvrc2012_randaug_medium": _entry(
         "V-MoE S/32, 8 experts in the last 2 odd blocks, K=2, trained from "

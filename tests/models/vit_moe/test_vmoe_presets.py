@@ -21,7 +21,9 @@ from keras_vmoe.models.vit_moe.vmoe_presets import VMOE_PRESETS
 from keras_vmoe.models.vit_moe.vmoe_presets import group_size_for
 from tests.converters.test_vmoe_format import server  # noqa: F401
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "vmoe")
+FIXTURES = os.path.join(
+    os.path.dirname(__file__), "..", "..", "fixtures", "vmoe"
+)
 with open(os.path.join(FIXTURES, "fixtures.json")) as _file:
     FIXTURE = json.load(_file)["tiny_every2_k1"]
 IO = np.load(os.path.join(FIXTURES, "tiny_every2_k1_io.npz"))
@@ -30,10 +32,20 @@ NAME = "tiny_every2_k1"
 PUBLISHED = {
     # name: (image size, classes, reported top-1 or None, ensemble members)
     "vmoe_s32_last2_ilsvrc2012_randaug_light1": (224, 1000, 73.1, None),
-    "vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012": (384, 1000, 75.9, None),
+    "vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012": (
+        384,
+        1000,
+        75.9,
+        None,
+    ),
     "vmoe_s32_last2_ilsvrc2012_randaug_medium": (224, 1000, None, None),
     "vmoe_b16_imagenet21k_randaug_strong": (224, 21843, None, None),
-    "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012": (384, 1000, 85.6, None),
+    "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012": (
+        384,
+        1000,
+        85.6,
+        None,
+    ),
     "vmoe_b16_imagenet21k_randaug_strong_ft_cifar10": (128, 10, 98.7, None),
     "eee_s32_last2_ilsvrc2012": (224, 1000, None, 2),
     "eee_s32_last2_ilsvrc2012_ft_cifar100": (128, 100, 81.3, 2),
@@ -59,10 +71,16 @@ def test_table_lists_every_published_checkpoint():
         assert top_k == (1 if members else 2), name
         if name.startswith(("vmoe_s32", "eee_s32")):
             # V-MoE "S": 8 blocks of width 512; Last-2 = blocks 5 and 7.
-            assert (model["hidden_size"], model["encoder"]["num_layers"]) == (512, 8)
+            assert (model["hidden_size"], model["encoder"]["num_layers"]) == (
+                512,
+                8,
+            )
             assert moe["layers"] == [5, 7]
         else:
-            assert (model["hidden_size"], model["encoder"]["num_layers"]) == (768, 12)
+            assert (model["hidden_size"], model["encoder"]["num_layers"]) == (
+                768,
+                12,
+            )
             assert moe["layers"] == [1, 3, 5, 7, 9, 11]
 
 
@@ -80,11 +98,19 @@ def test_group_sizes_follow_vmoe_configs():
 @pytest.mark.slow
 def test_published_architecture_builds_without_weights():
     model = ViTMoEImageClassifier.from_preset(
-        "eee_s32_last2_ilsvrc2012_ft_cifar100", load_weights=False, image_size=64
+        "eee_s32_last2_ilsvrc2012_ft_cifar100",
+        load_weights=False,
+        image_size=64,
     )
     backbone = model.backbone
-    assert (backbone.num_layers, backbone.hidden_dim, backbone.mlp_dim) == (8, 512, 2048)
-    assert backbone.moe_layer_indices == [5, 7] or list(backbone.moe_layer_indices) == [5, 7]
+    assert (backbone.num_layers, backbone.hidden_dim, backbone.mlp_dim) == (
+        8,
+        512,
+        2048,
+    )
+    assert backbone.moe_layer_indices == [5, 7] or list(
+        backbone.moe_layer_indices
+    ) == [5, 7]
     assert backbone.ensemble_size == 2 and model.representation_size == 512
     assert backbone.get_layer("embedding").position_embedding_grid == (4, 4)
     images = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3))
@@ -121,7 +147,9 @@ def _logits(model, images):
 
 
 @pytest.mark.slow
-def test_from_preset_downloads_caches_and_reproduces_vmoe(tiny_preset, tmp_path):
+def test_from_preset_downloads_caches_and_reproduces_vmoe(
+    tiny_preset, tmp_path
+):
     model = ViTMoEImageClassifier.from_preset(
         NAME, cache_dir=str(tmp_path), progress=False
     )
@@ -162,7 +190,9 @@ def test_from_preset_reads_a_local_copy(tiny_preset):
         _logits(model, IO["images"]), IO["logits_float32_dispatch"], atol=1e-4
     )
     with pytest.raises(ValueError, match="No vmoe checkpoint index"):
-        ViTMoEImageClassifier.from_preset(NAME, checkpoint=FIXTURES + "/missing")
+        ViTMoEImageClassifier.from_preset(
+            NAME, checkpoint=FIXTURES + "/missing"
+        )
 
 
 def test_from_preset_with_num_classes_starts_fine_tuning(tiny_preset):
