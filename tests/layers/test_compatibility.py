@@ -3,7 +3,8 @@
 `tests/fixtures/layers/` holds one small model per MoE layer type (and its
 int8-quantized form) with the output the writing version computed on
 TensorFlow (`tests/fixtures/make_layer_fixtures.py`). TensorFlow must give
-the same bits; the other backends the same values to float rounding.
+the same values to 1e-6 (the last bits of a float32 matmul depend on the
+CPU's kernels), the other backends to 1e-5.
 """
 
 import os
@@ -36,7 +37,9 @@ def test_saved_layer_loads_and_predicts_as_written(name):
     data = np.load(os.path.join(FIXTURES, f"{name}.npz"))
     outputs = keras.ops.convert_to_numpy(model(data["inputs"], training=False))
     if keras.backend.backend() == "tensorflow":
-        np.testing.assert_array_equal(outputs, data["outputs"])
+        np.testing.assert_allclose(
+            outputs, data["outputs"], rtol=1e-6, atol=1e-6
+        )
     else:
         np.testing.assert_allclose(
             outputs, data["outputs"], rtol=1e-5, atol=1e-5
