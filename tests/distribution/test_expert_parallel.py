@@ -172,7 +172,9 @@ def test_layer_forward_and_gradients_match_one_device(
     sharded = vmoe_distribution.distribute_model(model, dist)
     (loss, (out, info)), grads = _loss_and_grads(sharded, TOKENS, dist)[0]
     np.testing.assert_allclose(_np(out), _np(ref_out), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_np(loss), _np(ref_loss), rtol=1e-5)
+    # atol: the loss is ~1e-3; summation order across devices moves its
+    # last bits (~1e-8).
+    np.testing.assert_allclose(_np(loss), _np(ref_loss), rtol=1e-5, atol=1e-7)
     _assert_tree_close(grads, ref_grads)
     # Routing does not depend on the number of devices.
     for name in ("expert_index", "dropped"):
