@@ -15,6 +15,7 @@ import keras_hub
 import numpy as np
 import pytest
 
+from keras_vmoe.models import set_eval_group_size
 from keras_vmoe.models.shipped import PRESETS_DATA as WEIGHTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,10 @@ def test_preset_logits_are_unchanged(preset):
         os.path.join(ROOT, "tests", "fixtures", "shipped_preset_logits.npz")
     )[preset]
     model = keras_hub.models.ImageClassifier.from_preset(preset)
+    # The recorded logits routed the 64 digits as one group (batch-level
+    # capacity at inference, since made an opt-in); the default routes
+    # every image alone, which the second half checks digit by digit.
+    set_eval_group_size(model, None)
     _, (x_test, _) = load_mnist()
     images = np.repeat(x_test[:64, ..., None], 3, axis=-1).astype("float32")
     logits = model.predict(images, batch_size=64, verbose=0)
@@ -103,3 +108,9 @@ def test_preset_logits_are_unchanged(preset):
         np.testing.assert_allclose(logits, recorded, rtol=1e-6, atol=1e-6)
     else:
         np.testing.assert_allclose(logits, recorded, rtol=1e-4, atol=1e-4)
+    default = keras_hub.models.ImageClassifier.from_preset(preset)
+    batched = default.predict(images, batch_size=64, verbose=0)
+    alone = [default.predict(images[i : i + 1], verbose=0) for i in range(8)]
+    np.testing.assert_allclose(
+        batched[:8], np.concatenate(alone), rtol=1e-5, atol=1e-5
+    )

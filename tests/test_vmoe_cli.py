@@ -9,6 +9,7 @@ import pytest
 
 from keras_vmoe import cli
 from keras_vmoe.models import load_classifier
+from keras_vmoe.models import set_eval_group_size
 from tests.models.vit_moe.test_vmoe_presets import FIXTURE
 from tests.models.vit_moe.test_vmoe_presets import FIXTURES
 from tests.models.vit_moe.test_vmoe_presets import IO
@@ -20,6 +21,8 @@ from tests.converters.test_vmoe_format import server  # noqa: F401
 def _logits(model):
     import keras
 
+    # As vmoe evaluates: groups of images (the default routes each alone).
+    set_eval_group_size(model, model.backbone.group_size)
     return keras.ops.convert_to_numpy(model(IO["images"]))
 
 

@@ -24,6 +24,7 @@ from keras_vmoe import validation
 from keras_vmoe.layers import backends
 from keras_vmoe.layers.base import MoELayer
 from keras_vmoe.layers.dispatch import DISPATCHERS
+from keras_vmoe.layers.routing import check_group_size
 from keras_vmoe.layers.routing import compute_capacity
 from keras_vmoe.layers.routing import group_items
 
@@ -100,13 +101,18 @@ class ExpertChoiceFeedForward(MoELayer):
     tokens of the batch as one group (`C = ceil(B*T * cf / E)`); an int n
     cuts the flattened B*T tokens into contiguous groups of n tokens, as
     `MoEFeedForward`'s `group_size` (B*T must be a multiple of n).
+    `group_size` applies in training; `eval_group_size` (same values,
+    default "image") at inference, so `predict` is batch independent
+    whatever the training groups.
 
     Args:
         num_experts: E, number of experts (>= 1).
         hidden_dim: h, hidden width of every expert (and the shared expert).
         capacity_factor: average experts per token (> 0); default 2.0, the
             paper's EC-CF2 (a compute cost equal to top-2 routing).
-        group_size: "image", None (the whole batch) or tokens per group.
+        group_size: "image", None (the whole batch) or tokens per group,
+            in training.
+        eval_group_size: the same, at inference (default "image").
         router: "linear", "cosine", "l2", or a router layer instance
             mapping [N, d] to float32 [N, E] logits.
         router_dim: projection width of the cosine and L2 routers.
@@ -141,6 +147,7 @@ class ExpertChoiceFeedForward(MoELayer):
         hidden_dim,
         capacity_factor=2.0,
         group_size="image",
+        eval_group_size="image",
         router="linear",
         router_dim=256,
         noise_std=0.0,
@@ -155,14 +162,8 @@ class ExpertChoiceFeedForward(MoELayer):
         validation.check_number(
             "capacity_factor", capacity_factor, minimum=0, min_inclusive=False
         )
-        if group_size != "image":
-            try:
-                validation.check_int("group_size", group_size, allow_none=True)
-            except ValueError:
-                raise ValueError(
-                    "`group_size` must be 'image', None (the whole batch) or "
-                    f"a positive integer. Received: group_size={group_size!r}"
-                ) from None
+        check_group_size("group_size", group_size)
+        check_group_size("eval_group_size", eval_group_size)
         super().__init__(
             num_experts,
             hidden_dim,
@@ -177,6 +178,7 @@ class ExpertChoiceFeedForward(MoELayer):
         self._init_router(router, router_dim, noise_std)
         self.capacity_factor = capacity_factor
         self.group_size = group_size
+        self.eval_group_size = eval_group_size
         self._last_choice = None
 
     # === Forward ===
@@ -185,15 +187,17 @@ class ExpertChoiceFeedForward(MoELayer):
         _, logits = self._router_logits(tokens, training)
         return ops.softmax(logits, axis=-1)
 
-    def _groups(self, inputs):
+    def _groups(self, inputs, training):
         """[G, S, d] routing groups of the tokens."""
         shape = ops.shape(inputs)
-        if self.group_size == "image":
+        size = self.group_size if training else self.eval_group_size
+        if size == "image":
             return ops.reshape(inputs, (shape[0], -1, shape[-1]))
-        return group_items(ops.reshape(inputs, (-1, shape[-1])), self.group_size)
+        argument = "group_size" if training else "eval_group_size"
+        return group_items(ops.reshape(inputs, (-1, shape[-1])), size, argument)
 
     def _forward(self, inputs, training):
-        groups = self._groups(inputs)
+        groups = self._groups(inputs, training)
         shape = ops.shape(groups)
         num_groups, group_size, e = shape[0], shape[1], self.num_experts
         probs = self.router_probs(ops.reshape(groups, (-1, shape[-1])), training)
@@ -272,6 +276,7 @@ class ExpertChoiceFeedForward(MoELayer):
             {
                 "capacity_factor": self.capacity_factor,
                 "group_size": self.group_size,
+                "eval_group_size": self.eval_group_size,
             }
         )
         return config

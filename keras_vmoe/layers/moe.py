@@ -21,6 +21,7 @@ from keras_vmoe.layers.base import MoELayer
 from keras_vmoe.layers.dispatch import choose_dispatcher
 from keras_vmoe.layers.dispatch import dispatch_modes
 from keras_vmoe.layers.distribution_hooks import dispatch_constraint
+from keras_vmoe.layers.routing import check_group_size
 from keras_vmoe.layers.routing import compute_capacity
 from keras_vmoe.layers.routing import expert_load
 from keras_vmoe.layers.routing import group_items
@@ -31,6 +32,11 @@ IMAGE_ROUTER_INPUTS = ("auto", "cls", "mean")
 EXPERT_LOAD_NAME = "expert_load"
 AUX_LOSSES = ("load_balance", "importance", "load", "z")
 PARTIAL_GROUPS = ("error", "pad")
+
+
+def _group_argument(training):
+    """The argument that sets the routing groups of a call."""
+    return "group_size" if training else "eval_group_size"
 
 
 def _check_capacity_factor(name, value):
@@ -46,6 +52,7 @@ def _check_routing_arguments(
     capacity_factor,
     eval_capacity_factor,
     group_size,
+    eval_group_size,
     image_router_input,
     dispatch,
 ):
@@ -60,13 +67,16 @@ def _check_routing_arguments(
     _check_capacity_factor("capacity_factor", capacity_factor)
     _check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
     validation.check_int("group_size", group_size, allow_none=True)
+    check_group_size("eval_group_size", eval_group_size)
     validation.check_choice(
         "image_router_input", image_router_input, IMAGE_ROUTER_INPUTS
     )
     validation.check_choice("dispatch", dispatch, dispatch_modes())
 
 
-def _check_ensemble(ensemble_size, num_experts, top_k, routing, group_size):
+def _check_ensemble(
+    ensemble_size, num_experts, top_k, routing, group_size, eval_group_size
+):
     validation.check_int("ensemble_size", ensemble_size)
     if ensemble_size == 1:
         return
@@ -88,12 +98,16 @@ def _check_ensemble(ensemble_size, num_experts, top_k, routing, group_size):
             "Ensemble routing (`ensemble_size` > 1) routes tokens; use "
             f"routing='token'. Received: routing={routing!r}"
         )
-    if group_size is not None and group_size % ensemble_size:
-        raise ValueError(
-            "`group_size` must be a multiple of `ensemble_size` (a group "
-            "holds the tokens of every member of its images). Received: "
-            f"group_size={group_size}, ensemble_size={ensemble_size}"
-        )
+    for name, size in (
+        ("group_size", group_size),
+        ("eval_group_size", eval_group_size),
+    ):
+        if isinstance(size, int) and size % ensemble_size:
+            raise ValueError(
+                f"`{name}` must be a multiple of `ensemble_size` (a group "
+                "holds the tokens of every member of its images). Received: "
+                f"{name}={size}, ensemble_size={ensemble_size}"
+            )
 
 
 def _loss_weights(*weights, noisy_gating, noise_std):
@@ -128,14 +142,27 @@ class MoEFeedForward(MoELayer):
       first token) or the mean token; every token of the image follows it
       (ViMoE). Capacity is counted in images.
 
-    Routing groups: `group_size=None` routes the whole batch as one group.
-    With `group_size=n`, the flattened batch is cut into contiguous groups
-    of n items (tokens for token routing, images for image routing), and
-    capacity and the priority order are per group (vmoe's `group_size`).
-    The routing of an item then depends only on its own group, so it does
-    not change with the number of devices as long as every device holds
-    whole groups. A batch whose item count is not a multiple of n raises a
-    `ValueError`, unless `partial_groups="pad"`: then, at inference, the
+    Routing groups in training: `group_size=None` routes the whole batch as
+    one group. With `group_size=n`, the flattened batch is cut into
+    contiguous groups of n items (tokens for token routing, images for image
+    routing), and capacity and the priority order are per group (vmoe's
+    `group_size`). The routing of an item then depends only on its own
+    group, so it does not change with the number of devices as long as
+    every device holds whole groups.
+
+    Routing groups at inference (`training=False`: `predict`, `evaluate`,
+    serving) are set apart by `eval_group_size`. Its default, "image", makes
+    every image its own group: an image's tokens compete only with each
+    other for the capacity `C = ceil(K * T * eval_capacity_factor / E)` of
+    its T tokens (image routing: an image always gets its top-K experts),
+    so an image's output never depends on the other images of the batch,
+    on their number or on its position. `eval_group_size=None` (the whole
+    batch) or `=n` (n items, as `group_size`) opt in to batch-level
+    capacity at inference, e.g. to reproduce an evaluation protocol that
+    routed groups of several images.
+
+    With integer groups, a batch whose item count is not a multiple of n
+    raises a `ValueError`, unless `partial_groups="pad"`: then, at inference, the
     last group is completed with padding items that claim no expert slot
     (capacity stays that of a full group): the real items route as in a
     full group whose other items are absent. For top-1 routing without
@@ -201,8 +228,11 @@ class MoEFeedForward(MoELayer):
         shared_expert: add an always-on dense expert.
         capacity_factor: training capacity factor (> 0), None = dropless.
         eval_capacity_factor: capacity factor at inference, None = dropless.
-        group_size: items per routing group (tokens for token routing,
-            images for image routing), or None for the whole batch.
+        group_size: items per routing group in training (tokens for token
+            routing, images for image routing), or None for the whole batch.
+        eval_group_size: routing groups at inference: "image" (default:
+            every image alone, batch independent), None (the whole batch)
+            or items per group, as `group_size`.
         batch_prioritized_routing: fill slots by descending top gate.
         normalize_gates: rescale the K chosen gates to sum to one.
         noisy_gating: add Gaussian noise to the logits at training time.
@@ -253,6 +283,7 @@ class MoEFeedForward(MoELayer):
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
         group_size=None,
+        eval_group_size="image",
         batch_prioritized_routing=True,
         normalize_gates=False,
         noisy_gating=False,
@@ -280,13 +311,21 @@ class MoEFeedForward(MoELayer):
             capacity_factor,
             eval_capacity_factor,
             group_size,
+            eval_group_size,
             image_router_input,
             dispatch,
         )
         validation.check_int(
             "capacity_multiple_of", capacity_multiple_of, allow_none=True
         )
-        _check_ensemble(ensemble_size, num_experts, top_k, routing, group_size)
+        _check_ensemble(
+            ensemble_size,
+            num_experts,
+            top_k,
+            routing,
+            group_size,
+            eval_group_size,
+        )
         validation.check_choice("partial_groups", partial_groups, PARTIAL_GROUPS)
         loss_weights = _loss_weights(
             load_balance_loss_weight,
@@ -313,6 +352,7 @@ class MoEFeedForward(MoELayer):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.group_size = group_size
+        self.eval_group_size = eval_group_size
         self.batch_prioritized_routing = batch_prioritized_routing
         self.normalize_gates = normalize_gates
         self.noisy_gating = noisy_gating
@@ -371,11 +411,23 @@ class MoEFeedForward(MoELayer):
         )
         return tokens, tokens[:, 0] if use_cls else ops.mean(tokens, axis=1)
 
-    def _plan(self, router_input, training):
-        """Routes [N, d] router inputs in groups: the plan, the [G, S, E]
-        probabilities and the capacity factor in force."""
+    def _routing_group_size(self, inputs, training):
+        """Items per routing group in this call (None: the whole batch).
+        `inputs` is the layer input ([B, ..., d], B = images x members)."""
+        size = self.group_size if training else self.eval_group_size
+        if size != "image":
+            return size
+        if self.routing == "image":
+            return 1
+        # An image's T tokens of all M members are contiguous in the
+        # (image, token, member) order.
+        return self._tokens(inputs) * self.ensemble_size
+
+    def _plan(self, router_input, training, group_size):
+        """Routes [N, d] router inputs in groups of `group_size`: the plan,
+        the [G, S, E] probabilities and the capacity factor in force."""
         logits, routing_logits = (
-            group_items(x, self.group_size)
+            group_items(x, group_size, _group_argument(training))
             for x in self._router_logits(router_input, training)
         )
         probs = ops.softmax(
@@ -454,13 +506,13 @@ class MoEFeedForward(MoELayer):
         return ops.reshape(x, (-1, ops.shape(x)[-1]))
 
     # === Partial routing groups ===
-    def _pad_to_groups(self, items, router_input, training):
+    def _pad_to_groups(self, items, router_input, training, size):
         """With `partial_groups="pad"` at inference, pads [N, P, d] items
-        and [N, d] router inputs to whole groups. Padding items have a NaN
-        router input: they claim no slot. Returns the items, router input
-        and N (None when nothing was padded)."""
-        size = self.group_size
-        if size is None or self.partial_groups == "error":
+        and [N, d] router inputs to whole groups of `size`. Padding items
+        have a NaN router input: they claim no slot. Returns the items,
+        router input and N (None when nothing was padded)."""
+        whole_images = not training and self.eval_group_size == "image"
+        if size is None or self.partial_groups == "error" or whole_images:
             return items, router_input, None
         num_items = ops.shape(items)[0]
         static = isinstance(num_items, int)
@@ -508,16 +560,21 @@ class MoEFeedForward(MoELayer):
             inputs_shape = ops.shape(inputs)
             inputs = self._member_minor(inputs)
         items, router_input = self._items(inputs)
+        group_size = self._routing_group_size(inputs, training)
         items, router_input, num_items = self._pad_to_groups(
-            items, router_input, training
+            items, router_input, training, group_size
         )
-        plan, probs, capacity_factor = self._plan(router_input, training)
+        plan, probs, capacity_factor = self._plan(
+            router_input, training, group_size
+        )
         real = self._real_items(plan, num_items)
         load = expert_load(
             real["expert_index"], real["kept"], self.num_experts, real["valid"]
         )
         self.expert_load.assign(load)
-        grouped = group_items(items, self.group_size)  # [G, S, P, d]
+        grouped = group_items(
+            items, group_size, _group_argument(training)
+        )  # [G, S, P, d]
         dispatcher = choose_dispatcher(
             self.dispatch,
             ops.shape(grouped),
@@ -634,6 +691,7 @@ class MoEFeedForward(MoELayer):
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "group_size": self.group_size,
+                "eval_group_size": self.eval_group_size,
                 "batch_prioritized_routing": self.batch_prioritized_routing,
                 "normalize_gates": self.normalize_gates,
                 "noisy_gating": self.noisy_gating,

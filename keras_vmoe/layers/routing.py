@@ -29,9 +29,7 @@ def _as_int(value):
         return value
 
 
-def compute_capacity(
-    num_items, num_experts, top_k, capacity_factor, multiple_of=None
-):
+def compute_capacity(num_items, num_experts, top_k, capacity_factor, multiple_of=None):
     """Slots per expert, `C = ceil(K * S * capacity_factor / E)`.
 
     With `multiple_of=m`, C is then rounded up to a multiple of m, as vmoe's
@@ -68,6 +66,23 @@ def compute_capacity(
         capacity = ops.ceil(capacity / multiple_of) * multiple_of
     capacity = ops.cast(capacity, "int32")
     return ops.clip(capacity, 1, num_items)
+
+
+def check_group_size(name, value):
+    """Checks a routing group size argument: "image" (every image its own
+    group), None (the whole batch) or a positive int (items per group).
+
+    Raises:
+        ValueError: naming `name` and the value otherwise.
+    """
+    if value == "image" or value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`{name}` must be 'image' (every image its own routing group), "
+            "None (the whole batch) or a positive integer (items per "
+            f"group). Received: {name}={value!r}"
+        )
 
 
 def group_items(items, group_size, argument="group_size"):
@@ -107,9 +122,7 @@ def expert_mask(index, num_experts, mask=None):
     some backends); `index` must lie in [0, E). Where the optional [...]
     bool `mask` is False the row is all False.
     """
-    hot = ops.equal(
-        ops.expand_dims(index, -1), ops.arange(num_experts, dtype="int32")
-    )
+    hot = ops.equal(ops.expand_dims(index, -1), ops.arange(num_experts, dtype="int32"))
     if mask is None:
         return hot
     return ops.logical_and(hot, ops.expand_dims(mask, -1))
@@ -208,14 +221,10 @@ def expert_positions(expert_index, order, num_experts, valid=None):
     if valid is not None:
         served_valid = ops.take_along_axis(valid, order, axis=1)
         served_valid = ops.tile(served_valid, (1, top_k))
-    one_hot = ops.cast(
-        expert_mask(served, num_experts, served_valid), "int32"
-    )
+    one_hot = ops.cast(expert_mask(served, num_experts, served_valid), "int32")
     # Running count per expert, read at each choice's own expert.
     position = ops.sum(ops.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
-    position = ops.transpose(
-        ops.reshape(position, (-1, top_k, num_items)), (0, 2, 1)
-    )
+    position = ops.transpose(ops.reshape(position, (-1, top_k, num_items)), (0, 2, 1))
     # Back from serving order to item order: the inverse permutation.
     inverse = ops.cast(ops.argsort(order, axis=-1), "int32")
     return ops.take_along_axis(position, inverse[:, :, None], axis=1)

@@ -5,6 +5,7 @@ from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
 from keras_vmoe.models.convnext_moe.presets import (
     PRESETS as _CONVNEXT_MOE_PRESETS,
 )
+from keras_vmoe.models.inference import set_eval_group_size
 from keras_vmoe.models.preset_io import check_preset_dir
 from keras_vmoe.models.preset_io import load_classifier
 from keras_vmoe.models.preset_io import preset_normalization

@@ -20,6 +20,7 @@ import pytest
 
 from keras_vmoe.converters import build_vmoe_model
 from keras_vmoe.converters import convert_vmoe_checkpoint
+from keras_vmoe.models import set_eval_group_size
 from keras_vmoe.converters import read_vmoe_checkpoint
 from keras_vmoe.converters import vmoe_model_kwargs
 from tests.converters.vmoe_reference import random_vmoe_params
@@ -51,9 +52,17 @@ def _config(**changes):
     return config
 
 
+def _as_vmoe_evaluates(model):
+    """vmoe routes groups of several images at inference too (batch-level
+    capacity); the Keras default routes every image alone."""
+    return set_eval_group_size(model, model.backbone.group_size)
+
+
 @pytest.fixture(scope="module")
 def fixture_model():
-    return build_vmoe_model(PREFIX, CONFIG, FIXTURE["image_size"])
+    return _as_vmoe_evaluates(
+        build_vmoe_model(PREFIX, CONFIG, FIXTURE["image_size"])
+    )
 
 
 def test_reproduces_vmoe_logits(fixture_model):
@@ -82,8 +91,10 @@ def test_capacity_drops_tokens_in_the_fixture(fixture_model):
         for layer in layers:
             layer.remove_routing_observer(observe)
     assert sum(d.sum() for d in routing.values()) > 0
-    roomy = build_vmoe_model(
-        PREFIX, CONFIG, FIXTURE["image_size"], eval_capacity_factor=8.0
+    roomy = _as_vmoe_evaluates(
+        build_vmoe_model(
+            PREFIX, CONFIG, FIXTURE["image_size"], eval_capacity_factor=8.0
+        )
     )
     moved = np.abs(
         roomy.predict(IMAGES, batch_size=8, verbose=0)
@@ -135,7 +146,7 @@ def test_matches_reference(case, tmp_path):
     write_vmoe_checkpoint(prefix, tree, **options)
     params = read_vmoe_checkpoint(prefix)
     expected = vmoe_forward(params, config, IMAGES)
-    model = build_vmoe_model(prefix, config, 32)
+    model = _as_vmoe_evaluates(build_vmoe_model(prefix, config, 32))
     logits = np.asarray(model.predict(IMAGES, batch_size=8, verbose=0))
     np.testing.assert_allclose(logits, expected, atol=1e-4)
 
@@ -214,7 +225,7 @@ def test_training_checkpoint_reads_the_params_subtree(tmp_path):
         node[leaf] = value
     prefix = str(tmp_path / "state")
     write_vmoe_checkpoint(prefix, tree)
-    model = build_vmoe_model(prefix, CONFIG, 32)
+    model = _as_vmoe_evaluates(build_vmoe_model(prefix, CONFIG, 32))
     np.testing.assert_allclose(
         np.asarray(model.predict(IMAGES, batch_size=8, verbose=0)),
         IO["logits_float32_dispatch"],

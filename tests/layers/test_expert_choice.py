@@ -96,7 +96,9 @@ def _numpy_expert_choice(moe, x):
 @pytest.mark.parametrize("group", ["image", None, 12])
 @pytest.mark.parametrize("inputs", [TOKENS, FEATURE_MAP], ids=["tokens", "map"])
 def test_output_equals_an_explicit_loop_over_experts(group, inputs):
-    moe = ExpertChoiceFeedForward(4, 8, capacity_factor=1.5, group_size=group)
+    moe = ExpertChoiceFeedForward(
+        4, 8, capacity_factor=1.5, group_size=group, eval_group_size=group
+    )
     moe.build(inputs.shape)
     for variable in moe.weights:
         variable.assign(RNG.standard_normal(variable.shape) * 0.5)
@@ -145,7 +147,10 @@ def test_capacity_is_respected(group, capacity):
 def test_groups_of_tokens_need_a_divisible_batch():
     moe = ExpertChoiceFeedForward(4, 8, group_size=5)
     with pytest.raises(ValueError, match="group_size=5"):
-        moe(TOKENS)  # 24 tokens
+        moe(TOKENS, training=True)  # 24 tokens
+    moe = ExpertChoiceFeedForward(4, 8, eval_group_size=5)
+    with pytest.raises(ValueError, match="eval_group_size=5"):
+        moe(TOKENS)
 
 
 def test_image_groups_make_images_independent_of_the_batch():

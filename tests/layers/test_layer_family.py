@@ -130,13 +130,22 @@ def _zero_router(layer):
 
 
 def test_routing_statistics_by_hand():
-    # Top-1 of tied probabilities is expert 0 for all 10 tokens; capacity
-    # 2.0 gives it C = ceil(10 * 2 / 4) = 5 slots: load [0.5, 0, 0, 0], max
-    # load E * 0.5 = 2.
+    # Top-1 of tied probabilities is expert 0 for all 10 tokens; at
+    # inference every image is its own group of 5 tokens, and capacity 2.0
+    # gives it C = ceil(5 * 2 / 4) = 3 slots: 6 of 10 tokens kept, load
+    # [0.6, 0, 0, 0], max load E * 0.6 = 2.4. Whole-batch groups: C = 5 of
+    # 10, max load 2.
     top_k = _zero_router(MoEFeedForward(4, 16, eval_capacity_factor=2.0))
     top_k(TOKENS)
     np.testing.assert_allclose(
-        _np(top_k.routing_statistics()["max_load"]), 2.0
+        _np(top_k.routing_statistics()["max_load"]), 2.4, rtol=1e-6
+    )
+    batch = _zero_router(
+        MoEFeedForward(4, 16, eval_capacity_factor=2.0, eval_group_size=None)
+    )
+    batch(TOKENS)
+    np.testing.assert_allclose(
+        _np(batch.routing_statistics()["max_load"]), 2.0
     )
     # Soft MoE with phi = 0 (no normalisation: logits 0): every token gives
     # every slot the same combine weight, max load 1.

@@ -96,6 +96,7 @@ def test_dropped_items_get_zero_routed_output(routing, shared):
         routing=routing,
         shared_expert=shared,
         eval_capacity_factor=0.5,
+        eval_group_size=None,  # the batch competes: drops
         return_routing=True,
     )
     _expert_ids_as_outputs(moe, TOKENS)
@@ -112,9 +113,15 @@ def test_dropped_items_get_zero_routed_output(routing, shared):
 
 
 def test_capacity_per_expert_is_respected():
-    # 21 tokens, E = 4, K = 2, factor 1.0: C = ceil(2 * 21 / 4) = 11 slots.
+    # 21 tokens in one group, E = 4, K = 2, factor 1.0: C = ceil(2 * 21 / 4)
+    # = 11 slots.
     moe = MoEFeedForward(
-        4, 8, top_k=2, eval_capacity_factor=1.0, return_routing=True
+        4,
+        8,
+        top_k=2,
+        eval_capacity_factor=1.0,
+        eval_group_size=None,
+        return_routing=True,
     )
     _, info = moe(TOKENS)
     index = _np(info["expert_index"]).reshape(-1)

@@ -87,8 +87,10 @@ def test_group_size_equals_routing_each_group_alone(routing_mode, top_k):
         num_experts=4, hidden_dim=8, top_k=top_k, routing=routing_mode,
         eval_capacity_factor=0.75, return_routing=True,
     )
-    grouped = MoEFeedForward(group_size=group_size, **kwargs)
-    single = MoEFeedForward(**kwargs)
+    grouped = MoEFeedForward(
+        group_size=group_size, eval_group_size=group_size, **kwargs
+    )
+    single = MoEFeedForward(eval_group_size=None, **kwargs)
     grouped.build(TOKENS.shape)
     single.build(TOKENS.shape)
     if routing_mode == "image":
@@ -110,6 +112,9 @@ def test_group_size_equals_routing_each_group_alone(routing_mode, top_k):
 def test_grouped_layer_rejects_batch_not_divisible():
     moe = MoEFeedForward(4, 8, routing="image", group_size=3)
     with pytest.raises(ValueError, match=r"\(4\).*group_size=3"):
+        moe(TOKENS, training=True)
+    moe = MoEFeedForward(4, 8, routing="image", eval_group_size=3)
+    with pytest.raises(ValueError, match=r"\(4\).*eval_group_size=3"):
         moe(TOKENS)
 
 
@@ -132,7 +137,7 @@ def test_grouped_aux_loss_is_the_mean_over_groups():
 def test_one_nan_sample_does_not_poison_the_others(routing_mode, top_k):
     moe = MoEFeedForward(
         4, 8, top_k=top_k, routing=routing_mode, capacity_factor=0.5,
-        eval_capacity_factor=0.5, return_routing=True,
+        eval_capacity_factor=0.5, eval_group_size=None, return_routing=True,
     )
     moe.build(TOKENS.shape)
     for weight in moe.router.weights:  # everyone queues for expert 0

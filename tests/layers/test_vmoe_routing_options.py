@@ -152,6 +152,7 @@ def test_ensemble_groups_tokens_member_minor_as_vmoe():
     layer = _ensemble_layer(
         eval_capacity_factor=0.5,
         group_size=8,
+        eval_group_size=8,
         return_routing=True,
         batch_prioritized_routing=False,
     )
@@ -234,6 +235,7 @@ def _padded_layer(**kwargs):
         eval_capacity_factor=1.0,
         capacity_factor=1.0,
         group_size=20,
+        eval_group_size=20,
         partial_groups="pad",
         batch_prioritized_routing=False,
         return_routing=True,
@@ -299,7 +301,7 @@ def test_padding_claims_no_slot_and_load_counts_real_items():
 
 def test_partial_groups_error_by_default_and_in_training():
     tokens = RNG.standard_normal((3, 5, 6)).astype("float32")
-    with pytest.raises(ValueError, match="multiple of `group_size`"):
+    with pytest.raises(ValueError, match="multiple of `eval_group_size`"):
         _padded_layer(partial_groups="error")(tokens)
     with pytest.raises(ValueError, match="at inference only"):
         _padded_layer()(tokens, training=True)

@@ -173,7 +173,7 @@ class ConvNeXtMoEBackbone(
             `moe_block_indices` (the named placements count stages, unlike
             the ViT's "last-L").
         num_experts, top_k, routing, router, router_dim, shared_expert,
-        capacity_factor, eval_capacity_factor, group_size,
+        capacity_factor, eval_capacity_factor, group_size, eval_group_size,
         batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
         load_balance_loss_weight, importance_loss_weight, load_loss_weight,
         z_loss_weight, dispatch, seed, router_type, slots_per_expert,
@@ -252,6 +252,7 @@ class ConvNeXtMoEBackbone(
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
         group_size=None,
+        eval_group_size="image",
         batch_prioritized_routing=True,
         normalize_gates=False,
         noisy_gating=False,

@@ -78,7 +78,7 @@ class ViTMoEBackbone(
             the members' predictions. 1 (default): no ensemble. Needs
             `router_type="top_k"`, token routing and MoE blocks.
         num_experts, top_k, routing, router, router_dim, shared_expert,
-        capacity_factor, eval_capacity_factor, group_size,
+        capacity_factor, eval_capacity_factor, group_size, eval_group_size,
         batch_prioritized_routing, normalize_gates, noisy_gating, noise_std,
         load_balance_loss_weight, importance_loss_weight, load_loss_weight,
         z_loss_weight, dispatch, seed, router_type, slots_per_expert,
@@ -137,6 +137,7 @@ class ViTMoEBackbone(
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
         group_size=None,
+        eval_group_size="image",
         batch_prioritized_routing=True,
         normalize_gates=False,
         noisy_gating=False,

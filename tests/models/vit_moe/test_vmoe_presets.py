@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_vmoe.models import set_eval_group_size
 from keras_vmoe.models import ViTMoEBackbone
 from keras_vmoe.models import ViTMoEImageClassifier
 from keras_vmoe.models import list_presets
@@ -143,6 +144,9 @@ def tiny_preset(monkeypatch, server):  # noqa: F811
 
 
 def _logits(model, images):
+    # vmoe's logits route groups of images (batch-level capacity); the
+    # preset's default routes every image alone.
+    set_eval_group_size(model, model.backbone.group_size)
     return keras.ops.convert_to_numpy(model(images))
 
 
