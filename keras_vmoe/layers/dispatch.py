@@ -96,15 +96,21 @@ def slot_dispatch(items, plan, capacity, num_experts, run_experts, constrain=Non
     choice, used = _slot_occupants(plan, num_items, capacity, num_experts)
     slot_item = ops.cast(choice // plan["kept"].shape[-1], "int32")
     expert_inputs = ops.take_along_axis(
-        items, slot_item[:, :, None, None], axis=1
+        items, _two_axes(slot_item), axis=1
     )  # [G, E*C, P, d]
-    expert_inputs = ops.where(used[:, :, None, None], expert_inputs, 0.0)
+    expert_inputs = ops.where(_two_axes(used), expert_inputs, 0.0)
     buffer = ops.reshape(
         expert_inputs, (groups, num_experts, capacity, per_item, width)
     )
     outputs = expert_exchange(buffer, run_experts, constrain)
     outputs = ops.reshape(outputs, (groups, -1, per_item, width))
     return _combine_slots(outputs, plan, choice, used, capacity)
+
+
+def _two_axes(x):
+    """[G, S] -> [G, S, 1, 1]. Two `expand_dims`, not `x[:, :, None, None]`:
+    TensorFlow's strided slice with new axes is no LiteRT builtin."""
+    return ops.expand_dims(ops.expand_dims(x, -1), -1)
 
 
 def _slot_occupants(plan, num_items, capacity, num_experts):
@@ -151,8 +157,8 @@ def _combine_slots(outputs, plan, choice, used, capacity):
     read = ops.where(kept, plan["expert_index"] * capacity + plan["position"], 0)
     total = None
     for k in range(kept.shape[-1]):
-        slot = ops.take_along_axis(outputs, read[:, :, k, None, None], axis=1)
-        slot = ops.where(kept[:, :, k, None, None], slot, 0.0)  # [G, S, P, d]
+        slot = ops.take_along_axis(outputs, _two_axes(read[:, :, k]), axis=1)
+        slot = ops.where(_two_axes(kept[:, :, k]), slot, 0.0)  # [G, S, P, d]
         total = slot if total is None else total + slot
     return total
 

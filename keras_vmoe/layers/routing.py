@@ -21,7 +21,7 @@ from keras_vmoe.layers import backends
 
 def _as_int(value):
     """Returns a Python int when `value` is static, else the tensor itself."""
-    if isinstance(value, int):
+    if isinstance(value, int) or backends.is_symbolic_dim(value):
         return value
     try:
         return int(value)
@@ -140,7 +140,7 @@ def top_k_gates(probs, top_k, normalize=False):
     Returns:
         `(gates, expert_index)`, both [..., K]; `gates` in descending order.
         Ties choose the lower expert index on every backend (K passes of
-        `argmax`, which returns the first maximum; torch's `topk` does not
+        a first-maximum argmax, `backends.first_argmax`; torch's `topk` does not
         promise an order among ties). K is small, so this costs little.
     """
     probs = ops.convert_to_tensor(probs)
@@ -148,7 +148,7 @@ def top_k_gates(probs, top_k, normalize=False):
     remaining = probs
     gates, indices = [], []
     for _ in range(top_k):
-        index = ops.argmax(remaining, axis=-1)
+        index = backends.first_argmax(remaining)
         chosen = ops.cast(expert_mask(index, num_experts), probs.dtype)
         gates.append(ops.sum(probs * chosen, axis=-1))
         indices.append(index)

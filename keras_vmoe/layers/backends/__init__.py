@@ -90,6 +90,9 @@ class BackendAdapter:
     def in_xla_context(self):
         return False
 
+    def is_symbolic_dim(self, value):
+        return False
+
     def sorted_beats_slots(self):
         return False
 
@@ -146,7 +149,10 @@ class BackendAdapter:
             return keras.ops.einsum(
                 f"{axes}pd,{axes}->{axes}pd", rows, scales
             )
-        return rows * scales[..., None, None]
+        # Two `expand_dims`, not `[..., None, None]`: TensorFlow's strided
+        # slice with new axes is no LiteRT builtin.
+        scales = keras.ops.expand_dims(keras.ops.expand_dims(scales, -1), -1)
+        return rows * scales
 
     def gather_rows(self, x, index, valid, inverse):
         return _gather_rows(x, index, valid)
@@ -167,6 +173,10 @@ class BackendAdapter:
 
     def grouped_matmul(self, rows, kernels, group_sizes):
         require_grouped_matmul()
+
+    def first_argmax(self, x):
+        # `keras.ops.argmax` returns the first maximum on every backend.
+        return keras.ops.cast(keras.ops.argmax(x, axis=-1), "int32")
 
     def stable_argsort(self, x, axis=-1):
         # `keras.ops.argsort` sorts stably on TensorFlow (`tf.argsort` is
@@ -440,6 +450,19 @@ def grouped_matmul(rows, kernels, group_sizes):
             naming the backends that have one.
     """
     return get_adapter().grouped_matmul(rows, kernels, group_sizes)
+
+
+def is_symbolic_dim(value):
+    """Whether `value` is a symbolic dimension of a shape-polymorphic
+    trace (JAX's `jax.export` with a symbolic batch size): an int-like
+    that has no value, which `int()` refuses."""
+    return get_adapter().is_symbolic_dim(value)
+
+
+def first_argmax(x):
+    """The index of the largest element along the last axis of `x`, the
+    lowest index among equal maxima, on every backend (int32)."""
+    return get_adapter().first_argmax(x)
 
 
 def stable_argsort(x, axis=-1):

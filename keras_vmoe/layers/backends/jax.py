@@ -20,6 +20,9 @@ from keras_vmoe.layers.backends import _sum_rows
 
 
 class JaxAdapter(BackendAdapter):
+    def is_symbolic_dim(self, value):
+        return jax.export.is_symbolic_dim(value)
+
     def in_xla_context(self):
         return True
 

@@ -9,7 +9,8 @@
   `tile_matmul`s around the activation).
 - Under XLA the row maps are written as each other's gradient
   (`tf.custom_gradient`).
-- `stable_argsort` asks `tf.argsort` for `stable=True`.
+- `stable_argsort` and `first_argmax` sort with `tf.math.top_k` (ties:
+  the lower index first), exportable to ONNX and LiteRT.
 """
 
 import keras
@@ -75,11 +76,26 @@ class TensorFlowAdapter(BackendAdapter):
             )
         return _sum_rows(y, inverse)
 
+    def first_argmax(self, x):
+        # `keras.ops.argmax` tells -0.0 from 0.0 through `Bitcast` /
+        # `BitwiseAnd` (ops neither ONNX nor the LiteRT builtins have), and
+        # `tf.math.argmax` does not promise the first of equal maxima;
+        # `top_k` promises it and exists in both.
+        x = tf.convert_to_tensor(x)
+        indices = tf.math.top_k(x, k=1).indices
+        return tf.cast(tf.squeeze(indices, axis=-1), "int32")
+
     def stable_argsort(self, x, axis=-1):
-        # `tf.argsort` is stable today (built on `top_k`, which puts the
-        # lower index first among equal values, also under XLA), but only
-        # `stable=True` promises it.
-        return tf.argsort(tf.convert_to_tensor(x), axis=axis, stable=True)
+        # `tf.math.top_k` promises the lower index first among equal values
+        # (also under XLA), so the top-k of -x is a stable ascending order.
+        # `tf.argsort(stable=True)` would be too, but it sorts floats
+        # through `Bitcast` / `BitwiseAnd`, which neither ONNX nor the
+        # LiteRT builtins have; `TopK` exists in both, with the same
+        # tie-break.
+        x = tf.convert_to_tensor(x)
+        if not x.dtype.is_floating or axis not in (-1, len(x.shape) - 1):
+            return tf.argsort(x, axis=axis, stable=True)
+        return tf.math.top_k(-x, k=tf.shape(x)[-1], sorted=True).indices
 
 
 def _row_map(forward, backward, rows):

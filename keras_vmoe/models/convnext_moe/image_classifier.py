@@ -4,6 +4,7 @@ import keras
 from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
+from keras_vmoe.export import ServingExportMixin
 from keras_vmoe.models import preset_io
 from keras_vmoe.models import registry
 from keras_vmoe.models.convnext_moe import presets
@@ -25,6 +26,7 @@ class ConvNeXtMoEImageClassifier(
     ExpertQuantizationMixin,
     ShuffledFitMixin,
     RoutingMetricsMixin,
+    ServingExportMixin,
     preset_io.PresetSavingMixin,
     ImageClassifier,
 ):

@@ -6,6 +6,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_vmoe.export import ServingExportMixin
 from keras_vmoe.models import preset_io
 from keras_vmoe.models import registry
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
@@ -37,6 +38,7 @@ class ViTMoEImageClassifier(
     ExpertQuantizationMixin,
     ShuffledFitMixin,
     RoutingMetricsMixin,
+    ServingExportMixin,
     preset_io.PresetSavingMixin,
     keras_hub.models.ImageClassifier,
 ):
