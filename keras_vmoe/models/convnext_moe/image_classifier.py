@@ -25,6 +25,7 @@ class ConvNeXtMoEImageClassifier(
     ExpertQuantizationMixin,
     ShuffledFitMixin,
     RoutingMetricsMixin,
+    preset_io.PresetLoadingMixin,
     preset_io.PresetSavingMixin,
     ImageClassifier,
 ):

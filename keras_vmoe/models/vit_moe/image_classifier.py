@@ -37,6 +37,7 @@ class ViTMoEImageClassifier(
     ExpertQuantizationMixin,
     ShuffledFitMixin,
     RoutingMetricsMixin,
+    preset_io.PresetLoadingMixin,
     preset_io.PresetSavingMixin,
     keras_hub.models.ImageClassifier,
 ):
