@@ -204,13 +204,13 @@ def build_parser():
     train.add_argument("--seed", type=_integer(0), default=0)
     train.add_argument(
         "--devices",
-        type=int,
+        type=_integer(1),
         default=None,
         help="data-parallel over the first N devices (JAX backend)",
     )
     train.add_argument(
         "--expert-parallel",
-        type=int,
+        type=_integer(1),
         default=None,
         metavar="N",
         help="shard every MoE layer's experts over N devices (JAX backend; "
@@ -409,6 +409,7 @@ def train(args):
     from keras_vmoe.training.recipes import build_classifier
 
     recipe = _training_recipe(args)
+    _check_max_examples(args)
     output_dir = _output_dir(
         args.output_dir or os.path.join("runs", args.model.strip("/"))
     )
@@ -441,6 +442,13 @@ def train(args):
     steps_per_epoch = int(train_data.cardinality())
     if steps_per_epoch < 1:
         steps_per_epoch = sum(1 for _ in train_data)
+    if steps_per_epoch < 1:
+        raise CliError(
+            "the training split has fewer examples than one batch (training "
+            "drops the incomplete last batch, so no step would run): lower "
+            f"--batch-size. Received: --batch-size {args.batch_size}, "
+            f"--dataset {args.dataset!r}"
+        )
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = min(
         int(args.warmup_epochs * steps_per_epoch), total_steps - 1
@@ -529,6 +537,18 @@ def train(args):
         print(f"Routing report: {summary['routing_report']}", flush=True)
         print(summary["routing_figure"], flush=True)
     return summary
+
+
+def _check_max_examples(args):
+    """Training drops the incomplete last batch: fewer examples than one
+    batch would train no step."""
+    if args.max_examples is not None and args.max_examples < args.batch_size:
+        raise CliError(
+            "--max-examples must be at least --batch-size (training drops "
+            "the incomplete last batch, so no step would run). Received: "
+            f"--max-examples {args.max_examples}, --batch-size "
+            f"{args.batch_size}"
+        )
 
 
 def _training_recipe(args):

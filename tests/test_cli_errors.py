@@ -34,6 +34,10 @@ def run_main(argv):
         (["train", "--image-size", "-28"], ["--image-size", "'-28'"]),
         (["train", "--max-examples", "0"], ["--max-examples", "'0'"]),
         (["train", "--seed", "-3"], ["--seed", "'-3'"]),
+        (["train", "--devices", "0"], ["--devices", "'0'"]),
+        (["train", "--devices", "-2"], ["--devices", "'-2'"]),
+        (["train", "--expert-parallel", "0"], ["--expert-parallel", "'0'"]),
+        (["train", "--expert-parallel", "-4"], ["--expert-parallel", "'-4'"]),
         (["predict", "p", "x.png", "--top", "-1"], ["--top", "'-1'"]),
         (["analyze", "p", "--max-batches", "0"], ["--max-batches", "'0'"]),
     ],
@@ -59,6 +63,27 @@ def test_bad_split_or_preset(argv, expected):
     assert message.startswith("error: ") and "\n" not in message
     for part in expected:
         assert part in message
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--max-examples", "64"], ["--max-examples 64", "--batch-size 128"]),
+        (
+            ["--max-examples", "10", "--batch-size", "32"],
+            ["--max-examples 10", "--batch-size 32"],
+        ),
+    ],
+)
+def test_max_examples_below_one_batch_names_both_flags(
+    argv, expected, tmp_path
+):
+    output_dir = str(tmp_path / "run")
+    message = run_main(["train", "--output-dir", output_dir, *argv])
+    assert message.startswith("error: ") and "\n" not in message
+    for part in expected:
+        assert part in message
+    assert not os.path.exists(output_dir)  # refused before any work
 
 
 def test_output_dir_pointing_at_a_file(tmp_path):

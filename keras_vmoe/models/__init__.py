@@ -6,7 +6,9 @@ from keras_vmoe.models.convnext_moe.presets import (
     PRESETS as _CONVNEXT_MOE_PRESETS,
 )
 from keras_vmoe.models.inference import set_eval_group_size
+from keras_vmoe.models.preset_io import check_manifest
 from keras_vmoe.models.preset_io import check_preset_dir
+from keras_vmoe.models.preset_io import install_json_error_names
 from keras_vmoe.models.preset_io import load_classifier
 from keras_vmoe.models.preset_io import preset_normalization
 from keras_vmoe.models.shipped import SHIPPED_PRESETS as _SHIPPED_PRESETS
@@ -27,6 +29,8 @@ _PRESET_TABLES = (_VIT_MOE_PRESETS, _CONVNEXT_MOE_PRESETS, VMOE_PRESETS)
 # The trained presets installed with the package load by name through
 # KerasHub too: `keras_hub.models.ImageClassifier.from_preset("vimoe_mnist")`.
 register_with_keras_hub()
+# KerasHub's JSON errors name the file (see `install_json_error_names`).
+install_json_error_names()
 
 
 def list_presets():

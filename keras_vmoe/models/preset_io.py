@@ -8,15 +8,31 @@
   named), a classifier preset whose head would be loaded must have
   `task.weights.h5`, and the backbone config in `task.json` must equal
   `config.json`. Every error names the file.
+- Manifest: `save_to_preset` records every file it wrote (size and
+  SHA-256) in `manifest.json`; loading a folder that has one refuses a file
+  that differs from the record (a partial copy from another save, a
+  truncated or edited file), a recorded file that is missing, and a
+  `.json` / `.h5` file the save did not write. `labels.json` is not
+  recorded (the CLI writes it after the save). A folder without
+  `manifest.json` (saved before manifests) loads with the other checks.
+- Through KerasHub (`keras_hub.models.ImageClassifier.from_preset(folder)`,
+  `keras_hub.models.Backbone.from_preset(folder)`), which does not call
+  our `from_preset`, the same checks run from the methods its loader calls
+  on our classes (`PresetLoadingMixin`, `PresetAssetsCheckMixin`), and
+  `install_json_error_names` makes its JSON errors name the file.
 - Saving (`PresetSavingMixin`): `save_to_preset` writes into a temporary
   sibling folder that replaces the destination only once complete, and
   never writes optimizer state.
 """
 
 import contextlib
+import contextvars
 import difflib
+import hashlib
 import json
 import os
+import re
+import weakref
 
 import keras
 
@@ -24,11 +40,16 @@ from keras_vmoe.models import registry
 from keras_vmoe.models.shipped import SHIPPED_PRESETS
 from keras_vmoe.models.shipped import shipped_preset_dir
 from keras_vmoe.utils.io import atomic_directory
+from keras_vmoe.utils.io import atomic_file
 
 CONFIG_FILE = "config.json"
 TASK_CONFIG_FILE = "task.json"
 TASK_WEIGHTS_FILE = "task.weights.h5"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
+SHARDED_WEIGHTS_CONFIG_FILE = "model.weights.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "keras-vmoe-preset-manifest"
+MANIFEST_VERSION = 1
 
 
 # === Names ===
@@ -193,17 +214,28 @@ def check_preset_dir(preset, task, load_weights=True, **kwargs):
             means a new head, so `task.weights.h5` is not needed).
 
     Raises:
-        FileNotFoundError: naming a missing `config.json`, or a missing
-            `task.weights.h5` when the head would be loaded from it.
-        ValueError: naming a file that is not valid JSON / HDF5, or both
+        FileNotFoundError: naming a missing `config.json`, a missing
+            `task.weights.h5` when the head would be loaded from it, or a
+            file that `manifest.json` records and the folder lacks.
+        ValueError: naming a file that is not valid JSON / HDF5, both
             files when `config.json` and `task.json` describe different
-            backbones.
+            backbones, or a file that differs from its `manifest.json`
+            record (or is not in it).
     """
-    from keras_vmoe.converters.common import check_h5_file
-
     preset = shipped_preset_dir(preset) or preset
     if not (isinstance(preset, str) and os.path.isdir(preset)):
         return
+    _check_folder(
+        preset,
+        task=task,
+        load_weights=load_weights,
+        head_needed=task and _task_weights_needed(load_weights, kwargs),
+    )
+
+
+def _check_folder(preset, task, load_weights, head_needed):
+    from keras_vmoe.converters.common import check_h5_file
+
     config_path = os.path.join(preset, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(
@@ -217,19 +249,23 @@ def check_preset_dir(preset, task, load_weights=True, **kwargs):
         elif name.endswith(".h5") and load_weights:
             check_h5_file(path)
     task_path = os.path.join(preset, TASK_CONFIG_FILE)
-    if not (task and os.path.exists(task_path)):
-        return
-    task_weights = os.path.join(preset, TASK_WEIGHTS_FILE)
-    if _task_weights_needed(load_weights, kwargs) and not os.path.exists(
-        task_weights
-    ):
-        raise FileNotFoundError(
-            f"{task_weights!r} is missing: the classifier's head would be "
-            "left at its random initialisation. Restore the file, or pass "
-            "`num_classes=...` to build a new head on purpose (or "
-            "`load_weights=False`)."
-        )
-    _check_backbone_configs(config_path, task_path)
+    if task and os.path.exists(task_path):
+        task_weights = os.path.join(preset, TASK_WEIGHTS_FILE)
+        if head_needed and not os.path.exists(task_weights):
+            raise _missing_head_error(task_weights)
+        _check_backbone_configs(config_path, task_path)
+    # A missing `task.weights.h5` is an error only when the head would be
+    # loaded (above, or `_before_backbone_weights`).
+    check_manifest(preset, allow_missing=(TASK_WEIGHTS_FILE,))
+
+
+def _missing_head_error(task_weights):
+    return FileNotFoundError(
+        f"{task_weights!r} is missing: the classifier's head would be "
+        "left at its random initialisation. Restore the file, or pass "
+        "`num_classes=...` to build a new head on purpose (or "
+        "`load_weights=False`)."
+    )
 
 
 def _check_backbone_configs(config_path, task_path):
@@ -257,12 +293,340 @@ def _check_backbone_configs(config_path, task_path):
 
 
 def _wrap_loading_errors(preset, call):
+    """Runs `call` (KerasHub's loading of a folder that `check_preset_dir`
+    has just checked, so the loader-side checks skip it)."""
+    folder = shipped_preset_dir(preset) or preset
     try:
-        return call()
+        with _checked_folder(folder):
+            return call()
     except OSError as error:
         raise ValueError(
             f"Could not read the preset folder {preset!r}: {error}"
         ) from error
+
+
+# === Manifest ===
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# (path, size, mtime, ctime, inode) -> SHA-256: a file is hashed once while
+# it stays unchanged (the loader-side checks may run more than once).
+_digests = {}
+
+
+def _sha256(path):
+    stat = os.stat(path)
+    key = (
+        os.path.abspath(path),
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+        stat.st_ino,
+    )
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        if len(_digests) > 256:
+            _digests.clear()
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def _recorded_names(folder):
+    """Relative "/"-separated names of the files a manifest records: all
+    files under `folder` except the manifest, `CARRIED_FILES` and hidden
+    files (temporary files of atomic writes)."""
+    names = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        relative = os.path.relpath(root, folder)
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if relative == ".":
+                if name == MANIFEST_FILE or name in CARRIED_FILES:
+                    continue
+                names.append(name)
+            else:
+                names.append("/".join([*relative.split(os.sep), name]))
+    return names
+
+
+def write_manifest(folder):
+    """Writes `folder/manifest.json`: size and SHA-256 of every file.
+
+    `save_to_preset` calls it on the complete preset, before the folder is
+    moved into place. Not recorded: `manifest.json` itself,
+    `CARRIED_FILES` (`labels.json`) and hidden files.
+    """
+    files = {}
+    for name in _recorded_names(folder):
+        path = os.path.join(folder, *name.split("/"))
+        files[name] = {
+            "size": os.path.getsize(path),
+            "sha256": _sha256(path),
+        }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "files": files,
+    }
+    with atomic_file(os.path.join(folder, MANIFEST_FILE), "w") as file:
+        json.dump(manifest, file, indent=2, sort_keys=True)
+        file.write("\n")
+
+
+def read_manifest(folder):
+    """The `files` table of `folder/manifest.json`, or None without one.
+
+    Raises:
+        ValueError: naming the manifest if it is not valid JSON or not a
+            keras-vmoe manifest.
+    """
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.exists(path):
+        return None
+    manifest = read_json(path)
+
+    def invalid(what):
+        return ValueError(
+            f"{path!r} is not a valid keras-vmoe preset manifest ({what})."
+        )
+
+    if not isinstance(manifest, dict):
+        raise invalid("not a JSON object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise invalid(f"format {manifest.get('format')!r}")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise invalid(f"unsupported version {manifest.get('version')!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise invalid("no `files` table")
+    for name, entry in files.items():
+        parts = name.split("/")
+        if not name or any(part in ("", ".", "..") for part in parts):
+            raise invalid(f"bad file name {name!r}")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256.fullmatch(entry["sha256"])
+        ):
+            raise invalid(f"bad entry for {name!r}: {entry!r}")
+    return files
+
+
+def check_manifest(folder, allow_missing=()):
+    """Checks `folder` against its `manifest.json` (if it has one).
+
+    Every recorded file must be there (except names in `allow_missing`)
+    with the recorded size and SHA-256, and every `.json` / `.h5` file
+    that KerasHub could read must be recorded.
+
+    Returns:
+        True if the folder has a manifest (and passed), False if not.
+
+    Raises:
+        FileNotFoundError: naming a recorded file that is missing.
+        ValueError: naming a file that differs from its record, or an
+            unrecorded `.json` / `.h5` file.
+    """
+    files = read_manifest(folder)
+    if files is None:
+        return False
+    manifest = os.path.join(folder, MANIFEST_FILE)
+    mixed = (
+        "the folder mixes files of different saves (a partial copy over "
+        "another preset?) or the file was changed after the save. Copy "
+        "the whole preset folder again."
+    )
+    for name, entry in sorted(files.items()):
+        path = os.path.join(folder, *name.split("/"))
+        if not os.path.isfile(path):
+            if name in allow_missing:
+                continue
+            raise FileNotFoundError(
+                f"{path!r} is missing: {manifest!r} records it as part of "
+                "the saved preset. Copy the whole preset folder again."
+            )
+        size = os.path.getsize(path)
+        if size != entry["size"]:
+            raise ValueError(
+                f"{path!r} has {size} bytes, not the {entry['size']} that "
+                f"{manifest!r} records: {mixed}"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise ValueError(
+                f"{path!r} is not the file that {manifest!r} records (its "
+                f"SHA-256 differs): {mixed}"
+            )
+    for name in _recorded_names(folder):
+        if name not in files and name.endswith((".json", ".h5")):
+            path = os.path.join(folder, *name.split("/"))
+            raise ValueError(
+                f"{path!r} is not in {manifest!r}: it was not written by "
+                "the save that wrote the manifest (copied in from another "
+                "preset?). Remove it, or copy the whole preset folder again."
+            )
+    return True
+
+
+# === Checks from inside KerasHub's loader ===
+# `keras_hub.models.ImageClassifier.from_preset(folder)` and
+# `keras_hub.models.Backbone.from_preset(folder)` do not call our
+# `from_preset`. Their loader (`KerasPresetLoader` in keras_hub 0.32) builds
+# the model with `from_config`, then calls methods of ours with the
+# folder's paths: `preprocessor.load_preset_assets(folder)` (a task with a
+# preprocessor), `task.load_task_weights(folder/task.weights.h5)` (the head,
+# unless `num_classes` is given) and `backbone.load_weights(folder/
+# model.weights.h5)`; the checks run there, before any weight is read. A
+# folder that `check_preset_dir` has checked (our `from_preset`,
+# `load_classifier`) is not checked again.
+_checked = contextvars.ContextVar("keras_vmoe_checked_presets", default=())
+
+
+@contextlib.contextmanager
+def _checked_folder(folder):
+    if not (isinstance(folder, str) and os.path.isdir(folder)):
+        yield
+        return
+    token = _checked.set(_checked.get() + (os.path.realpath(folder),))
+    try:
+        yield
+    finally:
+        _checked.reset(token)
+
+
+def _is_checked(folder):
+    return os.path.realpath(folder) in _checked.get()
+
+
+def _preset_folder_of(filepath, names):
+    """The preset folder holding `filepath` if it is one of `names` there."""
+    if not isinstance(filepath, (str, os.PathLike)):
+        return None
+    filepath = os.fspath(filepath)
+    folder = os.path.dirname(filepath) or "."
+    if os.path.basename(filepath) not in names:
+        return None
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        return None
+    return folder
+
+
+def _loader_check(folder, task, load_weights):
+    if folder is None or _is_checked(folder):
+        return
+    _check_folder(
+        folder, task=task, load_weights=load_weights, head_needed=False
+    )
+
+
+def _before_backbone_weights(backbone, filepath):
+    """KerasHub is about to load `filepath` into `backbone`.
+
+    For the backbone of a classifier just built by `from_config` (the
+    loader's order: config, head weights, backbone weights) whose head was
+    not loaded, a missing `task.weights.h5` is an error unless the
+    classifier's `num_classes` differs from the saved one (a new head on
+    purpose; KerasHub's loader does not pass on whether `num_classes` was
+    given, so an equal count is taken as "load the head").
+    """
+    link = getattr(backbone, "_preset_task", None)
+    task = link() if link is not None else None
+    if link is not None:
+        backbone._preset_task = None  # only the first load after from_config
+    folder = _preset_folder_of(
+        filepath, (MODEL_WEIGHTS_FILE, SHARDED_WEIGHTS_CONFIG_FILE)
+    )
+    if folder is None or _is_checked(folder):
+        return
+    task_path = os.path.join(folder, TASK_CONFIG_FILE)
+    task_weights = os.path.join(folder, TASK_WEIGHTS_FILE)
+    if (
+        task is not None
+        and not getattr(task, "_preset_head_loaded", False)
+        and os.path.exists(task_path)
+        and not os.path.exists(task_weights)
+    ):
+        saved = read_json(task_path).get("config", {}).get("num_classes")
+        if saved == getattr(task, "num_classes", None):
+            raise _missing_head_error(task_weights)
+    _loader_check(folder, task=task is not None, load_weights=True)
+
+
+class PresetLoadingMixin:
+    """Runs the folder checks from the methods KerasHub's loader calls.
+
+    For backbones: `load_weights` of a preset folder's `model.weights.h5`.
+    For classifiers: `from_config` links the backbone to its classifier
+    (for the missing-head check), `load_task_weights` (in
+    `PresetSavingMixin`) checks the folder of `task.weights.h5`.
+    """
+
+    @classmethod
+    def from_config(cls, config):
+        model = super().from_config(config)
+        backbone = getattr(model, "backbone", None)
+        if isinstance(backbone, PresetLoadingMixin):
+            model._preset_head_loaded = False
+            backbone._preset_task = weakref.ref(model)
+        return model
+
+    def load_weights(self, filepath, *args, **kwargs):
+        _before_backbone_weights(self, filepath)
+        return super().load_weights(filepath, *args, **kwargs)
+
+
+class PresetAssetsCheckMixin:
+    """For preprocessors: KerasHub's loader calls `load_preset_assets(
+    folder)` once it has built a task from the folder's `task.json`; the
+    folder is checked there (JSON files, `config.json` against
+    `task.json`, the manifest), before any weight is loaded."""
+
+    def load_preset_assets(self, preset):
+        if isinstance(preset, str) and os.path.isdir(preset):
+            _loader_check(preset, task=True, load_weights=False)
+        return super().load_preset_assets(preset)
+
+
+def install_json_error_names():
+    """Makes KerasHub's preset JSON errors name the file.
+
+    KerasHub parses `config.json` (`preset_utils.load_json`) before it
+    knows which class the folder holds, so no method of ours runs first,
+    and `json.JSONDecodeError` names no file. The wrapper re-raises the
+    same exception type with the path in its message; valid files load
+    exactly as before. Installed once, when `keras_vmoe.models` is
+    imported.
+    """
+    from keras_hub.src.utils import preset_utils
+
+    original = preset_utils.load_json
+    if getattr(original, "_keras_vmoe_names_files", False):
+        return
+
+    def load_json(preset, config_file=CONFIG_FILE):
+        try:
+            return original(preset, config_file)
+        except json.JSONDecodeError as error:
+            path = config_file
+            if isinstance(preset, str) and os.path.isdir(preset):
+                path = os.path.join(preset, config_file)
+            raise json.JSONDecodeError(
+                f"{path!r} is not a readable JSON file: {error.msg}",
+                error.doc,
+                error.pos,
+            ) from None
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{config_file!r} of the preset {preset!r} is not a "
+                f"readable JSON file: {error}"
+            ) from None
+
+    load_json._keras_vmoe_names_files = True
+    preset_utils.load_json = load_json
 
 
 def load_classifier(preset, **kwargs):
@@ -299,7 +663,8 @@ class PresetSavingMixin:
 
     The preset is written into a temporary sibling folder that replaces
     `preset_dir` once complete: an interrupted save leaves the old preset
-    (or nothing), never a mix. Files of an existing preset that the save
+    (or nothing), never a mix. The last file written is `manifest.json`
+    (`write_manifest`). Files of an existing preset that the save
     does not write (`CARRIED_FILES`: `labels.json`) are carried over.
     `save_task_weights` leaves the optimizer out (`task.weights.h5` holds
     the head only); `save_weights` is Keras' (it keeps the optimizer state,
@@ -317,6 +682,7 @@ class PresetSavingMixin:
             with atomic_directory(preset_dir) as folder:
                 super().save_to_preset(folder, max_shard_size=max_shard_size)
                 _carry_over(preset_dir, folder)
+                write_manifest(folder)
         finally:
             _saving.pop()
 
@@ -343,6 +709,12 @@ class PresetSavingMixin:
                 "The filename must end in `.weights.h5`. Received: "
                 f"filepath={filepath}"
             )
+        _loader_check(
+            _preset_folder_of(filepath, (TASK_WEIGHTS_FILE,)),
+            task=True,
+            load_weights=True,
+        )
+        self._preset_head_loaded = True
         skipped = list(self.backbone._flatten_layers())
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None:

@@ -89,9 +89,16 @@ def _classifier(name):
     family, moe = CASES[name]
     if family == "vit":
         backbone = ViTMoEBackbone(**VIT, **moe, seed=1)
-        return ViTMoEImageClassifier(backbone, num_classes=5)
-    backbone = ConvNeXtMoEBackbone(**CONVNEXT, **moe, seed=1)
-    return ConvNeXtMoEImageClassifier(backbone, num_classes=5)
+        model = ViTMoEImageClassifier(backbone, num_classes=5)
+    else:
+        backbone = ConvNeXtMoEBackbone(**CONVNEXT, **moe, seed=1)
+        model = ConvNeXtMoEImageClassifier(backbone, num_classes=5)
+    # Weights of order 1 (the initialisers' are small): a dropped token
+    # then moves the logits far more than float rounding does.
+    rng = np.random.default_rng(1)
+    for variable in model.trainable_variables:
+        variable.assign(0.3 * rng.standard_normal(variable.shape))
+    return model
 
 
 def _predict(model, images):
@@ -116,11 +123,11 @@ def _compare(model):
 def test_an_image_gets_the_same_output_alone_and_in_any_batch(name):
     model = _classifier(name)
     copies, shuffled = _compare(model)
-    assert copies < 1e-5 and shuffled < 1e-5, (copies, shuffled)
+    assert copies < 1e-4 and shuffled < 1e-4, (copies, shuffled)
     if "soft" in name:
         return  # Soft MoE mixes tokens of one image only: no control.
     set_eval_group_size(model, None)
-    assert max(_compare(model)) > 1e-4, "control: batch-level routing differs"
+    assert max(_compare(model)) > 1e-2, "control: batch-level routing differs"
 
 
 def test_default_is_per_image_and_recorded_in_the_config():

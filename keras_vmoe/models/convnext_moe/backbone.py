@@ -137,7 +137,10 @@ def _check_dense_skip_blocks(dense_skip_blocks, depths, moe_positions):
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEBackbone(
-    ExpertQuantizationMixin, preset_io.PresetSavingMixin, Backbone
+    ExpertQuantizationMixin,
+    preset_io.PresetLoadingMixin,
+    preset_io.PresetSavingMixin,
+    Backbone,
 ):
     """ConvNeXt backbone whose chosen blocks have a Mixture-of-Experts MLP.
 

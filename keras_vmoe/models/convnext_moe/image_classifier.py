@@ -27,6 +27,7 @@ class ConvNeXtMoEImageClassifier(
     ShuffledFitMixin,
     RoutingMetricsMixin,
     ServingExportMixin,
+    preset_io.PresetLoadingMixin,
     preset_io.PresetSavingMixin,
     ImageClassifier,
 ):

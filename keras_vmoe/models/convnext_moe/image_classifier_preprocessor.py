@@ -3,6 +3,7 @@
 import keras
 from keras_hub.models import ImageClassifierPreprocessor
 
+from keras_vmoe.models import preset_io
 from keras_vmoe.models.convnext_moe.backbone import ConvNeXtMoEBackbone
 from keras_vmoe.models.convnext_moe.image_converter import (
     ConvNeXtMoEImageConverter,
@@ -10,7 +11,9 @@ from keras_vmoe.models.convnext_moe.image_converter import (
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class ConvNeXtMoEImageClassifierPreprocessor(ImageClassifierPreprocessor):
+class ConvNeXtMoEImageClassifierPreprocessor(
+    preset_io.PresetAssetsCheckMixin, ImageClassifierPreprocessor
+):
     """Image classifier preprocessor wrapping a `ConvNeXtMoEImageConverter`.
 
     Args:

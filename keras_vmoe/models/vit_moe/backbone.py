@@ -25,6 +25,7 @@ from keras_vmoe.validation import check_number
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ViTMoEBackbone(
     ExpertQuantizationMixin,
+    preset_io.PresetLoadingMixin,
     preset_io.PresetSavingMixin,
     keras_hub.models.Backbone,
 ):

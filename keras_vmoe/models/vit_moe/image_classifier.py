@@ -39,6 +39,7 @@ class ViTMoEImageClassifier(
     ShuffledFitMixin,
     RoutingMetricsMixin,
     ServingExportMixin,
+    preset_io.PresetLoadingMixin,
     preset_io.PresetSavingMixin,
     keras_hub.models.ImageClassifier,
 ):
