@@ -58,6 +58,10 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         kernel_initializer: initializer of the expert kernels (default
             truncated normal, stddev 0.02, as ViT).
         seed: seed of the layer's randomness (router noise, dropout).
+        lora_rank: if set, the layer enables LoRA on its routed experts
+            with this rank when built (`enable_lora`); the config carries
+            it, as Keras' `Dense` does.
+        lora_alpha: the LoRA scale numerator (default `lora_rank`).
     """
 
     # The `router_type` of a model's `moe_config` that builds this layer.
@@ -80,9 +84,12 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         return_routing=False,
         kernel_initializer=None,
         seed=None,
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
         validation.check_int("num_experts", num_experts)
+        validation.check_int("lora_rank", lora_rank, allow_none=True)
         validation.check_int("hidden_dim", hidden_dim)
         validation.check_bool("shared_expert", shared_expert)
         validation.check_bool("return_routing", return_routing)
@@ -99,8 +106,7 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         self.dropout = dropout
         self.return_routing = return_routing
         self.kernel_initializer = keras.initializers.get(
-            kernel_initializer
-            or keras.initializers.TruncatedNormal(stddev=0.02)
+            kernel_initializer or keras.initializers.TruncatedNormal(stddev=0.02)
         )
         self.seed = seed
         self.router = None
@@ -121,6 +127,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         )
         self._routing_observers = []
         self._dispatch_path = None
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_enabled = False
 
     # === Router (layers that route with a router layer) ===
     def _init_router(self, router, router_dim, noise_std, noise=True):
@@ -155,6 +164,15 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         for a router layer passed in."""
         spec = self._router_spec
         return spec if isinstance(spec, str) else type(spec).__name__
+
+    @property
+    def router_variables(self):
+        """The weights that route: the router layer's (top-k and Expert
+        Choice), Soft MoE's `phi` and `scale`. `freeze_routers` and the
+        backbones' `enable_lora` freeze these."""
+        if self.router is None:
+            return []
+        return list(self.router.weights)
 
     @property
     def _noise_std(self):
@@ -207,6 +225,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
             self.shared_ffn.build(input_shape)
         self._build_state()
         self._add_quantized_expert_weights()
+        if self.lora_rank and not self.lora_enabled:
+            self.built = True  # as `Dense.build` before its `enable_lora`
+            self.enable_lora(self.lora_rank, self.lora_alpha)
 
     def _build_routing_weights(self):
         """Routing weights of the layer itself, added before the experts."""
@@ -241,9 +262,7 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         """Runs `dispatcher` (a `keras_vmoe.layers.dispatch.Dispatcher`)
         on this layer's experts and records its name (`dispatch_path`)."""
         self._dispatch_path = dispatcher.name
-        return dispatcher(
-            items, plan, self, training, dispatch_constraint(self)
-        )
+        return dispatcher(items, plan, self, training, dispatch_constraint(self))
 
     @property
     def dispatch_path(self):
@@ -283,10 +302,7 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         if not self.return_routing:
             return outputs
         specs = self._routing_specs(tuple(inputs.shape))
-        info = {
-            name: ops.zeros(shape, dtype)
-            for name, (shape, dtype) in specs.items()
-        }
+        info = {name: ops.zeros(shape, dtype) for name, (shape, dtype) in specs.items()}
         return outputs, info
 
     # === Routing observers ===
@@ -319,9 +335,7 @@ class MoELayer(StackedExperts, keras.layers.Layer):
             return outputs
         return outputs, {
             name: keras.KerasTensor(shape, dtype=dtype)
-            for name, (shape, dtype) in self._routing_specs(
-                tuple(inputs.shape)
-            ).items()
+            for name, (shape, dtype) in self._routing_specs(tuple(inputs.shape)).items()
         }
 
     def get_config(self):
@@ -340,6 +354,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
                 "seed": self.seed,
             }
         )
+        if self.lora_rank:
+            config["lora_rank"] = self.lora_rank
+            config["lora_alpha"] = self.lora_alpha
         if self.router is not None:
             router = self._router_spec
             config["router"] = (
@@ -355,7 +372,5 @@ class MoELayer(StackedExperts, keras.layers.Layer):
     def from_config(cls, config):
         config = dict(config)
         if isinstance(config.get("router"), dict):
-            config["router"] = keras.saving.deserialize_keras_object(
-                config["router"]
-            )
+            config["router"] = keras.saving.deserialize_keras_object(config["router"])
         return cls(**config)

@@ -191,6 +191,11 @@ class SoftMoEFeedForward(MoELayer):
             else None
         )
 
+    @property
+    def router_variables(self):
+        """`phi` and `scale` (Soft MoE routes with weights of its own)."""
+        return [v for v in (self.phi, self.scale) if v is not None]
+
     # === Forward ===
     def routing_weights(self, tokens):
         """Float32 `(dispatch, combine)` [B, T, E*C] for tokens [B, T, d]."""
@@ -225,9 +230,7 @@ class SoftMoEFeedForward(MoELayer):
     def _combine_load(self, combine):
         """[E] share of the combine weights of all tokens per expert."""
         e, c = self.num_experts, self.slots_per_expert
-        return ops.mean(
-            ops.sum(ops.reshape(combine, (-1, e, c)), axis=-1), axis=0
-        )
+        return ops.mean(ops.sum(ops.reshape(combine, (-1, e, c)), axis=-1), axis=0)
 
     def routing_statistics(self):
         """`{"max_load": E * max_i m_i}`, where m_i is expert i's share of
@@ -267,9 +270,7 @@ class SoftMoEFeedForward(MoELayer):
             {
                 "slots_per_expert": self.slots_per_expert,
                 "normalize": self.normalize,
-                "phi_initializer": keras.initializers.serialize(
-                    self.phi_initializer
-                ),
+                "phi_initializer": keras.initializers.serialize(self.phi_initializer),
             }
         )
         return config

@@ -5,6 +5,9 @@ from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
 from keras_vmoe.models.convnext_moe.presets import (
     PRESETS as _CONVNEXT_MOE_PRESETS,
 )
+from keras_vmoe.models.lora import freeze_routers
+from keras_vmoe.models.lora import merge_lora
+from keras_vmoe.models.lora import set_routers_trainable
 from keras_vmoe.models.preset_io import check_preset_dir
 from keras_vmoe.models.preset_io import load_classifier
 from keras_vmoe.models.preset_io import preset_normalization

@@ -32,14 +32,19 @@ class ExpertQuantizationMixin:
     """Adds the MoE experts to `quantize(mode)` ("int8" or "float8")."""
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        backbone = getattr(self, "backbone", self)
+        if getattr(backbone, "lora_enabled", False):
+            raise ValueError(
+                "Cannot quantize a model with LoRA enabled: merge the "
+                "adapters first (`merge_lora()`), or quantize before "
+                f"`enable_lora`. Received: mode={mode!r}"
+            )
         super().quantize(mode, config=config, filters=filters, **kwargs)
         mode = mode if mode is not None else getattr(config, "mode", None)
         changed = False
         left_in_float = []
         for layer in self._flatten_layers():
-            if layer.quantization_mode is not None or not _selected(
-                layer, filters
-            ):
+            if layer.quantization_mode is not None or not _selected(layer, filters):
                 continue
             if isinstance(layer, QuantizedExpertsMixin):
                 layer.quantize(mode)
