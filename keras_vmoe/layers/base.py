@@ -106,7 +106,8 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         self.dropout = dropout
         self.return_routing = return_routing
         self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.TruncatedNormal(stddev=0.02)
+            kernel_initializer
+            or keras.initializers.TruncatedNormal(stddev=0.02)
         )
         self.seed = seed
         self.router = None
@@ -262,7 +263,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         """Runs `dispatcher` (a `keras_vmoe.layers.dispatch.Dispatcher`)
         on this layer's experts and records its name (`dispatch_path`)."""
         self._dispatch_path = dispatcher.name
-        return dispatcher(items, plan, self, training, dispatch_constraint(self))
+        return dispatcher(
+            items, plan, self, training, dispatch_constraint(self)
+        )
 
     @property
     def dispatch_path(self):
@@ -302,7 +305,10 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         if not self.return_routing:
             return outputs
         specs = self._routing_specs(tuple(inputs.shape))
-        info = {name: ops.zeros(shape, dtype) for name, (shape, dtype) in specs.items()}
+        info = {
+            name: ops.zeros(shape, dtype)
+            for name, (shape, dtype) in specs.items()
+        }
         return outputs, info
 
     # === Routing observers ===
@@ -335,7 +341,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
             return outputs
         return outputs, {
             name: keras.KerasTensor(shape, dtype=dtype)
-            for name, (shape, dtype) in self._routing_specs(tuple(inputs.shape)).items()
+            for name, (shape, dtype) in self._routing_specs(
+                tuple(inputs.shape)
+            ).items()
         }
 
     def get_config(self):
@@ -372,5 +380,7 @@ class MoELayer(StackedExperts, keras.layers.Layer):
     def from_config(cls, config):
         config = dict(config)
         if isinstance(config.get("router"), dict):
-            config["router"] = keras.saving.deserialize_keras_object(config["router"])
+            config["router"] = keras.saving.deserialize_keras_object(
+                config["router"]
+            )
         return cls(**config)

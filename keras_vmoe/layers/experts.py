@@ -109,7 +109,8 @@ class StackedExperts(quantization.QuantizedExpertsMixin):
         """
         if not self.built:
             raise ValueError(
-                f"Cannot enable LoRA on the layer {self.name!r} before it is " "built."
+                f"Cannot enable LoRA on the layer {self.name!r} before it "
+                "is built."
             )
         if self.lora_enabled:
             raise ValueError(
@@ -164,7 +165,8 @@ class StackedExperts(quantization.QuantizedExpertsMixin):
         """
         if not self.lora_enabled:
             raise ValueError(
-                f"LoRA is not enabled on the layer {self.name!r}: nothing to " "merge."
+                f"LoRA is not enabled on the layer {self.name!r}: nothing "
+                "to merge."
             )
         mode = self.quantization_mode
         for index in (1, 2):
@@ -201,6 +203,7 @@ class StackedExperts(quantization.QuantizedExpertsMixin):
             self.lora_alpha / self.lora_rank,
         )
 
+
     @property
     def expert_weights(self):
         """`(kernel_1, bias_1, kernel_2, bias_2)`, the effective kernels
@@ -216,7 +219,9 @@ class StackedExperts(quantization.QuantizedExpertsMixin):
         """[E, N, d] -> [E, N, d]: expert e runs on its own N rows only."""
         kernel_1, bias_1, kernel_2, bias_2 = self.expert_weights
         hidden = ops.einsum("end,edh->enh", expert_inputs, kernel_1)
-        hidden = apply_activation(hidden + ops.expand_dims(bias_1, 1), self.activation)
+        hidden = apply_activation(
+            hidden + ops.expand_dims(bias_1, 1), self.activation
+        )
         hidden = self.dropout_layer(hidden, training=training)
         outputs = ops.einsum("enh,ehd->end", hidden, kernel_2)
         outputs = outputs + ops.expand_dims(bias_2, 1)
@@ -230,7 +235,9 @@ class StackedExperts(quantization.QuantizedExpertsMixin):
         it may run the whole MLP fused.
         """
         if not (training and self.dropout):
-            outputs = row_experts.mlp(rows, *self.expert_weights, self.activation)
+            outputs = row_experts.mlp(
+                rows, *self.expert_weights, self.activation
+            )
             return self.dropout_layer(outputs, training=training)
         kernel_1, bias_1, kernel_2, bias_2 = self.expert_weights
         hidden = row_experts.matmul(rows, kernel_1, bias_1)
@@ -251,14 +258,19 @@ class StackedExperts(quantization.QuantizedExpertsMixin):
             [N, P, d]: `sum_k gates[n, k] * expert_{index[n, k]}(items[n])`.
         """
         kernel_1, bias_1, kernel_2, bias_2 = (
-            ops.take(weight, expert_index, axis=0) for weight in self.expert_weights
+            ops.take(weight, expert_index, axis=0)
+            for weight in self.expert_weights
         )
         hidden = ops.einsum("npd,nkdh->nkph", items, kernel_1)
         hidden = apply_activation(hidden + bias_1[:, :, None, :], self.activation)
         hidden = self.dropout_layer(hidden, training=training)
         outputs = ops.einsum("nkph,nkhd->nkpd", hidden, kernel_2)
-        outputs = self.dropout_layer(outputs + bias_2[:, :, None, :], training=training)
-        return ops.einsum("nkpd,nk->npd", outputs, ops.cast(gates, outputs.dtype))
+        outputs = self.dropout_layer(
+            outputs + bias_2[:, :, None, :], training=training
+        )
+        return ops.einsum(
+            "nkpd,nk->npd", outputs, ops.cast(gates, outputs.dtype)
+        )
 
 
 def _per_expert(initializer):

@@ -65,7 +65,8 @@ class FeedForward(QuantizedCallMixin, keras.layers.Layer):
         self.activation = activation
         self.dropout = dropout
         self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.TruncatedNormal(stddev=0.02)
+            kernel_initializer
+            or keras.initializers.TruncatedNormal(stddev=0.02)
         )
         self.fc1 = LoRADense(
             hidden_dim,

@@ -81,7 +81,9 @@ def unquantized_policy(policy):
         return policy
     if policy.quantization_mode is None:
         return policy
-    return keras.dtype_policies.get(getattr(policy, "_source_name", None) or "float32")
+    return keras.dtype_policies.get(
+        getattr(policy, "_source_name", None) or "float32"
+    )
 
 
 def sublayer_dtype(layer):

@@ -230,7 +230,9 @@ class SoftMoEFeedForward(MoELayer):
     def _combine_load(self, combine):
         """[E] share of the combine weights of all tokens per expert."""
         e, c = self.num_experts, self.slots_per_expert
-        return ops.mean(ops.sum(ops.reshape(combine, (-1, e, c)), axis=-1), axis=0)
+        return ops.mean(
+            ops.sum(ops.reshape(combine, (-1, e, c)), axis=-1), axis=0
+        )
 
     def routing_statistics(self):
         """`{"max_load": E * max_i m_i}`, where m_i is expert i's share of
@@ -270,7 +272,9 @@ class SoftMoEFeedForward(MoELayer):
             {
                 "slots_per_expert": self.slots_per_expert,
                 "normalize": self.normalize,
-                "phi_initializer": keras.initializers.serialize(self.phi_initializer),
+                "phi_initializer": keras.initializers.serialize(
+                    self.phi_initializer
+                ),
             }
         )
         return config

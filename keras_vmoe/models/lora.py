@@ -201,7 +201,9 @@ class LoRAMixin:
                     f"names. Received: target_layer_names={target_layer_names!r}"
                 )
             available = {layer.name for layer in candidates}
-            unknown = [name for name in target_layer_names if name not in available]
+            unknown = [
+                name for name in target_layer_names if name not in available
+            ]
             if unknown:
                 raise ValueError(
                     f"`target_layer_names` has names of no Dense or MoE layer "
@@ -210,7 +212,9 @@ class LoRAMixin:
                     f"target_layer_names={target_layer_names!r}"
                 )
             targets = [
-                layer for layer in candidates if layer.name in target_layer_names
+                layer
+                for layer in candidates
+                if layer.name in target_layer_names
             ]
         if not targets:
             raise ValueError(
@@ -246,7 +250,9 @@ class LoRAMixin:
         trainable = sum(_size(v) for v in self.trainable_weights)
         total = sum(_size(v) for v in self.weights)
         experts = sum(
-            _size(v) for moe in find_moe_layers(self) for v in moe.lora_variables
+            _size(v)
+            for moe in find_moe_layers(self)
+            for v in moe.lora_variables
         )
         return (
             f"LoRA rank {self._lora_config['rank']}: {trainable:,} trainable "
@@ -265,7 +271,9 @@ class LoRAMixin:
         them).
         """
         if not self.lora_enabled:
-            raise ValueError("LoRA is not enabled on this backbone: nothing to merge.")
+            raise ValueError(
+                "LoRA is not enabled on this backbone: nothing to merge."
+            )
         for layer in self._lora_candidates():
             if isinstance(layer, MoELayer):
                 if layer.lora_enabled:

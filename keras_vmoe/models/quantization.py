@@ -44,7 +44,9 @@ class ExpertQuantizationMixin:
         changed = False
         left_in_float = []
         for layer in self._flatten_layers():
-            if layer.quantization_mode is not None or not _selected(layer, filters):
+            if layer.quantization_mode is not None or not _selected(
+                layer, filters
+            ):
                 continue
             if isinstance(layer, QuantizedExpertsMixin):
                 layer.quantize(mode)

@@ -8,9 +8,9 @@ from keras_vmoe.models import preset_io
 from keras_vmoe.models import registry
 from keras_vmoe.models.convnext_moe import presets
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
+from keras_vmoe.models.lora import LoRAMixin
 from keras_vmoe.models.placement import MOE_PLACEMENTS  # noqa: F401
 from keras_vmoe.models.placement import moe_block_indices
-from keras_vmoe.models.lora import LoRAMixin
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.validation import check_int
 from keras_vmoe.validation import check_no_unknown_kwargs
@@ -47,18 +47,15 @@ def _check_convnext_numbers(
         min_inclusive=False,
         allow_none=True,
     )
-    check_number("layer_scale_init_value", layer_scale_init_value, allow_none=True)
     check_number(
-        "drop_path_rate",
-        drop_path_rate,
-        minimum=0,
-        maximum=1,
+        "layer_scale_init_value", layer_scale_init_value, allow_none=True
+    )
+    check_number(
+        "drop_path_rate", drop_path_rate, minimum=0, maximum=1,
         max_inclusive=False,
     )
     check_number(
-        "layer_norm_epsilon",
-        layer_norm_epsilon,
-        minimum=0,
+        "layer_norm_epsilon", layer_norm_epsilon, minimum=0,
         min_inclusive=False,
     )
 
@@ -70,7 +67,8 @@ def _check_convnext_image_shape(image_shape, patch_size, num_stages):
         not isinstance(image_shape, (list, tuple))
         or len(image_shape) != 3
         or not all(
-            size is None or (isinstance(size, int) and not isinstance(size, bool))
+            size is None
+            or (isinstance(size, int) and not isinstance(size, bool))
             for size in image_shape
         )
         or image_shape[2] is None
@@ -101,7 +99,8 @@ def _check_block_mlp_dims(block_mlp_dims, total_blocks):
         not isinstance(block_mlp_dims, (list, tuple))
         or len(block_mlp_dims) != total_blocks
         or not all(
-            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+            v is None
+            or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
             for v in block_mlp_dims
         )
     ):
@@ -118,7 +117,9 @@ def _check_dense_skip_blocks(dense_skip_blocks, depths, moe_positions):
     if dense_skip_blocks is None:
         return set()
     total_blocks = sum(depths)
-    moe_indices = {sum(depths[:stage]) + block for stage, block in moe_positions}
+    moe_indices = {
+        sum(depths[:stage]) + block for stage, block in moe_positions
+    }
     if not isinstance(dense_skip_blocks, (list, tuple)) or not all(
         isinstance(v, int)
         and not isinstance(v, bool)
@@ -137,7 +138,10 @@ def _check_dense_skip_blocks(dense_skip_blocks, depths, moe_positions):
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEBackbone(
-    LoRAMixin, ExpertQuantizationMixin, preset_io.PresetSavingMixin, Backbone
+    LoRAMixin,
+    ExpertQuantizationMixin,
+    preset_io.PresetSavingMixin,
+    Backbone,
 ):
     """ConvNeXt backbone whose chosen blocks have a Mixture-of-Experts MLP.
 
@@ -300,7 +304,9 @@ class ConvNeXtMoEBackbone(
             drop_path_rate,
             layer_norm_epsilon,
         )
-        image_shape = _check_convnext_image_shape(image_shape, patch_size, len(depths))
+        image_shape = _check_convnext_image_shape(
+            image_shape, patch_size, len(depths)
+        )
         moe_config = moe_arguments.build_moe_config(moe_values, "convnext")
         moe_positions = set(moe_block_indices(depths, moe_layers))
         expert_ratio = expert_mlp_ratio or mlp_ratio
@@ -363,9 +369,13 @@ class ConvNeXtMoEBackbone(
                         hidden_dim=width,
                         mlp_ratio=expert_ratio if is_moe else mlp_ratio,
                         mlp_dim=block_mlp_dims[block_index],
-                        dense_skip_connection=(block_index in dense_skip_blocks),
+                        dense_skip_connection=(
+                            block_index in dense_skip_blocks
+                        ),
                         moe_config=(
-                            moe_arguments.block_moe_config(moe_config, block_index)
+                            moe_arguments.block_moe_config(
+                                moe_config, block_index
+                            )
                             if is_moe
                             else None
                         ),

@@ -9,9 +9,9 @@ from keras import ops
 from keras_vmoe.layers.feed_forward import check_activation
 from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.models import moe_arguments
-from keras_vmoe.models.lora import LoRAMixin
 from keras_vmoe.models import preset_io
 from keras_vmoe.models import registry
+from keras_vmoe.models.lora import LoRAMixin
 from keras_vmoe.models.placement import resolve_moe_layers
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe import presets
@@ -172,7 +172,11 @@ class ViTMoEBackbone(
             ("hidden_dim", hidden_dim),
             ("mlp_dim", mlp_dim),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < 1
+            ):
                 raise ValueError(
                     f"`{name}` must be a positive integer. Received: "
                     f"{name}={value!r}"
@@ -224,12 +228,16 @@ class ViTMoEBackbone(
             minimum=0,
             min_inclusive=False,
         )
-        check_number("layer_scale_init_value", layer_scale_init_value, allow_none=True)
+        check_number(
+            "layer_scale_init_value", layer_scale_init_value, allow_none=True
+        )
         check_activation(activation)
         moe_values = moe_arguments.collect(locals())
         moe_config = moe_arguments.build_moe_config(moe_values, "vit")
         moe_indices = resolve_moe_layers(moe_layers, num_layers)
-        moe_config = _with_ensemble(moe_config, ensemble_size, moe_indices, router_type)
+        moe_config = _with_ensemble(
+            moe_config, ensemble_size, moe_indices, router_type
+        )
 
         # === Layers ===
         self.embedding = ViTEmbedding(
@@ -249,7 +257,9 @@ class ViTMoEBackbone(
                 mlp_dim,
                 layer_scale_init_value=layer_scale_init_value,
                 drop_path_rate=(
-                    drop_path_rate * i / (num_layers - 1) if num_layers > 1 else 0.0
+                    drop_path_rate * i / (num_layers - 1)
+                    if num_layers > 1
+                    else 0.0
                 ),
                 layer_norm_epsilon=layer_norm_epsilon,
                 activation=activation,
@@ -276,7 +286,9 @@ class ViTMoEBackbone(
                 x = ops.repeat(x, ensemble_size, axis=0)
             x = block(x)
         outputs = self.norm(x)
-        super().__init__(inputs=image_input, outputs=outputs, dtype=dtype, **kwargs)
+        super().__init__(
+            inputs=image_input, outputs=outputs, dtype=dtype, **kwargs
+        )
 
         # === Config ===
         self.image_shape = image_shape
