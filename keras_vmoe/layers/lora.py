@@ -54,6 +54,12 @@ class LoRADense(keras.layers.Dense):
     model saved with LoRA loads with the same base kernel and adapters.
     """
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras' `Dense.quantize` refuses subclasses by default; this one
+        # changes saving only, so Keras' quantization applies as it is.
+        del type_check
+        return super().quantize(mode, type_check=False, config=config)
+
     def save_own_variables(self, store):
         if not self.lora_enabled:
             return super().save_own_variables(store)

@@ -124,17 +124,25 @@ class LoRAMixin:
         check_bool("train_routers", train_routers)
         check_bool("verbose", verbose)
         targets = self._lora_targets(target_layer_names)
-        if any(
-            isinstance(layer, MoELayer) and layer.lora_enabled
-            for layer in self._lora_candidates()
-        ) or any(
-            isinstance(layer, keras.layers.Dense) and layer.lora_enabled
-            for layer in self._lora_candidates()
-        ):
+        if any(layer.lora_enabled for layer in self._lora_candidates()):
             raise ValueError(
                 "Some layers of this backbone already have LoRA enabled "
                 "(layer by layer): enable it on the backbone only. "
                 f"Received: rank={rank!r}"
+            )
+        unsupported = {
+            layer.name: layer.quantization_mode
+            for layer in targets
+            if isinstance(layer, keras.layers.Dense)
+            and layer.quantization_mode not in (None, "int8", "int4")
+        }
+        if unsupported:
+            raise ValueError(
+                "Keras' LoRA supports float, int8 and int4 `Dense` layers "
+                f"only. Received: quantized Dense layers {unsupported}. "
+                "Pass `target_layer_names` without them, e.g. the MoE "
+                "layers only (LoRA works on int8 and float8 experts): "
+                f"{[layer.name for layer in find_moe_layers(self)]}"
             )
         initializers = {
             "a_initializer": keras.initializers.serialize(
