@@ -58,6 +58,10 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         kernel_initializer: initializer of the expert kernels (default
             truncated normal, stddev 0.02, as ViT).
         seed: seed of the layer's randomness (router noise, dropout).
+        lora_rank: if set, the layer enables LoRA on its routed experts
+            with this rank when built (`enable_lora`); the config carries
+            it, as Keras' `Dense` does.
+        lora_alpha: the LoRA scale numerator (default `lora_rank`).
     """
 
     # The `router_type` of a model's `moe_config` that builds this layer.
@@ -80,9 +84,12 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         return_routing=False,
         kernel_initializer=None,
         seed=None,
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
         validation.check_int("num_experts", num_experts)
+        validation.check_int("lora_rank", lora_rank, allow_none=True)
         validation.check_int("hidden_dim", hidden_dim)
         validation.check_bool("shared_expert", shared_expert)
         validation.check_bool("return_routing", return_routing)
@@ -121,6 +128,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         )
         self._routing_observers = []
         self._dispatch_path = None
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_enabled = False
 
     # === Router (layers that route with a router layer) ===
     def _init_router(self, router, router_dim, noise_std, noise=True):
@@ -155,6 +165,15 @@ class MoELayer(StackedExperts, keras.layers.Layer):
         for a router layer passed in."""
         spec = self._router_spec
         return spec if isinstance(spec, str) else type(spec).__name__
+
+    @property
+    def router_variables(self):
+        """The weights that route: the router layer's (top-k and Expert
+        Choice), Soft MoE's `phi` and `scale`. `freeze_routers` and the
+        backbones' `enable_lora` freeze these."""
+        if self.router is None:
+            return []
+        return list(self.router.weights)
 
     @property
     def _noise_std(self):
@@ -207,6 +226,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
             self.shared_ffn.build(input_shape)
         self._build_state()
         self._add_quantized_expert_weights()
+        if self.lora_rank and not self.lora_enabled:
+            self.built = True  # as `Dense.build` before its `enable_lora`
+            self.enable_lora(self.lora_rank, self.lora_alpha)
 
     def _build_routing_weights(self):
         """Routing weights of the layer itself, added before the experts."""
@@ -340,6 +362,9 @@ class MoELayer(StackedExperts, keras.layers.Layer):
                 "seed": self.seed,
             }
         )
+        if self.lora_rank:
+            config["lora_rank"] = self.lora_rank
+            config["lora_alpha"] = self.lora_alpha
         if self.router is not None:
             router = self._router_spec
             config["router"] = (

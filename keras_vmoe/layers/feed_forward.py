@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_vmoe.layers.lora import LoRADense
 from keras_vmoe.layers.quantization import QuantizedCallMixin
 from keras_vmoe.layers.quantization import sublayer_dtype
 from keras_vmoe.layers.quantization import unquantized_policy
@@ -67,7 +68,7 @@ class FeedForward(QuantizedCallMixin, keras.layers.Layer):
             kernel_initializer
             or keras.initializers.TruncatedNormal(stddev=0.02)
         )
-        self.fc1 = keras.layers.Dense(
+        self.fc1 = LoRADense(
             hidden_dim,
             kernel_initializer=self.kernel_initializer,
             dtype=self.dtype_policy,
@@ -80,7 +81,7 @@ class FeedForward(QuantizedCallMixin, keras.layers.Layer):
 
     def build(self, input_shape):
         self.fc1.build(input_shape)
-        self.fc2 = keras.layers.Dense(
+        self.fc2 = LoRADense(
             self.output_dim or input_shape[-1],
             kernel_initializer=self.kernel_initializer,
             dtype=sublayer_dtype(self),

@@ -162,13 +162,23 @@ class QuantizedExpertsMixin(QuantizedCallMixin):
         """[E, h, d] second expert kernels (dequantized when quantized)."""
         return self._expert_kernel(2)
 
-    def _expert_kernel(self, index):
+    def _expert_kernel(self, index, lora=True):
+        """Kernel `index`: dequantized when quantized, plus the LoRA update
+        (`keras_vmoe.layers.experts.StackedExperts.enable_lora`) when LoRA
+        is enabled and `lora`."""
         stored = getattr(self, f"_expert_kernel_{index}")
         mode = self.quantization_mode
         if mode is None:
-            return stored
-        scale = getattr(self, f"expert_kernel_{index}_scale")
-        return dequantize_kernel(stored, scale, mode, self.compute_dtype)
+            kernel = stored
+        else:
+            scale = getattr(self, f"expert_kernel_{index}_scale")
+            kernel = dequantize_kernel(stored, scale, mode, self.compute_dtype)
+        if not (lora and getattr(self, "lora_enabled", False)):
+            return kernel
+        return ops.cast(
+            ops.add(ops.cast(kernel, "float32"), self._lora_delta(index)),
+            self.compute_dtype,
+        )
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Weight-only quantization of the experts: "int8" or "float8".
@@ -182,6 +192,13 @@ class QuantizedExpertsMixin(QuantizedCallMixin):
         """
         del type_check, config  # the experts take no quantizer config
         check_mode(mode)
+        if getattr(self, "lora_enabled", False):
+            raise ValueError(
+                f"Cannot quantize the experts of the layer {self.name!r} "
+                "with LoRA enabled: merge the adapters first "
+                "(`merge_lora()`), or enable LoRA after quantizing. "
+                f"Received: mode={mode!r}"
+            )
         stored = {}
         for index in (1, 2):
             kernel = getattr(self, f"_expert_kernel_{index}")

@@ -191,6 +191,11 @@ class SoftMoEFeedForward(MoELayer):
             else None
         )
 
+    @property
+    def router_variables(self):
+        """`phi` and `scale` (Soft MoE routes with weights of its own)."""
+        return [v for v in (self.phi, self.scale) if v is not None]
+
     # === Forward ===
     def routing_weights(self, tokens):
         """Float32 `(dispatch, combine)` [B, T, E*C] for tokens [B, T, d]."""

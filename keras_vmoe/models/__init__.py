@@ -6,6 +6,9 @@ from keras_vmoe.models.convnext_moe.presets import (
     PRESETS as _CONVNEXT_MOE_PRESETS,
 )
 from keras_vmoe.models.inference import set_eval_group_size
+from keras_vmoe.models.lora import freeze_routers
+from keras_vmoe.models.lora import merge_lora
+from keras_vmoe.models.lora import set_routers_trainable
 from keras_vmoe.models.preset_io import check_manifest
 from keras_vmoe.models.preset_io import check_preset_dir
 from keras_vmoe.models.preset_io import install_json_error_names

@@ -32,6 +32,13 @@ class ExpertQuantizationMixin:
     """Adds the MoE experts to `quantize(mode)` ("int8" or "float8")."""
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        backbone = getattr(self, "backbone", self)
+        if getattr(backbone, "lora_enabled", False):
+            raise ValueError(
+                "Cannot quantize a model with LoRA enabled: merge the "
+                "adapters first (`merge_lora()`), or quantize before "
+                f"`enable_lora`. Received: mode={mode!r}"
+            )
         super().quantize(mode, config=config, filters=filters, **kwargs)
         mode = mode if mode is not None else getattr(config, "mode", None)
         changed = False

@@ -8,6 +8,7 @@ from keras_vmoe.models import preset_io
 from keras_vmoe.models import registry
 from keras_vmoe.models.convnext_moe import presets
 from keras_vmoe.models.convnext_moe.layers import ConvNeXtBlock
+from keras_vmoe.models.lora import LoRAMixin
 from keras_vmoe.models.placement import MOE_PLACEMENTS  # noqa: F401
 from keras_vmoe.models.placement import moe_block_indices
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
@@ -137,6 +138,7 @@ def _check_dense_skip_blocks(dense_skip_blocks, depths, moe_positions):
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ConvNeXtMoEBackbone(
+    LoRAMixin,
     ExpertQuantizationMixin,
     preset_io.PresetLoadingMixin,
     preset_io.PresetSavingMixin,

@@ -11,6 +11,7 @@ from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.models import moe_arguments
 from keras_vmoe.models import preset_io
 from keras_vmoe.models import registry
+from keras_vmoe.models.lora import LoRAMixin
 from keras_vmoe.models.placement import resolve_moe_layers
 from keras_vmoe.models.quantization import ExpertQuantizationMixin
 from keras_vmoe.models.vit_moe import presets
@@ -24,6 +25,7 @@ from keras_vmoe.validation import check_number
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class ViTMoEBackbone(
+    LoRAMixin,
     ExpertQuantizationMixin,
     preset_io.PresetLoadingMixin,
     preset_io.PresetSavingMixin,

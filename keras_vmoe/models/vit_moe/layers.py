@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 
 from keras_vmoe.layers.feed_forward import FeedForward
+from keras_vmoe.layers.lora import LoRADense
 from keras_vmoe.layers.moe_types import build_moe_layer
 from keras_vmoe.layers.quantization import sublayer_dtype
 
@@ -200,7 +201,7 @@ class ViTAttention(keras.layers.Layer):
     def build(self, input_shape):
         width = input_shape[-1]
         initializer = keras.initializers.TruncatedNormal(stddev=0.02)
-        self.qkv = keras.layers.Dense(
+        self.qkv = LoRADense(
             3 * width,
             use_bias=self.use_bias,
             kernel_initializer=initializer,
@@ -208,7 +209,7 @@ class ViTAttention(keras.layers.Layer):
             name="qkv",
         )
         self.qkv.build(input_shape)
-        self.proj = keras.layers.Dense(
+        self.proj = LoRADense(
             width,
             kernel_initializer=initializer,
             dtype=sublayer_dtype(self),
