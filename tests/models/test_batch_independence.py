@@ -127,7 +127,7 @@ def test_an_image_gets_the_same_output_alone_and_in_any_batch(name):
     if "soft" in name:
         return  # Soft MoE mixes tokens of one image only: no control.
     set_eval_group_size(model, None)
-    assert max(_compare(model)) > 1e-2, "control: batch-level routing differs"
+    assert max(_compare(model)) > 1e-3, "control: batch-level routing differs"
 
 
 def test_default_is_per_image_and_recorded_in_the_config():
