@@ -39,7 +39,7 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 for preset in ("vimoe_mnist", "convnext_moe_mnist"):
     for file in ("config.json", "task.json", "task.weights.h5",
-                 "model.weights.h5"):
+                 "model.weights.h5", "manifest.json"):
         path = f"keras_vmoe/presets_data/{preset}/{file}"
         assert path in names, f"{path} is missing from {sys.argv[1]}"
 print(f"   {len(names)} files, presets included")
