@@ -154,6 +154,15 @@ def available_runtimes(backend=None):
     return available
 
 
+def _unavailable_reason(runtime):
+    try:
+        check_export_format(runtime)
+    except ValueError as error:
+        return str(error)
+    packages = [RUNTIME_PACKAGES[runtime]] + (["tf2onnx"] if runtime == "onnx" else [])
+    return f"It needs the Python package(s) {packages}."
+
+
 def _keras_runner(model):
     def prepare(batch):
         return lambda x: model.predict_on_batch(x)
@@ -342,12 +351,13 @@ def parse_args(argv=None):
     if args.runtimes is None:
         args.runtimes = [r for r in available if not args.smoke or r in SMOKE_RUNTIMES]
     else:
-        missing = [r for r in args.runtimes if r not in available]
-        if missing:
-            parser.error(
-                f"runtime(s) {missing} not available on the "
-                f"{keras.backend.backend()} backend here; available: {available}"
-            )
+        for runtime in args.runtimes:
+            if runtime not in available:
+                parser.error(
+                    f"runtime {runtime!r} is not available here; available on "
+                    f"the {keras.backend.backend()} backend: {available}. "
+                    + _unavailable_reason(runtime)
+                )
         args.runtimes = list(dict.fromkeys(args.runtimes))
     if args.smoke:
         args.image_size = SMOKE_IMAGE_SIZE
