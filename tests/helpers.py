@@ -3,6 +3,19 @@
 import keras
 import numpy as np
 
+# A tiny ViT-MoE backbone's arguments (one MoE block of 4 experts on 16x16
+# images); tests override what they vary.
+TINY_VIT = dict(
+    image_shape=(16, 16, 3),
+    patch_size=8,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    mlp_dim=32,
+    moe_layers="last-1",
+    num_experts=4,
+)
+
 
 def gradients(layer, inputs, loss_fn=None):
     """Gradients of `loss_fn(layer(inputs, training=True)) + layer losses`.

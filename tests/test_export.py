@@ -27,6 +27,7 @@ from keras_vmoe.models.vit_moe.image_classifier_preprocessor import (
     ViTMoEImageClassifierPreprocessor,
 )
 from keras_vmoe.models.vit_moe.image_converter import ViTMoEImageConverter
+from tests.helpers import TINY_VIT
 
 BACKEND = keras.backend.backend()
 SUPPORTED = {
@@ -34,16 +35,7 @@ SUPPORTED = {
     "jax": ("tf_saved_model",),
     "torch": (),
 }[BACKEND]
-VIT = dict(
-    image_shape=(16, 16, 3),
-    patch_size=8,
-    num_layers=2,
-    num_heads=2,
-    hidden_dim=16,
-    mlp_dim=32,
-    moe_layers="last-1",
-    num_experts=4,
-)
+VIT = TINY_VIT
 CONVNEXT = dict(
     image_shape=(16, 16, 3),
     depths=[1, 2],

@@ -18,17 +18,9 @@ from keras_vmoe.models import ConvNeXtMoEImageClassifier
 from keras_vmoe.models import ViTMoEBackbone
 from keras_vmoe.models import ViTMoEImageClassifier
 from keras_vmoe.models import set_eval_group_size
+from tests.helpers import TINY_VIT
 
-VIT = dict(
-    image_shape=(16, 16, 3),
-    patch_size=4,
-    num_layers=2,
-    num_heads=2,
-    hidden_dim=16,
-    mlp_dim=32,
-    moe_layers="last-2",
-    num_experts=4,
-)
+VIT = dict(TINY_VIT, patch_size=4, moe_layers="last-2")
 CONVNEXT = dict(
     image_shape=(16, 16, 3),
     depths=[1, 2],

@@ -14,18 +14,10 @@ from keras_vmoe.models import ViTMoEBackbone
 from keras_vmoe.models import ViTMoEImageClassifier
 from keras_vmoe.models import freeze_routers
 from keras_vmoe.models import merge_lora
+from tests.helpers import TINY_VIT
 from tests.helpers import gradients
 
-VIT = dict(
-    image_shape=(16, 16, 3),
-    patch_size=8,
-    num_layers=2,
-    num_heads=2,
-    hidden_dim=16,
-    mlp_dim=32,
-    moe_layers="last-1",
-    num_experts=4,
-)
+VIT = TINY_VIT
 MOE_CONFIGS = {
     "top_k_token": dict(
         router_type="top_k", routing="token", top_k=2, shared_expert=True

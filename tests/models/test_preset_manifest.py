@@ -32,6 +32,7 @@ from keras_vmoe.models.vit_moe.image_classifier import (
     ViTMoEImageClassifierPreprocessor,
 )
 from keras_vmoe.models.vit_moe.image_classifier import ViTMoEImageConverter
+from tests.helpers import TINY_VIT
 
 CLASSES = {"vit": ViTMoEImageClassifier, "convnext": ConvNeXtMoEImageClassifier}
 BACKBONES = {"vit": ViTMoEBackbone, "convnext": ConvNeXtMoEBackbone}
@@ -40,16 +41,7 @@ BACKBONES = {"vit": ViTMoEBackbone, "convnext": ConvNeXtMoEBackbone}
 def _tiny(family, seed):
     keras.utils.set_random_seed(seed)
     if family == "vit":
-        backbone = ViTMoEBackbone(
-            image_shape=(16, 16, 3),
-            patch_size=8,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            mlp_dim=32,
-            moe_layers="last-1",
-            num_experts=2,
-        )
+        backbone = ViTMoEBackbone(**dict(TINY_VIT, num_experts=2))
         preprocessor = ViTMoEImageClassifierPreprocessor(
             ViTMoEImageConverter.imagenet((16, 16))
         )
