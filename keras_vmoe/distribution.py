@@ -143,10 +143,13 @@ class ExpertParallel(keras.distribution.ModelParallel):
         instead of routing the whole batch on every device.
         """
         _require_jax("Expert parallelism")
-        if _routing_groups(layer) is None:
+        whole_batch = _whole_batch_groups(layer)
+        if whole_batch:
+            received = ", ".join(f"{name}=None" for name in whole_batch)
             raise ValueError(
                 "Expert parallelism needs routing groups: set `group_size` "
-                f"on MoE layer {layer.path!r}. Received: group_size=None"
+                "(training) and keep `eval_group_size` (inference) a group "
+                f"size on MoE layer {layer.path!r}. Received: {received}"
             )
 
         def constrain(tensor, name):
@@ -174,9 +177,15 @@ def moe_layers(model):
     return _moe_layers(model)
 
 
-def _routing_groups(layer):
-    """`group_size` of an MoE layer; Soft MoE always routes per image."""
-    return getattr(layer, "group_size", "image")
+def _whole_batch_groups(layer):
+    """The routing-group arguments of an MoE layer that are None (the whole
+    batch as one group): `group_size` in training, `eval_group_size` at
+    inference. Soft MoE always routes per image."""
+    return [
+        name
+        for name in ("group_size", "eval_group_size")
+        if getattr(layer, name, "image") is None
+    ]
 
 
 def _check_positive_int(name, value):
@@ -303,7 +312,7 @@ def expert_parallel(
 
     Raises:
         ValueError: a backend other than JAX; no MoE layer; an MoE layer
-            without `group_size`; E not
+            without `group_size` or with `eval_group_size=None`; E not
             divisible by the expert shards; a layout key that matches no
             variable.
     """
@@ -314,16 +323,19 @@ def expert_parallel(
             f"`model` has no MoE layer to shard. Received: "
             f"model={getattr(model, 'name', model)!r}"
         )
-    ungrouped = [
-        layer.path for layer in layers if _routing_groups(layer) is None
-    ]
+    ungrouped = {
+        layer.path: _whole_batch_groups(layer)
+        for layer in layers
+        if _whole_batch_groups(layer)
+    }
     if ungrouped:
         raise ValueError(
             "Expert parallelism needs routing groups: set `group_size` on "
             "every MoE layer (e.g. images per device for image routing, "
-            "tokens per device or a divisor for token routing), so routing "
-            "never needs the whole batch on one device. Layers without "
-            f"`group_size`: {ungrouped}"
+            "tokens per device or a divisor for token routing), and keep "
+            "`eval_group_size` a group size (its default, 'image', is), so "
+            "routing never needs the whole batch on one device. Layers "
+            f"and their arguments that are None: {ungrouped}"
         )
     mesh = _make_mesh(
         layers, mesh, devices, expert_shards, batch_axis, expert_axis

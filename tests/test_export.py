@@ -13,6 +13,7 @@ import pytest
 
 from keras_vmoe.export import check_export_format
 from keras_vmoe.export import export_classifier
+from keras_vmoe.export import serving_model
 from keras_vmoe.models import ConvNeXtMoEBackbone
 from keras_vmoe.models import ConvNeXtMoEImageClassifier
 from keras_vmoe.models import ViTMoEBackbone
@@ -176,10 +177,12 @@ def test_export_on_this_backend_refuses_what_it_cannot_write(format, tmp_path):
 def test_bad_export_arguments_are_named(tmp_path):
     model = _classifier("vit-soft")
     with pytest.raises(ValueError, match="outputs='probs'"):
-        export_classifier(model, str(tmp_path / "m"), outputs="probs")
+        serving_model(model, outputs="probs")
+    with pytest.raises(ValueError, match="image_size=0"):
+        serving_model(model, image_size=0)
     if "onnx" in SUPPORTED:
         with pytest.raises(ValueError, match=r"'\.onnx'"):
             export_classifier(model, str(tmp_path / "m.tflite"), "onnx")
     backbone_only = ViTMoEImageClassifier(ViTMoEBackbone(**VIT), num_classes=5)
     with pytest.raises(ValueError, match="include_preprocessing=False"):
-        export_classifier(backbone_only, str(tmp_path / "m"))
+        serving_model(backbone_only)

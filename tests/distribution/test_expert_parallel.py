@@ -49,7 +49,8 @@ def _np(x):
 
 def _moe_model(num_experts, **kwargs):
     """A functional model around one token-routing MoE layer with drops:
-    K = 2, capacity factor 1, groups of 12 tokens (2 images)."""
+    K = 2, capacity factor 1, groups of 12 tokens (2 images), the same
+    groups at inference (unless `eval_group_size` is given)."""
     keras.utils.set_random_seed(0)
     config = dict(
         top_k=2,
@@ -59,6 +60,7 @@ def _moe_model(num_experts, **kwargs):
         return_routing=True,
     )
     config.update(kwargs)
+    config.setdefault("eval_group_size", config["group_size"])
     inputs = keras.Input((6, WIDTH))
     outputs = MoEFeedForward(num_experts, HIDDEN, name="moe", **config)(inputs)
     return keras.Model(inputs, outputs)
@@ -317,6 +319,10 @@ def test_a_layout_key_matching_no_variable_fails():
 def test_expert_parallel_needs_group_size():
     model = _vit(8, group_size=None)
     with pytest.raises(ValueError, match="set `group_size`"):
+        vmoe_distribution.expert_parallel(model, devices=8)
+    # Whole-batch groups at inference neither.
+    model = _moe_model(4, eval_group_size=None)
+    with pytest.raises(ValueError, match="'eval_group_size'"):
         vmoe_distribution.expert_parallel(model, devices=8)
     # A layer without groups called under expert parallelism raises too.
     grouped = _moe_model(4)
