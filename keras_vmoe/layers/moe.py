@@ -162,10 +162,10 @@ class MoEFeedForward(MoELayer):
     routed groups of several images.
 
     With integer groups, a batch whose item count is not a multiple of n
-    raises a `ValueError`, unless `partial_groups="pad"`: then, at inference, the
-    last group is completed with padding items that claim no expert slot
-    (capacity stays that of a full group): the real items route as in a
-    full group whose other items are absent. For top-1 routing without
+    raises a `ValueError`, unless `partial_groups="pad"`: then, at
+    inference, the last group is completed with padding items that claim
+    no expert slot (capacity stays that of a full group): the real items
+    route as in a full group whose other items are absent. For top-1 routing without
     batch priority that is exactly the start of a full group (an item never
     competes with the items after it); with K > 1 the later items' first
     choices would come before an item's second choice, so there it is not.
