@@ -361,6 +361,7 @@ def test_convnext_lora_adapts_pointwise_layers_and_experts(tmp_path):
     )
 
 
+@pytest.mark.slow  # quantization is backend independent; runs on TF
 @pytest.mark.parametrize("mode", ["int8", "float8"])
 def test_lora_on_quantized_experts(mode, tmp_path):
     backbone = vit("top_k_token")
