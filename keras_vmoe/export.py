@@ -90,7 +90,9 @@ def check_export_format(format, backend=None):
         )
 
 
-def serving_model(model, include_preprocessing=True, outputs="logits", image_size=None):
+def serving_model(
+    model, include_preprocessing=True, outputs="logits", image_size=None
+):
     """A functional `keras.Model` that serves `model` at inference.
 
     Args:
@@ -207,7 +209,8 @@ def _slot_dispatch(model):
     layers = [
         layer
         for layer in find_moe_layers(model)
-        if getattr(layer, "dispatch", None) is not None and layer.router_type == "top_k"
+        if getattr(layer, "dispatch", None) is not None
+        and layer.router_type == "top_k"
     ]
     saved = [layer.dispatch for layer in layers]
     for layer in layers:

@@ -67,7 +67,9 @@ EXTENSION = {"tf_saved_model": "", "onnx": ".onnx", "litert": ".tflite"}
 def _classifier(name):
     family, moe = CASES[name]
     if family == "vit":
-        converter = ViTMoEImageConverter.normalized((16, 16), [0.5] * 3, [0.25] * 3)
+        converter = ViTMoEImageConverter.normalized(
+            (16, 16), [0.5] * 3, [0.25] * 3
+        )
         backbone = ViTMoEBackbone(**VIT, **moe, seed=2)
         return ViTMoEImageClassifier(
             backbone,
@@ -175,10 +177,13 @@ def test_unsupported_formats_name_the_backend_to_use(format, backend, message):
 
 
 @pytest.mark.parametrize(
-    "format", [f for f in ("tf_saved_model", "onnx", "litert") if f not in SUPPORTED]
+    "format",
+    [f for f in ("tf_saved_model", "onnx", "litert") if f not in SUPPORTED],
 )
 def test_export_on_this_backend_refuses_what_it_cannot_write(format, tmp_path):
-    with pytest.raises(ValueError, match=f"cannot be exported on the {BACKEND}"):
+    with pytest.raises(
+        ValueError, match=f"cannot be exported on the {BACKEND}"
+    ):
         _classifier("vit-soft").export(
             str(tmp_path / f"m{EXTENSION[format]}"), format=format
         )

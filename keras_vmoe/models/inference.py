@@ -33,7 +33,9 @@ def set_eval_group_size(model, eval_group_size):
     """
     check_group_size("eval_group_size", eval_group_size)
     layers = [
-        layer for layer in find_moe_layers(model) if hasattr(layer, "eval_group_size")
+        layer
+        for layer in find_moe_layers(model)
+        if hasattr(layer, "eval_group_size")
     ]
     if not layers:
         raise ValueError(

@@ -127,7 +127,9 @@ def test_default_is_per_image_and_recorded_in_the_config():
     assert model.backbone.get_config()["eval_group_size"] == "image"
     set_eval_group_size(model, None)
     assert model.backbone.get_config()["eval_group_size"] is None
-    assert all(layer.eval_group_size is None for layer in find_moe_layers(model))
+    assert all(
+        layer.eval_group_size is None for layer in find_moe_layers(model)
+    )
 
 
 @pytest.mark.parametrize(
@@ -143,7 +145,9 @@ def test_bad_eval_group_size_is_named(value, message):
 
 def test_ensemble_eval_groups_hold_whole_members():
     with pytest.raises(ValueError, match="multiple of `ensemble_size`"):
-        ViTMoEBackbone(**VIT, routing="token", ensemble_size=2, eval_group_size=5)
+        ViTMoEBackbone(
+            **VIT, routing="token", ensemble_size=2, eval_group_size=5
+        )
     with pytest.raises(ValueError, match="multiple of `ensemble_size`"):
         set_eval_group_size(_classifier("vit-ensemble"), 5)
 
