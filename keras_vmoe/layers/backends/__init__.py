@@ -16,8 +16,13 @@ What `keras.ops` cannot do portably, or XLA on a CPU runs slowly:
   such loop (`tile_mlp`).
 - Where XLA on a CPU is slow at an op's autodiff gradient: row gathers
   (whose gradient is a scatter-add) and gate-weighted sums.
-- A sort that keeps equal elements in index order (`stable_argsort`), so
-  ties in router probabilities break the same way on every backend.
+- A sort that keeps equal elements in index order (`stable_argsort`) and
+  an argmax that returns the first maximum (`first_argmax`), so ties in
+  router probabilities break the same way on every backend; on TensorFlow
+  both are `top_k`, which ONNX and LiteRT have (the stable sort and
+  Keras' argmax use bit casts they lack).
+- Whether a dimension is symbolic (`is_symbolic_dim`: JAX's
+  shape-polymorphic export with a dynamic batch size).
 
 `BackendAdapter` holds the portable `keras.ops` form of each function.
 Each backend with code of its own has a module here (`tensorflow.py`,
