@@ -484,3 +484,148 @@ def augmentation(
         return images, labels
 
     return apply
+
+
+class ShardedArrays:
+    """This process's part of every global batch of in-memory images.
+
+    For training with several processes (`keras_vmoe.cluster`), and
+    resumable training on one: every global batch is a fixed function of
+    `(seed, epoch, step)`.
+
+    - Epoch `e` visits the images in the order of a permutation drawn from
+      `numpy.random.default_rng([seed, e])` (`shuffle=False`: in order);
+      the last incomplete global batch is dropped.
+    - Global batch `j` holds rows `[j*B, (j+1)*B)` of that order. Process
+      `p` of `n` reads only rows `[j*B + p*B/n, j*B + (p+1)*B/n)`: the rows
+      its devices hold in the global array (`jax.make_array_from_process_
+      local_data`, which Keras uses when the distribution's
+      `auto_shard_dataset` is False). So the global batches do not depend
+      on the number of processes, and a run resumed at `(epoch, step)`
+      reads exactly the batches the uninterrupted run would have read.
+    - Augmentation (`augment_factory(seed) -> augment`) is created afresh
+      for every epoch with a seed derived from `(seed, epoch, process)` and
+      runs in order; a resumed epoch augments the batches it skips, so its
+      random draws match the uninterrupted run's.
+
+    Args:
+        images: uint8 array [N, H, W] or [N, H, W, C].
+        labels: integer class ids [N].
+        global_batch_size: images per step over all processes; a multiple
+            of the number of processes.
+        image_size: side of the square images the model takes.
+        seed: the order's seed.
+        shuffle: permute every epoch (training) or keep the order.
+        num_classes: one-hot labels with this many classes (else ids).
+        channels: 1 or 3 (grayscale images are repeated to 3).
+        augment_factory: optional `seed -> (images, labels) -> (images,
+            labels)` batch augmentation (see `augmentation`).
+        process_index, process_count: default: this process in the current
+            cluster (`keras_vmoe.cluster`).
+    """
+
+    def __init__(
+        self,
+        images,
+        labels,
+        global_batch_size,
+        image_size,
+        *,
+        seed=0,
+        shuffle=True,
+        num_classes=None,
+        channels=3,
+        augment_factory=None,
+        process_index=None,
+        process_count=None,
+    ):
+        from keras_vmoe import cluster
+
+        _check_args(image_size, global_batch_size, None)
+        self.images, self.labels = np.asarray(images), np.asarray(labels)
+        if self.images.ndim not in (3, 4) or len(self.images) != len(
+            self.labels
+        ):
+            raise ValueError(
+                "`images` must be [N, H, W] or [N, H, W, C] with one label "
+                f"each. Received: images with shape {self.images.shape}, "
+                f"{len(self.labels)} labels"
+            )
+        check_labels(self.labels, num_classes)
+        count = cluster.process_count() if process_count is None else (
+            process_count
+        )
+        index = cluster.process_index() if process_index is None else (
+            process_index
+        )
+        if global_batch_size % count:
+            raise ValueError(
+                "`global_batch_size` must be a multiple of the number of "
+                f"processes ({count}): every process reads the same number "
+                f"of images per step. Received: global_batch_size="
+                f"{global_batch_size}"
+            )
+        self.steps_per_epoch = len(self.images) // global_batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"`global_batch_size` ({global_batch_size}) is larger than "
+                f"the dataset ({len(self.images)} images): no step would "
+                "run. Lower it."
+            )
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // count
+        self.process_index, self.process_count = index, count
+        self.image_size, self.seed, self.shuffle = image_size, seed, shuffle
+        self.num_classes, self.channels = num_classes, channels
+        self.augment_factory = augment_factory
+
+    def indices(self, epoch, start_step=0):
+        """This process's image indices, [steps - start_step, local batch]."""
+        order = np.arange(len(self.images))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.images)
+            )
+        steps = self.steps_per_epoch
+        batches = order[: steps * self.global_batch_size].reshape(steps, -1)
+        start = self.process_index * self.local_batch_size
+        return batches[start_step:, start : start + self.local_batch_size]
+
+    def dataset(self, epoch, start_step=0):
+        """`tf.data` of this process's batches of `epoch`, from
+        `start_step` on (`steps_per_epoch - start_step` batches)."""
+        if not 0 <= start_step < self.steps_per_epoch:
+            raise ValueError(
+                f"`start_step` must be in [0, {self.steps_per_epoch}). "
+                f"Received: start_step={start_step}"
+            )
+        augment = None
+        if self.augment_factory is not None:
+            augment = self.augment_factory(
+                int(
+                    np.random.default_rng(
+                        [self.seed, epoch, self.process_index]
+                    ).integers(2**31)
+                )
+            )
+        first = 0 if augment is not None else start_step
+        rows = self.indices(epoch, first)
+        images = self.images[rows.ravel()]
+        labels = self.labels[rows.ravel()]
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+        size, channels = self.image_size, self.channels
+
+        def prepare(image, label):
+            return _prepare_image(image, size, True, channels, 1.0), label
+
+        dataset = dataset.map(prepare).batch(
+            self.local_batch_size, drop_remainder=True
+        )
+        if self.num_classes is not None:
+            classes = self.num_classes
+            dataset = dataset.map(lambda x, y: (x, _one_hot(y, classes)))
+        if augment is not None:
+            # In order, so the random draws are reproducible; the skipped
+            # batches of a resumed epoch are augmented too.
+            dataset = dataset.map(augment).skip(start_step)
+        return dataset.prefetch(tf.data.AUTOTUNE)
