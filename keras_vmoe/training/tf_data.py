@@ -601,13 +601,21 @@ class ShardedArrays:
             )
         augment = None
         if self.augment_factory is not None:
-            augment = self.augment_factory(
-                int(
-                    np.random.default_rng(
-                        [self.seed, epoch, self.process_index]
-                    ).integers(2**31)
-                )
+            import keras
+
+            seed = int(
+                np.random.default_rng(
+                    [self.seed, epoch, self.process_index]
+                ).integers(2**31)
             )
+            # The augmentation's random state belongs to this process's
+            # input pipeline, not to the (distributed) model.
+            distribution = keras.distribution.distribution()
+            keras.distribution.set_distribution(None)
+            try:
+                augment = self.augment_factory(seed)
+            finally:
+                keras.distribution.set_distribution(distribution)
         first = 0 if augment is not None else start_step
         rows = self.indices(epoch, first)
         images = self.images[rows.ravel()]
