@@ -668,16 +668,11 @@ def _evaluation_input(args, image_size, num_classes):
 def _single_host_model(model):
     """Every process: gathers the sharded weights; returns an undistributed
     copy of `model` (built on this process's first device)."""
-    import jax
     import keras
-    from jax.experimental import multihost_utils
 
-    weights = []
-    for variable in model.weights:
-        value = variable.value
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
-            value = multihost_utils.process_allgather(value, tiled=True)
-        weights.append(np.asarray(value))
+    from keras_vmoe import cluster
+
+    weights = cluster.gather_weights(model)
     keras.distribution.set_distribution(None)
     copy = model.__class__.from_config(model.get_config())
     if not copy.built:

@@ -338,7 +338,28 @@ def check_same_settings(settings, what="settings"):
     )
 
 
+def gather_weights(model):
+    """Every weight of `model` as a whole NumPy array, on every process.
+
+    Sharded arrays that span several processes are gathered (one
+    collective per array: call it in every process); others are copied.
+    Every process then holds the whole model in host memory.
+    """
+    import numpy as np
+
+    arrays = []
+    for variable in model.weights:
+        value = variable.value
+        if not getattr(value, "is_fully_addressable", True):
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        arrays.append(np.asarray(value))
+    return arrays
+
+
 __all__ = [
+    "gather_weights",
     "ENV_ADDRESS",
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",

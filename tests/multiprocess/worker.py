@@ -80,20 +80,6 @@ def distribute(model, expert_shards):
     return model
 
 
-def gathered_weights(model):
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    arrays = []
-    for variable in model.weights:
-        value = variable.value
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
-            value = multihost_utils.process_allgather(value, tiled=True)
-        arrays.append(np.asarray(value))
-    return arrays
-
-
 class SlowSteps:
     """A callback that sleeps after every step and prints the step."""
 
@@ -145,7 +131,7 @@ def train(args):
         verbose=0,
     )
     checkpoint.close()
-    weights = gathered_weights(model)
+    weights = cluster.gather_weights(model)
     if cluster.is_primary():
         os.makedirs(args.out, exist_ok=True)
         np.savez(os.path.join(args.out, "weights.npz"), *weights)
