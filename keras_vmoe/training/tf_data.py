@@ -504,9 +504,9 @@ class ShardedArrays:
       on the number of processes, and a run resumed at `(epoch, step)`
       reads exactly the batches the uninterrupted run would have read.
     - Augmentation (`augment_factory(seed) -> augment`) is created afresh
-      for every epoch with a seed derived from `(seed, epoch, process)` and
-      runs in order; a resumed epoch augments the batches it skips, so its
-      random draws match the uninterrupted run's.
+      for every pass over an epoch, with a seed derived from `(seed, epoch,
+      process)`, and runs in order; a resumed epoch augments the batches it
+      skips, so its random draws match the uninterrupted run's.
 
     Args:
         images: uint8 array [N, H, W] or [N, H, W, C].
@@ -593,21 +593,33 @@ class ShardedArrays:
 
     def dataset(self, epoch, start_step=0):
         """`tf.data` of this process's batches of `epoch`, from
-        `start_step` on (`steps_per_epoch - start_step` batches)."""
+        `start_step` on (`steps_per_epoch - start_step` batches).
+
+        Every iteration of the returned dataset yields the same batches:
+        with augmentation, each iteration creates the augmentation afresh
+        from its seed (Keras may iterate a dataset once to build the model
+        and again to train it, and a random layer's state would otherwise
+        carry over from the first iteration).
+        """
         if not 0 <= start_step < self.steps_per_epoch:
             raise ValueError(
                 f"`start_step` must be in [0, {self.steps_per_epoch}). "
                 f"Received: start_step={start_step}"
             )
-        augment = None
-        if self.augment_factory is not None:
+        if self.augment_factory is None:
+            return self._batches(epoch, start_step, None).prefetch(
+                tf.data.AUTOTUNE
+            )
+        seed = int(
+            np.random.default_rng(
+                [self.seed, epoch, self.process_index]
+            ).integers(2**31)
+        )
+        spec = self._batches(epoch, start_step, None).element_spec
+
+        def iterate():
             import keras
 
-            seed = int(
-                np.random.default_rng(
-                    [self.seed, epoch, self.process_index]
-                ).integers(2**31)
-            )
             # The augmentation's random state belongs to this process's
             # input pipeline, not to the (distributed) model.
             distribution = keras.distribution.distribution()
@@ -616,6 +628,15 @@ class ShardedArrays:
                 augment = self.augment_factory(seed)
             finally:
                 keras.distribution.set_distribution(distribution)
+            yield from self._batches(
+                epoch, start_step, augment
+            ).as_numpy_iterator()
+
+        return tf.data.Dataset.from_generator(
+            iterate, output_signature=spec
+        ).prefetch(tf.data.AUTOTUNE)
+
+    def _batches(self, epoch, start_step, augment):
         first = 0 if augment is not None else start_step
         rows = self.indices(epoch, first)
         images = self.images[rows.ravel()]
@@ -636,4 +657,4 @@ class ShardedArrays:
             # In order, so the random draws are reproducible; the skipped
             # batches of a resumed epoch are augmented too.
             dataset = dataset.map(augment).skip(start_step)
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        return dataset
