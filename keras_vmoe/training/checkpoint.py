@@ -524,6 +524,10 @@ def fit_resumable(
     (`initial_epoch` set, so callbacks and logs see the true epoch index);
     a resumed epoch runs its remaining steps only.
 
+    With several processes, `data` gives this process's part of every
+    batch, so the current distribution's `auto_shard_dataset` is set to
+    False (it stays so: evaluate with per-process data too).
+
     Args:
         model: a compiled model.
         data: a function `(epoch, start_step) -> dataset` giving this
